@@ -1,0 +1,223 @@
+"""The one place for preprocessing: constants, the metadata spec and the image transforms
+(numpy + pillow only).
+
+Training (`train/`) normalizes with the MNIST constants below; export writes `mnist_spec()` or
+`imagenet_spec()` into the model's ONNX metadata; the runtime and the benchmarks call
+`preprocess(image, spec)`. So a model is always fed what it was trained on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from runtime.errors import FerryError
+
+# MNIST: mean and standard deviation of the training pixels scaled to [0, 1].
+MNIST_MEAN: float = 0.1307
+MNIST_STD: float = 0.3081
+MNIST_SIZE: int = 28
+MNIST_BOX: int = 20  # MNIST digits were scaled into a 20x20 box, then centred by mass in 28x28
+MNIST_LABELS: tuple[str, ...] = tuple(str(d) for d in range(10))
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+class EmptyImageError(FerryError):
+    """The image holds no ink (a blank canvas, a single dot): there is no digit to classify."""
+
+
+def mnist_spec() -> dict[str, Any]:
+    """Preprocessing of the digit CNN, as stored in the ONNX metadata."""
+    return {
+        "kind": "mnist",
+        "layout": "NCHW",
+        "color": "L",
+        "size": [MNIST_SIZE, MNIST_SIZE],
+        "scale": "1/255",
+        "mean": [MNIST_MEAN],
+        "std": [MNIST_STD],
+        "digit_normalization": {
+            "applies_to": "any image that is not already a 28x28 light-on-dark digit",
+            "steps": ["grayscale", "invert dark-on-light", "crop to ink", f"fit {MNIST_BOX}x{MNIST_BOX} keeping aspect",
+                      "centre by mass in 28x28"],
+        },
+    }
+
+
+def imagenet_spec(*, resize: int = 256, crop: int = 224, interpolation: str = "bilinear") -> dict[str, Any]:
+    """Preprocessing of an ImageNet classifier, as stored in the ONNX metadata (torchvision's
+    ImageClassification preset: resize the shorter side, centre crop, scale, normalize)."""
+    return {
+        "kind": "imagenet",
+        "layout": "NCHW",
+        "color": "RGB",
+        "resize": resize,
+        "crop": [crop, crop],
+        "interpolation": interpolation,
+        "scale": "1/255",
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+    }
+
+
+def input_shape(spec: dict[str, Any]) -> tuple[int, int, int]:
+    """(C, H, W) of one preprocessed image."""
+    if spec["kind"] == "mnist":
+        return (1, *spec["size"])
+    return (3, *spec["crop"])
+
+
+# --- decoding helpers -----------------------------------------------------------------------
+
+def _flatten_alpha(img: Image.Image) -> Image.Image:
+    """Composite an image with transparency onto white (how it looks on a page)."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img
+
+
+def _high_depth_to_8bit(img: Image.Image) -> Image.Image:
+    """I;16 / I / F images: scale their actual range to 0-255 (PIL's convert would clip)."""
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) > 255):
+        maxval = 65535.0 if img.mode.startswith("I;16") or arr.max() <= 65535 else float(arr.max())
+        arr = arr / maxval * 255.0
+    elif img.mode == "F" and arr.max(initial=0) <= 1.0:
+        arr = arr * 255.0
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode (L, LA, P, RGBA, CMYK, I;16, ...) to RGB."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _high_depth_to_8bit(img)
+    img = _flatten_alpha(img)
+    return img.convert("RGB")
+
+
+def to_gray(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit grayscale (L)."""
+    if img.mode == "L":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        return _high_depth_to_8bit(img)
+    return _flatten_alpha(img).convert("L")
+
+
+# --- ImageNet -------------------------------------------------------------------------------
+
+def preprocess_imagenet(img: Image.Image, spec: dict[str, Any]) -> np.ndarray:
+    """Return a (3, crop, crop) float32 array, equal to torchvision's ImageClassification preset
+    on the same PIL image: resize the shorter side (bilinear, antialiased), centre crop, /255,
+    normalize."""
+    img = to_rgb(img)
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    size = int(spec["resize"])
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) != (w, h):
+        resample = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}[spec["interpolation"]]
+        img = img.resize((new_w, new_h), resample)
+    ch, cw = spec["crop"]
+    if new_w < cw or new_h < ch:
+        raise FerryError(f"image resized to {new_w}x{new_h} is smaller than the {cw}x{ch} crop")
+    top = int(round((new_h - ch) / 2.0))
+    left = int(round((new_w - cw) / 2.0))
+    img = img.crop((left, top, left + cw, top + ch))
+    arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / np.float32(255)
+    mean = np.asarray(spec["mean"], dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(spec["std"], dtype=np.float32).reshape(3, 1, 1)
+    return np.ascontiguousarray((arr - mean) / std)
+
+
+# --- digits ---------------------------------------------------------------------------------
+
+def _is_mnist_like(gray: np.ndarray) -> bool:
+    """A 28x28 image with a dark border is taken as an MNIST digit and passes straight through."""
+    if gray.shape != (MNIST_SIZE, MNIST_SIZE):
+        return False
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    return float(border.mean()) < 0.25
+
+
+def normalize_digit(image: Image.Image | np.ndarray) -> np.ndarray:
+    """MNIST-style normalization of an arbitrary digit image -> (28, 28) float32 in [0, 1],
+    light digit on a dark background.
+
+    A 28x28 light-on-dark image passes straight through. Anything else (a photo or scan of a
+    digit, a canvas drawing) is converted to grayscale, inverted when its background is light,
+    cropped to the ink, scaled to fit 20x20 keeping its aspect ratio and placed in 28x28 with its
+    centre of mass at the centre, as the MNIST digits were. Raises EmptyImageError without ink.
+    """
+    if isinstance(image, Image.Image):
+        gray = np.asarray(to_gray(image), dtype=np.float32) / 255.0
+    else:
+        gray = np.asarray(image, dtype=np.float32)
+        if gray.ndim != 2:
+            raise FerryError(f"a digit array must be 2-D (H, W); got shape {gray.shape}")
+        if not np.isfinite(gray).all():
+            raise FerryError("digit array contains NaN or infinite values")
+        if gray.max(initial=0) > 1.0:
+            gray = gray / 255.0
+    if _is_mnist_like(gray):
+        return np.ascontiguousarray(gray, dtype=np.float32)
+
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    if float(np.median(border)) > 0.5:
+        gray = 1.0 - gray
+    # Remove the background level and stretch the ink to [0, 1].
+    gray = np.clip(gray - float(np.median(border if np.median(border) <= 0.5 else 1.0 - border)), 0, None)
+    peak = float(gray.max(initial=0))
+    if peak < 0.1:
+        raise EmptyImageError("no digit found: the image is blank (draw a digit)")
+    gray = gray / peak
+    ink = gray > 0.2
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    if ink.sum() < max(4, 0.0005 * gray.size) and rows.size < 3 and cols.size < 3:
+        raise EmptyImageError("no digit found: only a dot (draw a digit)")
+    crop = gray[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+
+    h, w = crop.shape
+    scale = MNIST_BOX / max(h, w)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    box = np.asarray(Image.fromarray(crop, mode="F").resize((new_w, new_h), Image.Resampling.LANCZOS))
+    box = np.clip(box, 0.0, 1.0)
+
+    total = float(box.sum())
+    ys, xs = np.indices(box.shape)
+    cy, cx = float((ys * box).sum()) / total, float((xs * box).sum()) / total
+    top = int(round(MNIST_SIZE / 2 - 0.5 - cy))
+    left = int(round(MNIST_SIZE / 2 - 0.5 - cx))
+    # keep the whole box on the canvas
+    top = min(max(top, 0), MNIST_SIZE - new_h)
+    left = min(max(left, 0), MNIST_SIZE - new_w)
+    out = np.zeros((MNIST_SIZE, MNIST_SIZE), dtype=np.float32)
+    out[top : top + new_h, left : left + new_w] = box
+    return out
+
+
+def preprocess_mnist(image: Image.Image | np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """(1, 28, 28) float32 input for the digit CNN."""
+    digit = normalize_digit(image)
+    return ((digit - np.float32(spec["mean"][0])) / np.float32(spec["std"][0]))[None].astype(np.float32)
+
+
+def preprocess(image: Image.Image | np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """Preprocess one image for the model described by `spec` (from the model's metadata)."""
+    kind = spec.get("kind")
+    if kind == "mnist":
+        return preprocess_mnist(image, spec)
+    if kind == "imagenet":
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(np.asarray(image))
+        return preprocess_imagenet(image, spec)
+    raise FerryError(f"unknown preprocessing kind {kind!r} in model metadata (expected mnist or imagenet)")

@@ -1,0 +1,253 @@
+"""Training: shapes, learning, checkpoints, resume, determinism, CLI errors, and real MNIST accuracy."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from runtime.errors import FerryError
+from tests.conftest import assert_clean_error, run_ferry, synthetic_digits
+from train import data
+from train.config import TrainConfig
+from train.model import DigitCNN
+from train.trainer import CHECKPOINT_NAME, load_checkpoint, load_model, lr_at, train
+
+
+def tiny_splits(n_train: int = 640, n_val: int = 200, n_test: int = 200) -> data.MnistSplits:
+    tx, ty = synthetic_digits(n_train, seed=1)
+    vx, vy = synthetic_digits(n_val, seed=2)
+    sx, sy = synthetic_digits(n_test, seed=3)
+    t = torch.from_numpy
+    return data.MnistSplits(t(tx), t(ty), t(vx), t(vy), t(sx), t(sy))
+
+
+def tiny_config(tmp_path: Path, **kw) -> TrainConfig:
+    base = dict(out=str(tmp_path / "run"), epochs=2, channels=(4, 8, 8), device="cpu", lr=0.05, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+def test_model_shapes():
+    model = DigitCNN(channels=(4, 8, 16)).eval()
+    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.kernel_size for c in convs] == [(3, 3)] * 3 and convs[0].in_channels == 1
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in model.modules()) == 3
+    with pytest.raises(ValueError):
+        DigitCNN(channels=(4, 8))
+
+
+def test_lr_schedule_warms_up_then_decays():
+    lrs = [lr_at(s, 100, peak=0.1, warmup=0.2) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.005)
+    assert max(lrs) == pytest.approx(0.1)
+    assert int(np.argmax(lrs)) == 20
+    assert lrs[-1] < 0.001 and all(a >= b for a, b in zip(lrs[20:], lrs[21:]))
+
+
+def test_augmentation_keeps_shape_and_background():
+    x = data.normalize(torch.from_numpy(synthetic_digits(8)[0]))
+    out = data.random_affine(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    assert not torch.allclose(out, x)
+    background = -0.1307 / 0.3081
+    blank = data.random_affine(torch.full((2, 1, 28, 28), background), torch.Generator().manual_seed(0))
+    assert torch.allclose(blank, torch.full_like(blank, background), atol=1e-5)
+
+
+def test_training_learns_and_writes_outputs(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=3)
+    metrics = train(cfg, splits=tiny_splits(), progress=False, log=quiet)
+    losses = [r["train_loss"] for r in metrics["epochs"]]
+    assert losses[-1] < losses[0] * 0.5, losses
+    assert metrics["test_accuracy"] >= 0.9
+    out = Path(cfg.out)
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["test_accuracy"] == metrics["test_accuracy"]
+    assert {"train_seconds", "device", "epochs"} <= on_disk.keys() and len(on_disk["epochs"]) == 3
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
+
+
+def test_checkpoint_round_trip(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=1)
+    train(cfg, splits=tiny_splits(), progress=False, log=quiet)
+    model, loaded_cfg = load_model(Path(cfg.out) / CHECKPOINT_NAME)
+    assert loaded_cfg == cfg
+    x = data.normalize(tiny_splits().test_x[:16])
+    state = load_checkpoint(Path(cfg.out) / CHECKPOINT_NAME)
+    reference = DigitCNN(channels=cfg.channels).eval()
+    reference.load_state_dict(state["model"])
+    assert torch.equal(model(x), reference(x))
+    assert state["epoch"] == 1 and len(state["history"]) == 1
+
+
+def _state(cfg: TrainConfig) -> dict:
+    return load_checkpoint(Path(cfg.out) / CHECKPOINT_NAME)["model"]
+
+
+def test_same_seed_same_result_and_other_seed_differs(tmp_path):
+    a = tiny_config(tmp_path, out=str(tmp_path / "a"))
+    b = dataclasses.replace(a, out=str(tmp_path / "b"))
+    c = dataclasses.replace(a, out=str(tmp_path / "c"), seed=1)
+    for cfg in (a, b, c):
+        train(cfg, splits=tiny_splits(), progress=False, log=quiet)
+    sa, sb, sc = _state(a), _state(b), _state(c)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):
+    straight = tiny_config(tmp_path, out=str(tmp_path / "straight"), epochs=3)
+    train(straight, splits=tiny_splits(), progress=False, log=quiet)
+
+    interrupted = dataclasses.replace(straight, out=str(tmp_path / "interrupted"))
+    import train.trainer as trainer
+
+    real_epoch = trainer.train_one_epoch
+
+    def dies_in_epoch_2(*args, **kwargs):
+        if kwargs["epoch"] == 2:
+            raise KeyboardInterrupt  # killed mid-epoch
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, splits=tiny_splits(), progress=False, log=quiet)
+    assert load_checkpoint(Path(interrupted.out) / CHECKPOINT_NAME)["epoch"] == 1  # epoch 1 kept
+
+    monkeypatch.setattr(trainer, "train_one_epoch", real_epoch)
+    metrics = train(interrupted, resume=True, splits=tiny_splits(), progress=False, log=quiet)
+    assert [r["epoch"] for r in metrics["epochs"]] == [1, 2, 3]
+    s1, s2 = _state(straight), _state(interrupted)
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_resume_refuses_a_different_recipe(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=1)
+    train(cfg, splits=tiny_splits(), progress=False, log=quiet)
+    with pytest.raises(FerryError, match="different recipe.*lr"):
+        train(dataclasses.replace(cfg, lr=0.5), resume=True, splits=tiny_splits(), progress=False, log=quiet)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(FerryError, match="corrupt"):
+        load_checkpoint(bad)
+    torch.save({"some": "dict"}, bad)
+    with pytest.raises(FerryError, match="not a ferry"):
+        load_checkpoint(bad)
+
+
+def test_idx_reader_rejects_truncated_file(tmp_path, fake_mnist_dir):
+    raw = fake_mnist_dir / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    raw.write_bytes(raw.read_bytes()[:-100])
+    with pytest.raises(FerryError, match="truncated"):
+        data.load_mnist_arrays(fake_mnist_dir)
+
+
+def test_config_validation_lists_every_problem():
+    with pytest.raises(FerryError) as err:
+        TrainConfig(epochs=0, lr=-1.0, batch_size=0).validate()
+    assert "--epochs" in str(err.value) and "--lr" in str(err.value) and "--batch-size" in str(err.value)
+
+
+# --- the CLI, as a user runs it -------------------------------------------------------------
+
+
+def test_cli_dry_run_end_to_end(tmp_path, fake_mnist_dir):
+    out = tmp_path / "out"
+    proc = run_ferry("train", "--data-dir", str(fake_mnist_dir), "--out", str(out), "--dry-run", "--quiet", "--val-size", "100")
+    assert proc.returncode == 0, proc.stderr
+    assert "test_accuracy=" in proc.stdout
+    assert {"checkpoint.pt", "metrics.json", "curves.png"} <= {p.name for p in out.iterdir()}
+
+
+def test_cli_resume_continues(tmp_path, fake_mnist_dir):
+    out = tmp_path / "out"
+    common = ["--data-dir", str(fake_mnist_dir), "--out", str(out), "--quiet", "--val-size", "100", "--channels", "4", "8", "8"]
+    first = run_ferry("train", *common, "--epochs", "1", "--train-limit", "256")
+    assert first.returncode == 0, first.stderr
+    # the recipe comes back from the checkpoint; a resumed complete run only re-evaluates
+    again = run_ferry("train", "--resume", "--out", str(out), "--data-dir", str(fake_mnist_dir), "--quiet")
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stdout
+    changed = run_ferry("train", "--resume", "--out", str(out), "--data-dir", str(fake_mnist_dir), "--lr", "0.3")
+    assert_clean_error(changed, "different recipe")
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--epochs", "0"], ["--epochs must be >= 1"]),
+        (["--lr", "-0.1"], ["--lr must be > 0"]),
+        (["--batch-size", "0", "--epochs", "0"], ["--batch-size", "--epochs"]),
+        (["--device", "tpu"], ["auto, cpu, cuda"]),
+    ],
+)
+def test_cli_rejects_nonsense_numbers(tmp_path, args, needles):
+    assert_clean_error(run_ferry("train", "--out", str(tmp_path), *args), *needles)
+
+
+def test_cli_missing_data_names_the_files(tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "MNIST" / "raw").mkdir(parents=True)
+    (empty / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"")
+    # FERRY_NO_DOWNLOAD keeps the test off the network even where it is reachable
+    proc = run_ferry("train", "--data-dir", str(empty), "--out", str(tmp_path / "o"), env={"FERRY_NO_DOWNLOAD": "1"})
+    assert_clean_error(proc, "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "--data-dir")
+
+
+def test_cli_corrupt_checkpoint_on_resume(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"\x00garbage")
+    assert_clean_error(run_ferry("train", "--resume", "--out", str(tmp_path)), "corrupt")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when CUDA is absent")
+def test_cli_cuda_without_cuda(tmp_path, fake_mnist_dir):
+    proc = run_ferry("train", "--device", "cuda", "--data-dir", str(fake_mnist_dir), "--out", str(tmp_path))
+    assert_clean_error(proc, "CUDA is not available")
+
+
+def test_help_works_without_torch():
+    # A meta-path hook makes `import torch` fail, as on a machine with only the runtime installed.
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'torchvision'):\n"
+        "            raise ImportError('torch blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from ferry.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit as e:\n    sys.exit(e.code)\n"
+    )
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "train" in proc.stdout
+
+
+# --- real MNIST -----------------------------------------------------------------------------
+
+
+@pytest.mark.mnist
+@pytest.mark.slow
+def test_short_run_on_real_mnist_reaches_floor(real_mnist_run):
+    """One epoch on 12,000 real training images must reach >= 97% on the 10,000 official test images."""
+    _, metrics = real_mnist_run
+    assert metrics["test_images"] == 10000
+    assert metrics["test_accuracy"] >= 0.97, metrics["test_accuracy"]

@@ -1,0 +1,45 @@
+"""DigitCNN: the seed's three-conv MNIST classifier, with batch norm and dropout added."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class DigitCNN(nn.Module):
+    """Three 3x3 conv layers (1 input channel), each followed by BatchNorm, ReLU and 2x2
+    max-pooling (28 -> 14 -> 7 -> 3), then dropout and a linear classifier to 10 logits.
+
+    Compared with the seed, `batch_norm` and `dropout` are additions; `channels` is the
+    width of each conv layer.
+    """
+
+    def __init__(
+        self,
+        *,
+        channels: Sequence[int] = (32, 64, 128),
+        batch_norm: bool = True,
+        dropout: float = 0.25,
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        if len(channels) != 3:
+            raise ValueError(f"DigitCNN has exactly 3 conv layers; got channels={list(channels)}")
+        layers: list[nn.Module] = []
+        c_in = 1
+        for c_out in channels:
+            layers.append(nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(c_out))
+            layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in * 3 * 3, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, 1, 28, 28) normalized images -> (N, 10) logits."""
+        return self.classifier(self.features(x))
