@@ -92,3 +92,47 @@ def real_mnist_run(mnist_dir, tmp_path_factory):
     cfg = TrainConfig(data_dir=str(mnist_dir), out=str(out), epochs=1, train_limit=12000, device="cpu")
     metrics = train(cfg, progress=False, log=lambda _m: None)
     return out / "checkpoint.pt", metrics
+
+
+@pytest.fixture(scope="session")
+def resnet_export(tmp_path_factory):
+    """ResNet-50 with random weights exported once (fp32 + int8) for the export and runtime tests."""
+    from PIL import Image
+
+    from export.pipeline import ExportOptions, export_model
+
+    root = tmp_path_factory.mktemp("resnet50")
+    calib = root / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(calib / f"{i}.png")
+    return export_model(ExportOptions(model="resnet50", weights="none", out=str(root / "models"), int8=True,
+                                      calib_dir=str(calib)), log=lambda _m: None)
+
+
+@pytest.fixture(scope="session")
+def cnn_export(tmp_path_factory):
+    """A tiny DigitCNN trained on synthetic digits and exported (fp32), for runtime tests.
+    Returns (onnx path, torch model)."""
+    from export.pipeline import ExportOptions, export_model
+    from train.config import TrainConfig
+    from train.data import MnistSplits
+    from train.trainer import load_model, train
+    import torch
+
+    root = tmp_path_factory.mktemp("cnn")
+    t = torch.from_numpy
+    (tx, ty), (vx, vy) = synthetic_digits(640, seed=1), synthetic_digits(200, seed=2)
+    splits = MnistSplits(t(tx), t(ty), t(vx), t(vy), t(vx), t(vy))
+    cfg = TrainConfig(out=str(root / "run"), epochs=2, channels=(4, 8, 8), device="cpu", lr=0.05)
+    train(cfg, splits=splits, progress=False, log=lambda _m: None)
+    raw = root / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, (x, y) in (("train", (tx, ty)), ("t10k", (vx, vy))):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", x)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", y)
+    result = export_model(ExportOptions(model="mnist-cnn", out=str(root / "models"), checkpoint=cfg.out + "/checkpoint.pt",
+                                        data_dir=str(root / "mnist")), log=lambda _m: None)
+    model, _ = load_model(cfg.out + "/checkpoint.pt")
+    return result.paths["fp32"], model

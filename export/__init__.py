@@ -1,0 +1,1 @@
+"""Export to ONNX (issue: export). Stub until then."""

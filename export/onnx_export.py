@@ -1,0 +1,163 @@
+"""Export a torch model to ONNX, stamp it with ferry's metadata and validate it against PyTorch.
+
+Validation, after optimum's exporters: `onnx.checker` (full check) and shape inference, then
+onnxruntime on the CPU against PyTorch on the same inputs: output names, then shapes, then
+values within `atol`. Each failure is a named error carrying the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.errors import FerryError
+
+METADATA_KEY = "ferry"  # metadata_props key holding the JSON description (README: "Model metadata")
+METADATA_SCHEMA = 1
+DEFAULT_OPSET = 18
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+class ExportError(FerryError):
+    """The export itself failed (the torch exporter, or writing the file)."""
+
+
+class ValidationError(ExportError):
+    """The exported model does not match PyTorch (or fails onnx.checker)."""
+
+
+class OutputNamesMismatch(ValidationError):
+    pass
+
+
+class OutputShapeMismatch(ValidationError):
+    pass
+
+
+class OutputValuesMismatch(ValidationError):
+    pass
+
+
+class PredictionMismatch(ValidationError):
+    pass
+
+
+def export_to_onnx(model, example, path: str | Path, *, opset: int = DEFAULT_OPSET) -> None:
+    """torch.onnx.export with the torch.export-based exporter (dynamo=True), a dynamic batch
+    dimension, input `input` and output `logits`. Writes `path` (a temporary path: the caller
+    renames it into place once validation passed)."""
+    import torch
+
+    model = model.eval()
+    try:
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={_forward_arg(model): {0: torch.export.Dim("batch", min=1, max=65536)}},
+            verbose=False,
+        )
+        program.save(str(path))
+    except FerryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types
+        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+
+
+def _forward_arg(model) -> str:
+    import inspect
+
+    params = [p for p in inspect.signature(model.forward).parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD]
+    return params[0].name
+
+
+def write_metadata(path: str | Path, metadata: dict[str, Any]) -> None:
+    """Store `metadata` as JSON under metadata_props["ferry"] (and a few plain keys) in place."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    props = {p.key: p.value for p in proto.metadata_props}
+    props[METADATA_KEY] = json.dumps({"schema": METADATA_SCHEMA, **metadata}, sort_keys=True)
+    props["ferry.model"] = str(metadata.get("model", ""))
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.producer_name = "ferry"
+    proto.doc_string = f"ferry export of {metadata.get('model')}; metadata JSON under metadata_props['{METADATA_KEY}']"
+    onnx.save(proto, str(path))
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    for p in proto.metadata_props:
+        if p.key == METADATA_KEY:
+            return json.loads(p.value)
+    raise FerryError(f"{path} carries no ferry metadata")
+
+
+def check_model(path: str | Path, *, name: str | None = None) -> None:
+    """onnx.checker (full check, with shape inference) plus strict shape inference."""
+    import onnx
+
+    name = name or Path(path).name
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        onnx.shape_inference.infer_shapes_path(str(path), str(path) + ".inferred", strict_mode=True, data_prop=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ValidationError(f"onnx.checker rejected {name}: {str(exc).splitlines()[0][:300]}") from exc
+    finally:
+        Path(str(path) + ".inferred").unlink(missing_ok=True)
+
+
+def cpu_session(path: str | Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001
+        raise ValidationError(f"onnxruntime cannot load {Path(path).name}: {str(exc).splitlines()[0][:300]}") from exc
+
+
+def run_batched(session, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)])
+
+
+def torch_logits(model, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        return np.concatenate(
+            [model(torch.from_numpy(x[i : i + batch_size])).float().numpy() for i in range(0, len(x), batch_size)]
+        )
+
+
+def compare_with_torch(path: str | Path, model, batches: Sequence[np.ndarray], *, atol: float) -> dict[str, Any]:
+    """Run onnxruntime (CPU) and PyTorch on the same batches: names, shapes, values within atol."""
+    session = cpu_session(path)
+    names = [o.name for o in session.get_outputs()]
+    if names != [OUTPUT_NAME]:
+        raise OutputNamesMismatch(f"ONNX outputs are {names}, expected [{OUTPUT_NAME!r}]")
+    worst = 0.0
+    for x in batches:
+        ours = session.run(None, {INPUT_NAME: x})[0]
+        ref = torch_logits(model, x)
+        if ours.shape != ref.shape:
+            raise OutputShapeMismatch(f"batch {x.shape}: onnxruntime gives {ours.shape}, PyTorch {ref.shape}")
+        diff = float(np.max(np.abs(ours - ref))) if ours.size else 0.0
+        if not np.isfinite(ours).all() or diff > atol:
+            raise OutputValuesMismatch(f"batch of {len(x)}: max |onnxruntime - PyTorch| = {diff:.3g} > atol {atol:g}")
+        worst = max(worst, diff)
+    return {"batch_sizes": [int(len(x)) for x in batches], "max_abs_diff": worst, "atol": atol}
