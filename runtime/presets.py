@@ -182,7 +182,7 @@ def normalize_digit(image: Image.Image | np.ndarray) -> np.ndarray:
     gray = gray / peak
     ink = gray > 0.2
     rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
-    if ink.sum() < max(4, 0.0005 * gray.size) and rows.size < 3 and cols.size < 3:
+    if max(rows.size, cols.size) < max(3, 0.08 * max(gray.shape)):
         raise EmptyImageError("no digit found: only a dot (draw a digit)")
     crop = gray[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 

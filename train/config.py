@@ -18,7 +18,7 @@ class TrainConfig:
 
     data_dir: str = field(default="data", metadata=_doc("folder holding MNIST/raw/*-ubyte (torchvision layout)"))
     out: str = field(default="runs/mnist-cnn", metadata=_doc("output folder: checkpoint, metrics.json, curves.png"))
-    epochs: int = field(default=4, metadata=_doc("number of training epochs"))
+    epochs: int = field(default=10, metadata=_doc("number of training epochs"))
     batch_size: int = field(default=64, metadata=_doc("mini-batch size (shuffled, drop_last)"))
     lr: float = field(default=0.05, metadata=_doc("peak learning rate of the one-cycle schedule (SGD)"))
     momentum: float = field(default=0.9, metadata=_doc("SGD momentum"))

@@ -1,0 +1,298 @@
+"""Runtime: torch-free inference, metadata-driven preprocessing, providers, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from runtime.classifier import Classifier
+from runtime.errors import FerryError
+from runtime.images import ImageError
+from runtime.presets import EmptyImageError, imagenet_spec, normalize_digit, preprocess_imagenet
+from tests.conftest import REPO, assert_clean_error, run_ferry, synthetic_digits
+
+skimage_data = pytest.importorskip("skimage.data")
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
+
+
+def photo(name: str) -> Image.Image:
+    return Image.fromarray(getattr(skimage_data, name)())
+
+
+# --- preprocessing --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("weights", ["IMAGENET1K_V1", "IMAGENET1K_V2"])
+@pytest.mark.parametrize("name", PHOTOS)
+def test_imagenet_preprocessing_equals_torchvision(weights, name):
+    import torchvision.models as tvm
+
+    transforms = tvm.ResNet50_Weights[weights].transforms()
+    spec = imagenet_spec(resize=transforms.resize_size[0], crop=transforms.crop_size[0])
+    img = photo(name).convert("RGB")
+    ours = preprocess_imagenet(img, spec)
+    ref = transforms(img).numpy()
+    assert ours.shape == ref.shape == (3, 224, 224)
+    assert np.abs(ours - ref).max() <= 1e-6
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "1"])
+def test_any_mode_becomes_rgb(mode):
+    base = photo("chelsea")
+    img = base.convert(mode) if mode not in ("I;16", "I") else Image.fromarray(
+        (np.asarray(base.convert("L"), dtype=np.uint16) * 257).astype(np.uint16 if mode == "I;16" else np.int32))
+    out = preprocess_imagenet(img, imagenet_spec())
+    assert out.shape == (3, 224, 224) and np.isfinite(out).all()
+    if mode in ("I;16", "I"):  # 16-bit data is scaled, not clipped to white
+        gray = preprocess_imagenet(base.convert("L"), imagenet_spec())
+        assert np.abs(out - gray).max() < 0.05
+
+
+def _canvas_from_digit(digit: np.ndarray, size: int, top: int, left: int, canvas: int = 280) -> Image.Image:
+    """A 28x28 light-on-dark digit drawn dark-on-light, scaled to `size`, somewhere on a white canvas."""
+    page = Image.new("L", (canvas, canvas), 255)
+    ink = Image.fromarray(255 - digit).resize((size, size), Image.Resampling.BILINEAR)
+    page.paste(ink, (left, top))
+    return page
+
+
+def test_mnist_image_passes_straight_through():
+    digit = synthetic_digits(1)[0][0]
+    digit[:2], digit[-2:], digit[:, :2], digit[:, -2:] = 0, 0, 0, 0
+    out = normalize_digit(Image.fromarray(digit))
+    assert np.array_equal(out, digit.astype(np.float32) / 255)
+
+
+def test_digit_normalization_undoes_size_position_and_polarity():
+    rng = np.random.default_rng(0)
+    digit = np.zeros((28, 28), np.uint8)
+    digit[6:22, 12:16] = 255  # a "1": tall bar, centred like MNIST
+    digit[6:9, 9:13] = 255
+    reference = normalize_digit(_canvas_from_digit(digit, 112, 84, 84))
+    for size, top, left in ((60, 10, 10), (250, 15, 20), (100, 170, 5)):
+        out = normalize_digit(_canvas_from_digit(digit, size, top, left))
+        assert out.shape == (28, 28) and out.max() == pytest.approx(1.0, abs=0.05)
+        ys, xs = np.nonzero(out > 0.2)
+        assert ys.max() - ys.min() + 1 <= 20 and 12 <= out.sum(0).argmax() <= 16
+        com = (np.indices(out.shape) * out).sum(axis=(1, 2)) / out.sum()
+        assert np.allclose(com, 13.5, atol=1.0)
+        assert np.corrcoef(out.ravel(), reference.ravel())[0, 1] > 0.9
+    assert rng is not None
+
+
+def test_blank_or_dot_is_not_a_digit():
+    with pytest.raises(EmptyImageError):
+        normalize_digit(Image.new("L", (280, 280), 255))
+    dot = Image.new("L", (280, 280), 255)
+    dot.putpixel((140, 140), 0)
+    with pytest.raises(EmptyImageError):
+        normalize_digit(dot)
+
+
+# --- predictions match PyTorch ----------------------------------------------------------------
+
+def _softmax(x):
+    e = np.exp(x - x.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+@pytest.mark.slow
+def test_resnet_predictions_equal_pytorch_on_photos(resnet_export):
+    import torch
+    import torchvision.models as tvm
+
+    torch.manual_seed(0)
+    model = tvm.resnet50(weights=None).eval()  # same seed as `--weights none`
+    clf = Classifier.from_onnx(resnet_export.paths["fp32"], provider="cpu")
+    transforms = tvm.ResNet50_Weights.IMAGENET1K_V1.transforms()
+    for name in PHOTOS:
+        img = photo(name).convert("RGB")
+        pred = clf.predict(img, top_k=5)
+        with torch.no_grad():
+            probs = _softmax(model(transforms(img)[None]).numpy())[0]
+        top5 = np.argsort(-probs)[:5]
+        assert [c.index for c in pred.top_k] == list(top5), name
+        assert np.allclose([c.probability for c in pred.top_k], probs[top5], atol=1e-4)
+        assert pred.provider == "CPUExecutionProvider"
+
+
+def test_cnn_predictions_equal_pytorch(cnn_export):
+    import torch
+
+    path, model = cnn_export
+    clf = Classifier.from_onnx(path, provider="cpu")
+    x, _ = synthetic_digits(64, seed=5)
+    x[:, :2], x[:, -2:], x[:, :, :2], x[:, :, -2:] = 0, 0, 0, 0
+    preds = [clf.predict(img, top_k=5) for img in x]
+    with torch.no_grad():
+        probs = _softmax(model((torch.from_numpy(x).float()[:, None] / 255 - 0.1307) / 0.3081).numpy())
+    for pred, p in zip(preds, probs):
+        top5 = np.argsort(-p)[:5]
+        assert [c.index for c in pred.top_k] == list(top5)
+        assert np.allclose([c.probability for c in pred.top_k], p[top5], atol=1e-4)
+
+
+@pytest.mark.mnist
+@pytest.mark.slow
+def test_runtime_equals_pytorch_on_mnist_test_images(real_mnist_run, mnist_dir, tmp_path):
+    import torch
+
+    from export.pipeline import ExportOptions, export_model
+    from train.data import load_mnist_arrays, normalize
+    from train.trainer import load_model
+
+    ckpt, _ = real_mnist_run
+    path = export_model(ExportOptions(model="mnist-cnn", out=str(tmp_path), checkpoint=str(ckpt), data_dir=str(mnist_dir)),
+                        log=lambda _m: None).paths["fp32"]
+    clf = Classifier.from_onnx(path, provider="cpu")
+    model, _ = load_model(ckpt)
+    _, _, test_x, _ = load_mnist_arrays(mnist_dir)
+    images = test_x[:1000]
+    preds = list(clf.predict_many(list(images.numpy()), top_k=5, batch_size=250))
+    with torch.no_grad():
+        probs = _softmax(model(normalize(images)).numpy())
+    for outcome, p in zip(preds, probs):
+        top5 = np.argsort(-p)[:5]
+        assert [c.index for c in outcome.prediction.top_k] == list(top5)
+        assert np.allclose([c.probability for c in outcome.prediction.top_k], p[top5], atol=1e-4)
+
+
+# --- torch-free ---------------------------------------------------------------------------------
+
+def test_runtime_runs_where_torch_cannot_be_imported(cnn_export):
+    path, _ = cnn_export
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'torchvision'):
+            raise ImportError('torch is blocked in this process')
+sys.meta_path.insert(0, Block())
+import numpy as np
+from runtime.classifier import Classifier
+clf = Classifier.from_onnx({str(path)!r}, provider='auto')
+img = np.zeros((28, 28), np.uint8); img[6:22, 12:16] = 255
+p = clf.predict(img, top_k=3)
+assert 'torch' not in sys.modules
+print(p.index, p.provider)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[1] == "CPUExecutionProvider"
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def bad_folder(tmp_path) -> Path:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    good = np.zeros((28, 28), np.uint8)
+    good[6:22, 12:16] = 255
+    Image.fromarray(good).save(folder / "a_good.png")
+    Image.fromarray(255 - good).resize((200, 200)).save(folder / "b_good_big.jpg")
+    (folder / "c_notes.txt").write_text("not an image")
+    (folder / "d_empty.png").write_bytes(b"")
+    full = folder / "e_truncated.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(full)
+    full.write_bytes(full.read_bytes()[:300])
+    Image.new("L", (1, 1), 255).save(folder / "f_tiny.png")
+    frames = [Image.new("L", (32, 32), v) for v in (0, 255)]
+    frames[0].save(folder / "g_anim.gif", save_all=True, append_images=frames[1:])
+    Image.new("1", (12000, 12000)).save(folder / "h_bomb.png")  # 144 MP > Pillow's 89 MP limit
+    return folder
+
+
+def test_bad_inputs_are_named_and_the_rest_still_run(cnn_export, bad_folder):
+    path, _ = cnn_export
+    clf = Classifier.from_onnx(path, provider="cpu")
+    files = sorted(str(p) for p in bad_folder.iterdir())
+    outcomes = {Path(o.source).name: o for o in clf.predict_many(files, batch_size=2)}
+    assert outcomes["a_good.png"].ok and outcomes["b_good_big.jpg"].ok
+    expected = {"c_notes.txt": "not an image", "d_empty.png": "empty file", "e_truncated.png": "truncated",
+                "f_tiny.png": "1x1", "g_anim.gif": "animated", "h_bomb.png": "too large"}
+    for name, needle in expected.items():
+        assert not outcomes[name].ok and needle in outcomes[name].error and name in outcomes[name].error, outcomes[name]
+
+
+def test_cli_folder_run_reports_failures_and_exit_code(cnn_export, bad_folder, tmp_path):
+    path, _ = cnn_export
+    out = tmp_path / "r.json"
+    proc = run_ferry("predict", str(path), str(bad_folder), "--json", str(out), "--provider", "cpu", "--top-k", "3")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "6 of 8 inputs failed" in proc.stderr
+    assert "a_good.png: predicted" in proc.stdout
+    doc = json.loads(out.read_text())
+    assert doc["provider"] == "CPUExecutionProvider" and doc["failed"] == 6
+    ok = [r for r in doc["results"] if r["ok"]]
+    assert len(ok) == 2 and len(ok[0]["top_k"]) == 3 and ok[0]["label"] in "0123456789"
+
+
+def test_arrays_of_the_wrong_kind_are_rejected(cnn_export):
+    path, _ = cnn_export
+    clf = Classifier.from_onnx(path, provider="cpu")
+    for bad, needle in ((np.zeros((3, 28, 28, 2)), "shape"), (np.full((28, 28), np.nan), "NaN"),
+                        (np.zeros((28, 28), dtype=object), "dtype"), (np.zeros((2, 2)), "8x8")):
+        with pytest.raises(FerryError, match=needle):
+            clf.predict(bad)
+    with pytest.raises(FerryError, match="expected \\(N, 1, 28, 28\\)"):
+        clf.run(np.zeros((2, 3, 28, 28), np.float32))
+    with pytest.raises(FerryError, match="float32"):
+        clf.run(np.zeros((2, 1, 28, 28), np.float64))
+    with pytest.raises(FerryError, match="NaN"):
+        clf.run(np.full((1, 1, 28, 28), np.nan, np.float32))
+
+
+def test_missing_corrupt_and_mismatched_models(cnn_export, tmp_path):
+    import onnx
+
+    path, _ = cnn_export
+    with pytest.raises(FerryError, match="model not found"):
+        Classifier.from_onnx(tmp_path / "missing.onnx")
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(Path(path).read_bytes()[:500])
+    with pytest.raises(FerryError, match="cannot load model"):
+        Classifier.from_onnx(corrupt, provider="cpu")
+    proto = onnx.load(str(path))
+    for prop in proto.metadata_props:
+        if prop.key == "ferry":
+            meta = json.loads(prop.value)
+            meta["preprocess"] = imagenet_spec()
+            prop.value = json.dumps(meta)
+    mismatched = tmp_path / "mismatch.onnx"
+    onnx.save(proto, str(mismatched))
+    with pytest.raises(FerryError, match="does not match its metadata"):
+        Classifier.from_onnx(mismatched, provider="cpu")
+    assert_clean_error(run_ferry("predict", str(corrupt), "x.png"), "cannot load model")
+
+
+def test_untrained_model_warning(resnet_export, tmp_path):
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "grey.png")
+    proc = run_ferry("predict", str(resnet_export.paths["fp32"]), str(tmp_path / "grey.png"), "--provider", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "random weights" in proc.stdout and "predicted" in proc.stdout
+
+
+def test_one_classifier_shared_by_threads(cnn_export):
+    path, _ = cnn_export
+    clf = Classifier.from_onnx(path, provider="cpu")
+    x, _ = synthetic_digits(40, seed=9)
+    x[:, :2], x[:, -2:], x[:, :, :2], x[:, :, -2:] = 0, 0, 0, 0
+    expected = [clf.predict(img).index for img in x]
+    results: dict[int, list[int]] = {}
+
+    def worker(k):
+        results[k] = [clf.predict(img).index for img in x]
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r == expected for r in results.values())
