@@ -133,10 +133,12 @@ def preprocess_imagenet(img: Image.Image, spec: dict[str, Any]) -> np.ndarray:
     top = int(round((new_h - ch) / 2.0))
     left = int(round((new_w - cw) / 2.0))
     img = img.crop((left, top, left + cw, top + ch))
-    arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / np.float32(255)
-    mean = np.asarray(spec["mean"], dtype=np.float32).reshape(3, 1, 1)
-    std = np.asarray(spec["std"], dtype=np.float32).reshape(3, 1, 1)
-    return np.ascontiguousarray((arr - mean) / std)
+    # The same float32 operations as torchvision (x / 255, then (x - mean) / std), done in place.
+    arr = np.array(img, dtype=np.float32)
+    arr /= np.float32(255)
+    arr -= np.asarray(spec["mean"], dtype=np.float32)
+    arr /= np.asarray(spec["std"], dtype=np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
 # --- digits ---------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
     parser.add_argument("--resume", action="store_true", help="continue from the last completed epoch in --out")
     parser.add_argument(
-        "--dry-run", action="store_true", help="one quick epoch on 512 images to check the set-up (results are not meaningful)"
+        "--dry-run", action="store_true", help="one quick epoch on 2,048 images to check the set-up (results are not meaningful)"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 

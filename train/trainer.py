@@ -218,11 +218,11 @@ def train(
     """Train, evaluate on the official test set and write checkpoint, metrics.json and curves.png.
 
     `splits` lets tests pass synthetic data; by default MNIST is read from `cfg.data_dir`.
-    `dry_run` trains one epoch on 512 images and evaluates on 1,000, to check the set-up quickly.
+    `dry_run` trains one epoch on 2,048 images and evaluates on 1,000, to check the set-up quickly.
     Returns the metrics written to metrics.json.
     """
     if dry_run:
-        cfg = dataclasses.replace(cfg, epochs=1, train_limit=512)
+        cfg = dataclasses.replace(cfg, epochs=1, train_limit=2048)
     cfg.validate()
     device = resolve_device(cfg.device)
     if cfg.threads:

@@ -1,0 +1,64 @@
+"""Benchmark exported models: PyTorch eager vs onnxruntime (fp32, int8; CUDA fp32/fp16 and
+TensorRT when present), single-stream latency (p50/p90/p99, batch 1) and offline throughput over
+batch sizes. Writes results.json, report.md and plots; a backend that cannot run is listed as
+skipped with the reason, never replaced by another.
+
+  ferry bench --models-dir models --out benchmarks/results/cpu"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from benchmarks.backends import BACKENDS
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--models-dir", default="models", help="folder of <model>.onnx / .int8.onnx / .fp16.onnx (default: models)")
+    parser.add_argument("--out", default="bench", help="output folder for results.json, report.md, plots (default: bench)")
+    parser.add_argument("--models", nargs="+", default=["mnist-cnn", "resnet50"], choices=["mnist-cnn", "resnet50"])
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS), metavar="BACKEND",
+                        help=f"subset of: {', '.join(BACKENDS)} (default: all)")
+    parser.add_argument("--cnn-batches", type=int, nargs="+", metavar="B", help="digit-CNN batch sizes (default: 1 8 32 128 256 1024)")
+    parser.add_argument("--resnet-batches", type=int, nargs="+", metavar="B", help="ResNet-50 batch sizes (default: 1 8 32)")
+    parser.add_argument("--checkpoint", help="trained CNN checkpoint for the PyTorch baseline (default: random weights)")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads for torch and onnxruntime (default: all cores)")
+    parser.add_argument("--min-seconds", type=float, default=2.0, help="minimum timed seconds per measurement (default: 2)")
+    parser.add_argument("--quick", action="store_true", help="short measurements and few batch sizes (a smoke test, noisy)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from benchmarks.report import table, write_all
+    from benchmarks.suite import DEFAULT_BATCHES, BenchConfig, run_benchmarks
+    from runtime.errors import FerryError
+
+    batches = dict(DEFAULT_BATCHES)
+    if args.quick:
+        batches = {"mnist-cnn": (1, 64), "resnet50": (1, 4)}
+    if args.cnn_batches:
+        batches["mnist-cnn"] = tuple(args.cnn_batches)
+    if args.resnet_batches:
+        batches["resnet50"] = tuple(args.resnet_batches)
+    if any(b < 1 for bs in batches.values() for b in bs) or args.threads < 0 or args.min_seconds <= 0:
+        raise FerryError("batch sizes must be >= 1, --threads >= 0 and --min-seconds > 0")
+    cfg = BenchConfig(models_dir=args.models_dir, models=tuple(args.models), backends=tuple(args.backends),
+                      batch_sizes=batches, checkpoint=args.checkpoint, threads=args.threads,
+                      min_seconds=0.3 if args.quick else args.min_seconds, min_calls=10 if args.quick else 50,
+                      warmup=2 if args.quick else 5)
+    from runtime.progress import Progress
+
+    steps = sum(len(batches[m]) + 1 for m in cfg.models) * len(cfg.backends)
+    bar = Progress(steps, desc="benchmarking")
+
+    def progress(msg: str) -> None:
+        bar.update()
+        if not bar.enabled:
+            print(f"  {msg}", file=sys.stderr)
+
+    results = run_benchmarks(cfg, progress=progress)
+    bar.close()
+    print(table(results))
+    paths = write_all(results, args.out)
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0

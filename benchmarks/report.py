@@ -1,0 +1,156 @@
+"""Results as a console table, results.json, a Markdown report and PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from runtime.fileio import atomic_path, write_bytes_atomic, write_json_atomic
+
+REQUIRED_ROW_KEYS = (
+    "model", "backend", "engine", "precision", "provider", "device", "threads", "scenario", "batch_size",
+    "calls", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput_ips", "stable", "session_load_s", "first_inference_ms",
+)
+
+
+def validate_results(results: dict[str, Any]) -> None:
+    """The JSON schema, checked: top-level keys and every row's fields and types."""
+    for key in ("schema", "created", "machine", "config", "rows", "skipped", "ratios", "notes"):
+        if key not in results:
+            raise ValueError(f"results lack {key!r}")
+    for row in results["rows"]:
+        missing = [k for k in REQUIRED_ROW_KEYS if k not in row]
+        if missing:
+            raise ValueError(f"row {row.get('model')}/{row.get('backend')} lacks {missing}")
+        if not (row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]):
+            raise ValueError(f"row {row['backend']}: percentiles out of order")
+    for s in results["skipped"]:
+        if not s.get("reason"):
+            raise ValueError(f"skipped backend {s.get('backend')} has no reason")
+
+
+def table(results: dict[str, Any]) -> str:
+    head = f"{'model':<10} {'backend':<18} {'provider':<22} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'img/s':>10} {'stable':>6}"
+    lines = [head, "-" * len(head)]
+    for r in results["rows"]:
+        lines.append(
+            f"{r['model']:<10} {r['backend']:<18} {r['provider']:<22} {r['batch_size']:>5} {r['p50_ms']:>9.3f} "
+            f"{r['p90_ms']:>9.3f} {r['p99_ms']:>9.3f} {r['throughput_ips']:>10.1f} {'yes' if r['stable'] else 'NO':>6}"
+        )
+    for s in results["skipped"]:
+        lines.append(f"{s['model']:<10} {s['backend']:<18} skipped: {s['reason']}")
+    for o in results.get("overhead", []):
+        lines.append(f"{o['model']:<10} runtime overhead: Classifier {o['classifier_p50_ms']:.3f} ms vs session.run "
+                     f"{o['session_run_p50_ms']:.3f} ms (p50, {o['input']}): {o['overhead']:+.1%}")
+    if results["ratios"]:
+        lines.append("")
+        for q in results["ratios"]:
+            lines.append(f"{q['model']:<10} {q['comparison']:<45} batch-1 p50 x{q['batch1_p50_speedup']:.2f}   "
+                         f"peak throughput x{q['peak_throughput_speedup']:.2f}")
+    return "\n".join(lines)
+
+
+def markdown(results: dict[str, Any], plots: list[str]) -> str:
+    m = results["machine"]
+    out = [
+        "# ferry benchmark report",
+        "",
+        f"- created: {results['created']}",
+        f"- CPU: {m['cpu']} ({m['cpu_count']} logical cores); GPU: {m['gpu'] or 'none'}",
+        f"- threads: {results['rows'][0]['threads'] if results['rows'] else '-'}; "
+        + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v),
+        *[f"- {n}" for n in results["notes"]],
+        "",
+        "## Speed-ups (rows of this run)",
+        "",
+        "| model | comparison | batch-1 p50 speed-up | peak-throughput speed-up |",
+        "| --- | --- | ---: | ---: |",
+        *[f"| {q['model']} | {q['comparison']} | {q['batch1_p50_speedup']:.2f}x | {q['peak_throughput_speedup']:.2f}x |"
+          for q in results["ratios"]],
+        "",
+        "## Single-stream (batch 1)",
+        "",
+        "| model | backend | provider | p50 ms | p90 ms | p99 ms | session load s | first inference ms | stable |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        *[f"| {r['model']} | {r['backend']} | {r['provider']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | "
+          f"{r['session_load_s']:.2f} | {r['first_inference_ms']:.1f} | {'yes' if r['stable'] else 'no (noisy)'} |"
+          for r in results["rows"] if r["batch_size"] == 1],
+        "",
+        "## Offline (throughput)",
+        "",
+        "| model | backend | batch | images/s | p50 ms per batch | stable |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+        *[f"| {r['model']} | {r['backend']} | {r['batch_size']} | {r['throughput_ips']:.1f} | {r['p50_ms']:.2f} | "
+          f"{'yes' if r['stable'] else 'no (noisy)'} |" for r in results["rows"]],
+        "",
+    ]
+    if results.get("overhead"):
+        out += ["## Runtime overhead (CPU, batch 1)", "",
+                "`Classifier.predict` from a decoded image to labels, against `session.run` on a prepared tensor "
+                "(alternating rounds, medians).", "",
+                "| model | input | session.run p50 ms | Classifier p50 ms | overhead |", "| --- | --- | ---: | ---: | ---: |",
+                *[f"| {o['model']} | {o['input']} | {o['session_run_p50_ms']:.3f} | {o['classifier_p50_ms']:.3f} | "
+                  f"{o['overhead']:+.1%} |" for o in results["overhead"]], ""]
+    if results["skipped"]:
+        out += ["## Skipped backends", "", "| model | backend | reason |", "| --- | --- | --- |",
+                *[f"| {s['model']} | {s['backend']} | {s['reason']} |" for s in results["skipped"]], ""]
+    out += [f"![{p}]({p})" for p in plots]
+    return "\n".join(out) + "\n"
+
+
+def plot(results: dict[str, Any], out_dir: Path) -> list[str]:
+    """One PNG per model: latency per batch and throughput against batch size, a line per backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    for model in sorted({r["model"] for r in results["rows"]}):
+        rows = [r for r in results["rows"] if r["model"] == model]
+        fig, (ax_lat, ax_tp) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for backend in dict.fromkeys(r["backend"] for r in rows):
+            rs = sorted((r for r in rows if r["backend"] == backend), key=lambda r: r["batch_size"])
+            label = f"{backend} ({rs[0]['provider']})"
+            ax_lat.plot([r["batch_size"] for r in rs], [r["p50_ms"] for r in rs], "o-", label=label)
+            ax_tp.plot([r["batch_size"] for r in rs], [r["throughput_ips"] for r in rs], "o-", label=label)
+        batches = sorted({r["batch_size"] for r in rows})
+        for ax, ylabel in ((ax_lat, "p50 latency per batch (ms)"), (ax_tp, "throughput (images/s)")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(batches, [str(b) for b in batches])
+            ax.set_xlabel("batch size")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3, which="both")
+        ax_tp.legend(fontsize=8)
+        fig.suptitle(f"{model}: {results['machine']['cpu']}" + (f" / {results['machine']['gpu']}" if results["machine"]["gpu"] else ""))
+        fig.tight_layout()
+        name = f"{model}.png"
+        with atomic_path(out_dir / name) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+        names.append(name)
+    if results["ratios"]:
+        fig, ax = plt.subplots(figsize=(9, 0.45 * len(results["ratios"]) + 1.2))
+        labels = [f"{q['model']}: {q['comparison']}" for q in results["ratios"]]
+        values = [q["batch1_p50_speedup"] for q in results["ratios"]]
+        ax.barh(labels[::-1], values[::-1], color="tab:blue")
+        ax.axvline(1.0, color="black", lw=0.8)
+        for y, v in enumerate(values[::-1]):
+            ax.text(v, y, f" {v:.2f}x", va="center", fontsize=8)
+        ax.set_xlabel("speed-up at batch 1 (p50 latency, same run)")
+        fig.tight_layout()
+        with atomic_path(out_dir / "speedups.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+        names.append("speedups.png")
+    return names
+
+
+def write_all(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    validate_results(results)
+    out_dir = Path(out_dir)
+    write_json_atomic(out_dir / "results.json", results)
+    plots = plot(results, out_dir) if results["rows"] else []
+    write_bytes_atomic(out_dir / "report.md", markdown(results, plots).encode())
+    return {"json": out_dir / "results.json", "report": out_dir / "report.md", **{p: out_dir / p for p in plots}}

@@ -1,0 +1,142 @@
+"""The benchmark harness itself: arithmetic on known timings, skipped backends, the JSON schema,
+and that a CPU fallback can never be recorded as a CUDA figure."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import backends as bk
+from benchmarks.harness import measure, percentile, stability
+from benchmarks.report import validate_results, write_all
+from benchmarks.suite import BenchConfig, run_benchmarks
+
+
+def test_percentile_matches_numpy():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 100, 1001):
+        xs = list(rng.exponential(size=n))
+        for q in (0, 50, 90, 99, 100):
+            assert percentile(xs, q) == pytest.approx(np.percentile(xs, q))
+
+
+class FakeClock:
+    """A clock that only moves when a call 'takes' its scripted duration."""
+
+    def __init__(self, durations):
+        self.now, self.durations, self.i = 0.0, list(durations), 0
+
+    def __call__(self):
+        return self.now
+
+    def call(self):
+        self.now += self.durations[self.i % len(self.durations)]
+        self.i += 1
+
+
+def test_measure_on_known_timings():
+    # 3 warm-up calls of 1 s (excluded), then 100 calls: 90 of 2 ms and 10 of 12 ms.
+    durations = [1.0] * 3 + [0.002] * 90 + [0.012] * 10
+    clock = FakeClock(durations)
+    t = measure(clock.call, batch_size=4, warmup=3, min_calls=100, min_seconds=0.0, max_calls=100, clock=clock)
+    assert t.calls == 100
+    assert t.total_seconds == pytest.approx(0.3)
+    assert t.p(50) == pytest.approx(0.002)
+    assert t.p(99) == pytest.approx(0.012)
+    assert t.throughput == pytest.approx(100 * 4 / 0.3)
+    ms = t.summary_ms()
+    assert ms["mean_ms"] == pytest.approx(3.0) and ms["min_ms"] == pytest.approx(2.0)
+
+
+def test_measure_runs_until_min_seconds():
+    clock = FakeClock([0.1])
+    t = measure(clock.call, batch_size=1, warmup=0, min_calls=5, min_seconds=2.0, clock=clock)
+    assert t.calls == 20  # 5 calls are not 2 s yet
+
+
+def test_stability_check():
+    assert stability([1.0] * 50) == (True, 0.0)
+    drifting = [1.0] * 30 + [1.5] * 10 + [2.0] * 10
+    ok, spread = stability(drifting)
+    assert not ok and spread > 0.1
+    assert stability([1.0] * 5)[0] is False  # too few calls to judge
+
+
+def fake_prepare(spec, model, cfg):
+    if spec.device == "cuda":
+        raise bk.Unavailable("no CUDA device on this test machine")
+    return bk.Prepared(spec, run=lambda x: x.sum(), sync=lambda: None,
+                       provider_used="CPUExecutionProvider" if spec.engine == "onnxruntime" else "cpu",
+                       device_name="test CPU", load_seconds=0.01)
+
+
+def test_suite_records_skips_and_valid_schema(tmp_path):
+    cfg = BenchConfig(models=("mnist-cnn",), batch_sizes={"mnist-cnn": (1, 8)}, min_seconds=0.01, min_calls=10, warmup=1)
+    results = run_benchmarks(cfg, prepare=fake_prepare)
+    validate_results(results)
+    cpu = [b.name for b in bk.ALL_BACKENDS if b.device == "cpu"]
+    assert sorted({r["backend"] for r in results["rows"]}) == sorted(cpu)
+    assert {s["backend"] for s in results["skipped"]} == {b.name for b in bk.ALL_BACKENDS if b.device == "cuda"}
+    assert all(s["reason"] == "no CUDA device on this test machine" for s in results["skipped"])
+    assert all(r["scenario"] == ("single-stream" if r["batch_size"] == 1 else "offline") for r in results["rows"])
+    assert {q["comparison"] for q in results["ratios"]} >= {"onnxruntime fp32 vs PyTorch eager (CPU)"}
+
+    paths = write_all(results, tmp_path)
+    assert json.loads(paths["json"].read_text())["schema"] == "ferry.bench/1"
+    report = paths["report"].read_text()
+    assert "## Skipped backends" in report and "no CUDA device" in report
+    assert (tmp_path / "mnist-cnn.png").read_bytes()[:4] == b"\x89PNG"
+
+    broken = json.loads(json.dumps(results))
+    del broken["rows"][0]["provider"]
+    with pytest.raises(ValueError, match="provider"):
+        validate_results(broken)
+
+
+def test_ratios_come_from_rows_of_the_same_run():
+    from benchmarks.suite import ratios
+
+    def row(backend, batch, p50, tp):
+        return {"model": "m", "backend": backend, "batch_size": batch, "p50_ms": p50, "throughput_ips": tp}
+
+    rows = [row("torch-eager-cpu", 1, 10.0, 100), row("torch-eager-cpu", 8, 40.0, 200),
+            row("ort-cpu-fp32", 1, 5.0, 200), row("ort-cpu-fp32", 8, 20.0, 400)]
+    (q,) = ratios(rows)
+    assert q["batch1_p50_speedup"] == pytest.approx(2.0) and q["peak_throughput_speedup"] == pytest.approx(2.0)
+
+
+def test_cpu_fallback_cannot_be_recorded_as_cuda(cnn_export, tmp_path):
+    for name in ("ort-cuda-fp32", "ort-cuda-fp16", "torch-eager-cuda"):
+        with pytest.raises(bk.ProviderMismatch, match="claims cuda"):
+            bk.check_provider(bk.BACKENDS[name], "CPUExecutionProvider" if name.startswith("ort") else "cpu")
+    with pytest.raises(bk.ProviderMismatch, match="TensorRT"):
+        bk.check_provider(bk.BACKENDS["ort-tensorrt-fp32"], "CUDAExecutionProvider")
+    bk.check_provider(bk.BACKENDS["ort-cuda-fp32"], "CUDAExecutionProvider")
+    bk.check_provider(bk.BACKENDS["ort-cpu-fp32"], "CPUExecutionProvider")
+
+    # through the real path: on this machine's ORT the CUDA backends are skipped, never run on CPU
+    path, _ = cnn_export
+    cfg = BenchConfig(models_dir=str(path.parent), models=("mnist-cnn",), backends=("ort-cuda-fp32", "ort-cpu-fp32"),
+                      batch_sizes={"mnist-cnn": (1,)}, min_seconds=0.01, min_calls=5, warmup=1)
+    results = run_benchmarks(cfg)
+    assert all(r["provider"] == "CPUExecutionProvider" and r["backend"] == "ort-cpu-fp32" for r in results["rows"])
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert [s["backend"] for s in results["skipped"]] == ["ort-cuda-fp32"]
+        assert "cannot run" in results["skipped"][0]["reason"]
+
+
+def test_cli_quick_run(cnn_export, tmp_path):
+    from tests.conftest import run_ferry
+
+    path, _ = cnn_export
+    proc = run_ferry("bench", "--models-dir", str(path.parent), "--models", "mnist-cnn", "--backends", "ort-cpu-fp32",
+                     "ort-cuda-fp32", "--quick", "--out", str(tmp_path / "b"))
+    assert proc.returncode == 0, proc.stderr
+    assert "ort-cpu-fp32" in proc.stdout and "skipped" in proc.stdout
+    assert (tmp_path / "b" / "results.json").exists() and (tmp_path / "b" / "report.md").exists()
+    bad = run_ferry("bench", "--cnn-batches", "0", "--out", str(tmp_path / "c"))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
