@@ -1,32 +1,57 @@
-# Quick start: `make demo` (train, then later stages) and `make test`.
-# Both create .venv when missing and install ferry with the extras they need.
+# Quick start: `make demo` then `make test`. Both create .venv when it is missing and install
+# ferry with the extras they need (torch, onnxruntime CPU build, test tools).
 PYTHON ?= python3
 VENV ?= .venv
 DATA_DIR ?= data
 RUNS ?= runs
-# torch/torchvision are installed first and pinned: these releases are what ferry is tested with.
+MODELS ?= models
+RESNET_WEIGHTS ?= IMAGENET1K_V1
+CALIB_DIR ?= samples/photos
+BENCH_OUT ?= $(RUNS)/bench
+# torch/torchvision are installed first, pinned: the releases ferry is tested with.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ferry-installed
 
-.PHONY: demo test bench clean help
+.PHONY: help demo train export predict fidelity bench test clean
 
 help:
-	@echo "make demo [DATA_DIR=data]   train the digit CNN and print its test accuracy"
-	@echo "make test [DATA_DIR=data]   run the test suite (real-MNIST tests skip when DATA_DIR lacks it)"
+	@echo "make demo  [DATA_DIR=data]  train, export both models, predict samples, canvas fidelity, benchmark"
+	@echo "make test  [DATA_DIR=data]  the test suite (real-MNIST tests skip when DATA_DIR lacks MNIST)"
+	@echo "make bench [BENCH_OUT=...]  only the CPU/GPU benchmark of the models in $(MODELS)/"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade --quiet pip
+	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e '.[train,cpu,dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) train export predict fidelity bench
+
+train: $(STAMP)
 	$(BIN)/ferry train --data-dir $(DATA_DIR) --out $(RUNS)/mnist-cnn
+
+export: $(STAMP)
+	$(BIN)/ferry export mnist-cnn --checkpoint $(RUNS)/mnist-cnn/checkpoint.pt --data-dir $(DATA_DIR) \
+		--out $(MODELS) --int8 --fp16
+	$(BIN)/ferry export resnet50 --weights $(RESNET_WEIGHTS) --out $(MODELS) --int8 --fp16 --calib-dir $(CALIB_DIR) || { \
+		echo "*** ResNet-50 weights $(RESNET_WEIGHTS) unavailable (offline?): the demo exports RANDOM weights instead"; \
+		$(BIN)/ferry export resnet50 --weights none --out $(MODELS) --int8 --fp16 --calib-dir $(CALIB_DIR); }
+
+predict: $(STAMP)
+	$(BIN)/ferry predict $(MODELS)/mnist-cnn.onnx samples/digits
+	$(BIN)/ferry predict $(MODELS)/resnet50.onnx samples/photos --top-k 3
+
+fidelity: $(STAMP)
+	$(BIN)/python -m benchmarks.canvas_fidelity --model $(MODELS)/mnist-cnn.onnx --data-dir $(DATA_DIR) \
+		--out $(RUNS)/canvas_fidelity.json
+
+bench: $(STAMP)
+	$(BIN)/ferry bench --models-dir $(MODELS) --checkpoint $(RUNS)/mnist-cnn/checkpoint.pt --out $(BENCH_OUT)
 
 test: $(STAMP)
 	FERRY_MNIST_DIR=$(DATA_DIR) $(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(RUNS) .pytest_cache
+	rm -rf $(RUNS) $(MODELS) .pytest_cache

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train.cli", "train the handwritten-digit CNN on MNIST"),
     "export": ("export.cli", "export a model to validated ONNX (fp32, int8, fp16)"),
     "predict": ("runtime.cli", "predict images with an exported model (onnxruntime, no torch)"),
+    "draw": ("runtime.draw", "draw a digit with the mouse and see the prediction (Tk window)"),
     "bench": ("benchmarks.cli", "benchmark GPU and CPU latency and throughput (PyTorch vs onnxruntime)"),
 }
 

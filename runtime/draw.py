@@ -1,0 +1,161 @@
+"""Draw a digit with the mouse and see the model's prediction (Tk; onnxruntime, no torch).
+
+  ferry draw [--model models/mnist-cnn.onnx] [--provider auto|cpu|cuda|tensorrt]
+
+Drag on the canvas to draw; the prediction updates when a stroke ends (or press Predict).
+Clear starts again. The drawing goes through the runtime's MNIST-style normalization (crop to
+the ink, fit 20x20, centre by mass in 28x28), so size and position do not matter."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from runtime.errors import FerryError
+
+DEFAULT_MODEL = "models/mnist-cnn.onnx"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from runtime.providers import CHOICES
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"the exported digit model (default: {DEFAULT_MODEL}, written by `make demo`)")
+    parser.add_argument("--provider", choices=CHOICES, default="auto", help="execution provider (default: auto)")
+
+
+class DrawApp:
+    """The window: canvas on the left, prediction and probability bars on the right."""
+
+    BAR_W = 180
+
+    def __init__(self, root, clf) -> None:
+        import tkinter as tk
+
+        from runtime.canvas import CANVAS_SIZE, PEN_WIDTH, Stroke
+
+        self.tk, self.root, self.clf = tk, root, clf
+        self.Stroke, self.pen = Stroke, PEN_WIDTH
+        self.strokes: list = []
+        root.title("ferry draw")
+        root.resizable(False, False)
+
+        left = tk.Frame(root, padx=10, pady=10)
+        left.grid(row=0, column=0, sticky="n")
+        self.canvas = tk.Canvas(left, width=CANVAS_SIZE, height=CANVAS_SIZE, bg="white", cursor="pencil",
+                                highlightthickness=2, highlightbackground="#888")
+        self.canvas.pack()
+        buttons = tk.Frame(left, pady=8)
+        buttons.pack(fill="x")
+        self.predict_button = tk.Button(buttons, text="Predict", width=10, command=self.predict)
+        self.predict_button.pack(side="left")
+        self.clear_button = tk.Button(buttons, text="Clear", width=10, command=self.clear)
+        self.clear_button.pack(side="right")
+
+        right = tk.Frame(root, padx=10, pady=10)
+        right.grid(row=0, column=1, sticky="n")
+        self.digit_var = tk.StringVar(value="?")
+        self.status_var = tk.StringVar(value="draw a digit")
+        tk.Label(right, textvariable=self.digit_var, font=("Helvetica", 72, "bold"), width=2).pack()
+        tk.Label(right, textvariable=self.status_var, font=("Helvetica", 11)).pack(pady=(0, 6))
+        self.bars = tk.Canvas(right, width=self.BAR_W + 80, height=10 * 22, highlightthickness=0)
+        self.bars.pack()
+        self.info_var = tk.StringVar(value=f"provider: {clf.provider.used}")
+        tk.Label(right, textvariable=self.info_var, font=("Helvetica", 9), fg="#555", justify="left",
+                 wraplength=self.BAR_W + 80).pack(pady=(8, 6), anchor="w")
+        self._draw_bars([0.0] * 10)
+
+        self.canvas.bind("<ButtonPress-1>", self._start)
+        self.canvas.bind("<B1-Motion>", self._move)
+        self.canvas.bind("<ButtonRelease-1>", self._end)
+        root.bind("<Return>", lambda _e: self.predict())
+        root.bind("<Escape>", lambda _e: self.clear())
+
+    # --- strokes ------------------------------------------------------------------------------
+
+    def _start(self, event) -> None:
+        self.strokes.append(self.Stroke(points=[(event.x, event.y)], width=self.pen))
+        r = self.pen / 2
+        self.canvas.create_oval(event.x - r, event.y - r, event.x + r, event.y + r, fill="black", outline="black")
+
+    def _move(self, event) -> None:
+        if not self.strokes:
+            return self._start(event)
+        x0, y0 = self.strokes[-1].points[-1]
+        self.strokes[-1].points.append((event.x, event.y))
+        self.canvas.create_line(x0, y0, event.x, event.y, width=self.pen, fill="black",
+                                capstyle=self.tk.ROUND, joinstyle=self.tk.ROUND)
+
+    def _end(self, _event) -> None:
+        self.predict()
+
+    # --- prediction ---------------------------------------------------------------------------
+
+    def predict(self) -> None:
+        from runtime.canvas import predict_strokes
+        from runtime.presets import EmptyImageError
+
+        t0 = time.perf_counter()
+        try:
+            pred = predict_strokes(self.clf, self.strokes)
+        except EmptyImageError:
+            self._show("?", "draw a digit", [0.0] * 10, None)
+            return
+        except FerryError as exc:
+            self._show("!", str(exc), [0.0] * 10, None)
+            return
+        probs = [0.0] * 10
+        for c in pred.top_k:
+            probs[c.index] = c.probability
+        self._show(pred.label, f"{pred.probability:.1%} sure", probs, 1e3 * (time.perf_counter() - t0))
+
+    def _show(self, digit: str, status: str, probs: list[float], latency_ms: float | None) -> None:
+        self.digit_var.set(digit)
+        self.status_var.set(status)
+        self._draw_bars(probs)
+        lat = f"{latency_ms:.1f} ms" if latency_ms is not None else "-"
+        self.info_var.set(f"provider: {self.clf.provider.used}\nlast prediction: {lat}")
+        # one line per displayed prediction, read back from the widgets (a log, and what tests read)
+        print(f"displayed: {self.digit_var.get()} | {self.status_var.get()} | provider {self.clf.provider.used} | {lat}", flush=True)
+
+    def _draw_bars(self, probs: list[float]) -> None:
+        self.bars.delete("all")
+        best = max(range(10), key=lambda i: probs[i]) if any(probs) else -1
+        for i, p in enumerate(probs):
+            y = i * 22 + 3
+            self.bars.create_text(10, y + 8, text=str(i), font=("Helvetica", 11, "bold"))
+            self.bars.create_rectangle(24, y, 24 + self.BAR_W, y + 16, outline="#ccc", fill="#f2f2f2")
+            if p > 0:
+                self.bars.create_rectangle(24, y, 24 + max(1, self.BAR_W * p), y + 16, outline="",
+                                           fill="#2b7bd6" if i == best else "#9bbfe8")
+            self.bars.create_text(24 + self.BAR_W + 6, y + 8, text=f"{p:.1%}", anchor="w", font=("Helvetica", 9))
+
+    def clear(self) -> None:
+        self.strokes.clear()
+        self.canvas.delete("all")
+        self._show("?", "draw a digit", [0.0] * 10, None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from runtime.classifier import Classifier
+
+    model = Path(args.model)
+    if not model.exists():
+        raise FerryError(f"no digit model at {model}: run `make demo` (it trains and exports one), or "
+                         "`ferry export mnist-cnn --checkpoint CKPT --out models` and pass --model models/mnist-cnn.onnx")
+    clf = Classifier.from_onnx(model, provider=args.provider)
+    if clf.spec.get("kind") != "mnist":
+        raise FerryError(f"{model} is a {clf.name} model; ferry draw needs the digit model (mnist-cnn)")
+    try:
+        import tkinter as tk
+
+        root = tk.Tk()
+    except ImportError as exc:
+        raise FerryError("Tkinter is not available in this Python (install python3-tk / tk-dev)") from exc
+    except Exception as exc:  # noqa: BLE001 - TclError: no display
+        raise FerryError(f"cannot open a window: {exc} (is $DISPLAY set?)") from exc
+    DrawApp(root, clf)
+    print(f"ferry draw: {clf.name} on {clf.provider.describe()}", flush=True)
+    root.mainloop()
+    return 0
