@@ -141,6 +141,6 @@ def device_label(device: str) -> str:
         import torch
 
         return torch.cuda.get_device_name(0)
-    from benchmarks.machine import cpu_model
+    from runtime.sysinfo import cpu_model
 
     return cpu_model()

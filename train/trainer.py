@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from runtime.errors import FerryError
 from runtime.fileio import atomic_path, write_json_atomic
+from runtime.sysinfo import cpu_model
 from train import data
 from train.config import TrainConfig
 from train.model import DigitCNN
@@ -124,7 +125,7 @@ def train_one_epoch(
         total=n_steps,
         desc=f"epoch {epoch}/{cfg.epochs}",
         unit="batch",
-        disable=not progress,
+        disable=None if progress else True,  # None: only on a terminal
         leave=False,
         file=sys.stderr,
     )
@@ -297,7 +298,7 @@ def train(
         "dry_run": dry_run,
         "machine": {
             "platform": platform.platform(),
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
         },
@@ -309,12 +310,3 @@ def train(
     log(f"wrote {ckpt_path}, {out / METRICS_NAME}, {out / PLOT_NAME}")
     return metrics
 
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
