@@ -43,12 +43,13 @@ def _alternate(a, b, *, rounds: int, per_round: int) -> tuple[list[float], list[
     return ta, tb
 
 
-def measure_overhead(models_dir: str | Path, *, threads: int | None = None, rounds: int = 10) -> list[dict[str, Any]]:
+def measure_overhead(models_dir: str | Path, *, threads: int | None = None) -> list[dict[str, Any]]:
     from runtime.classifier import Classifier
 
     rows = []
-    cases = (("resnet50", _sample_photo(), 3), ("mnist-cnn", _sample_digit(), 100))
-    for model, image, per_round in cases:
+    # (model, input, rounds, calls per round): strict A/B alternation for ResNet-50
+    cases = (("resnet50", _sample_photo(), 60, 1), ("mnist-cnn", _sample_digit(), 20, 50))
+    for model, image, rounds, per_round in cases:
         path = Path(models_dir) / f"{model}.onnx"
         if not path.exists():
             continue

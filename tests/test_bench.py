@@ -73,8 +73,10 @@ def fake_prepare(spec, model, cfg):
 
 
 def test_suite_records_skips_and_valid_schema(tmp_path):
-    cfg = BenchConfig(models=("mnist-cnn",), batch_sizes={"mnist-cnn": (1, 8)}, min_seconds=0.01, min_calls=10, warmup=1)
+    cfg = BenchConfig(models_dir=str(tmp_path / "no-models"), models=("mnist-cnn",), batch_sizes={"mnist-cnn": (1, 8)},
+                      min_seconds=0.01, min_calls=10, warmup=1)
     results = run_benchmarks(cfg, prepare=fake_prepare)
+    assert results["overhead"] == []  # no model files: nothing measured, nothing invented
     validate_results(results)
     cpu = [b.name for b in bk.ALL_BACKENDS if b.device == "cpu"]
     assert sorted({r["backend"] for r in results["rows"]}) == sorted(cpu)
