@@ -10,6 +10,7 @@ from runtime.fileio import atomic_path, write_bytes_atomic, write_json_atomic
 REQUIRED_ROW_KEYS = (
     "model", "backend", "engine", "precision", "provider", "device", "threads", "scenario", "batch_size",
     "calls", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput_ips", "stable", "session_load_s", "first_inference_ms",
+    "cpu", "cpu_count", "versions",
 )
 
 

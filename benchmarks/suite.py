@@ -75,6 +75,7 @@ def run_benchmarks(cfg: BenchConfig, *, progress: Callable[[str], None] = lambda
                 "model": model, "backend": name, "engine": spec.engine, "precision": spec.precision,
                 "provider": prepared.provider_used, "device": prepared.device_name, "threads": threads,
                 "session_load_s": prepared.load_seconds, "first_inference_ms": first_ms,
+                "cpu": machine["cpu"], "cpu_count": machine["cpu_count"], "versions": machine["versions"],
             }
             for batch in cfg.batch_sizes[model]:
                 scenario = "single-stream" if batch == 1 else "offline"
