@@ -143,12 +143,13 @@ def preprocess_imagenet(img: Image.Image, spec: dict[str, Any]) -> np.ndarray:
 
 # --- digits ---------------------------------------------------------------------------------
 
+def _border(gray: np.ndarray) -> np.ndarray:
+    return np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+
+
 def _is_mnist_like(gray: np.ndarray) -> bool:
     """A 28x28 image with a dark border is taken as an MNIST digit and passes straight through."""
-    if gray.shape != (MNIST_SIZE, MNIST_SIZE):
-        return False
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    return float(border.mean()) < 0.25
+    return gray.shape == (MNIST_SIZE, MNIST_SIZE) and float(_border(gray).mean()) < 0.25
 
 
 def normalize_digit(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -173,11 +174,10 @@ def normalize_digit(image: Image.Image | np.ndarray) -> np.ndarray:
     if _is_mnist_like(gray):
         return np.ascontiguousarray(gray, dtype=np.float32)
 
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    if float(np.median(border)) > 0.5:
+    if float(np.median(_border(gray))) > 0.5:  # dark ink on a light page
         gray = 1.0 - gray
     # Remove the background level and stretch the ink to [0, 1].
-    gray = np.clip(gray - float(np.median(border if np.median(border) <= 0.5 else 1.0 - border)), 0, None)
+    gray = np.clip(gray - float(np.median(_border(gray))), 0, None)
     peak = float(gray.max(initial=0))
     if peak < 0.1:
         raise EmptyImageError("no digit found: the image is blank (draw a digit)")
