@@ -42,6 +42,11 @@ def run(args: argparse.Namespace) -> int:
         batches["resnet50"] = tuple(args.resnet_batches)
     if any(b < 1 for bs in batches.values() for b in bs) or args.threads < 0 or args.min_seconds <= 0:
         raise FerryError("batch sizes must be >= 1, --threads >= 0 and --min-seconds > 0")
+    from pathlib import Path
+
+    if not Path(args.models_dir).is_dir():
+        raise FerryError(f"--models-dir {args.models_dir} does not exist: run `make demo`, or `ferry export ... --out "
+                         f"{args.models_dir}` for each model")
     cfg = BenchConfig(models_dir=args.models_dir, models=tuple(args.models), backends=tuple(args.backends),
                       batch_sizes=batches, checkpoint=args.checkpoint, threads=args.threads,
                       min_seconds=0.3 if args.quick else args.min_seconds, min_calls=10 if args.quick else 50,

@@ -132,7 +132,7 @@ def test_cpu_fallback_cannot_be_recorded_as_cuda(cnn_export, tmp_path):
 
 
 def test_cli_quick_run(cnn_export, tmp_path):
-    from tests.conftest import run_ferry
+    from tests.conftest import assert_clean_error, run_ferry
 
     path, _ = cnn_export
     proc = run_ferry("bench", "--models-dir", str(path.parent), "--models", "mnist-cnn", "--backends", "ort-cpu-fp32",
@@ -142,3 +142,5 @@ def test_cli_quick_run(cnn_export, tmp_path):
     assert (tmp_path / "b" / "results.json").exists() and (tmp_path / "b" / "report.md").exists()
     bad = run_ferry("bench", "--cnn-batches", "0", "--out", str(tmp_path / "c"))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    missing = run_ferry("bench", "--models-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "d"))
+    assert_clean_error(missing, "does not exist")

@@ -14,7 +14,6 @@ from PIL import Image
 
 from runtime.classifier import Classifier
 from runtime.errors import FerryError
-from runtime.images import ImageError
 from runtime.presets import EmptyImageError, imagenet_spec, normalize_digit, preprocess_imagenet
 from tests.conftest import REPO, assert_clean_error, run_ferry, synthetic_digits
 

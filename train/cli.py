@@ -56,6 +56,13 @@ def run(args: argparse.Namespace) -> int:
     cfg.validate()
     from train.trainer import train
 
-    metrics = train(cfg, resume=args.resume, progress=not args.quiet, dry_run=args.dry_run)
+    try:
+        metrics = train(cfg, resume=args.resume, progress=not args.quiet, dry_run=args.dry_run)
+    except KeyboardInterrupt:
+        import sys
+
+        print(f"\nferry train: interrupted; the last completed epoch is saved in {cfg.out}. "
+              f"Continue with: ferry train --resume --out {cfg.out} --data-dir {cfg.data_dir}", file=sys.stderr)
+        return 130
     print(f"test_accuracy={metrics['test_accuracy']:.4f}")
     return 0
