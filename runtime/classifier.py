@@ -192,6 +192,8 @@ class Classifier:
                 pending.append((i, source, self.prepare(image)))
             except FerryError as exc:
                 results[i] = Outcome(source, error=_one_line(exc, source))
+            except Exception as exc:  # noqa: BLE001 - one undecodable input must not stop the batch
+                results[i] = Outcome(source, error=_one_line(ValueError(f"{type(exc).__name__}: {exc}"), source))
             if len(pending) >= batch_size:
                 self._flush(pending, results, top_k)
             while next_out in results:
