@@ -1,1 +1,1 @@
-"""Benchmarks: latency and throughput of the exported models (issue: benchmarks). Stub until then."""
+"""Benchmarks (`ferry bench`): latency and throughput of PyTorch eager vs onnxruntime on CPU and GPU, plus the pytest-benchmark suite."""
