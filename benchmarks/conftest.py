@@ -17,7 +17,7 @@ def _build_models(root: Path) -> Path:
     from train.config import TrainConfig
     from train.model import DigitCNN
     from train.trainer import make_optimizer, save_checkpoint
-    from tests.conftest import synthetic_digits, write_idx
+    from tests.conftest import synthetic_digits, write_fake_mnist
     import torch
 
     torch.manual_seed(0)
@@ -25,12 +25,7 @@ def _build_models(root: Path) -> Path:
     model = DigitCNN()
     ckpt = root / "cnn" / "checkpoint.pt"
     save_checkpoint(ckpt, model=model, optimizer=make_optimizer(model, cfg), cfg=cfg, epoch=0, history=[])
-    raw = root / "mnist" / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    x, y = synthetic_digits(300)
-    for prefix in ("train", "t10k"):
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", x)
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte", y)
+    write_fake_mnist(root / "mnist", synthetic_digits(300), synthetic_digits(300))
     models = root / "models"
     export_model(ExportOptions(model="mnist-cnn", out=str(models), checkpoint=str(ckpt), data_dir=str(root / "mnist"),
                                int8=True, fp16=True, int8_max_drop_pp=100.0, calib_images=300), log=lambda _m: None)

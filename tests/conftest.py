@@ -45,18 +45,20 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
+def write_fake_mnist(root: Path, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]) -> Path:
+    """Write images and labels in torchvision's MNIST layout under `root`; return `root`."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, (x, y) in (("train", train), ("t10k", test)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", x)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", y)
+    return root
+
+
 @pytest.fixture
 def fake_mnist_dir(tmp_path: Path) -> Path:
     """A folder in torchvision's MNIST layout holding synthetic digits (1,200 train, 300 test)."""
-    raw = tmp_path / "fake" / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    tx, ty = synthetic_digits(1200, seed=1)
-    vx, vy = synthetic_digits(300, seed=2)
-    write_idx(raw / "train-images-idx3-ubyte", tx)
-    write_idx(raw / "train-labels-idx1-ubyte", ty)
-    write_idx(raw / "t10k-images-idx3-ubyte", vx)
-    write_idx(raw / "t10k-labels-idx1-ubyte", vy)
-    return tmp_path / "fake"
+    return write_fake_mnist(tmp_path / "fake", synthetic_digits(1200, seed=1), synthetic_digits(300, seed=2))
 
 
 def run_ferry(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -127,11 +129,7 @@ def cnn_export(tmp_path_factory):
     splits = MnistSplits(t(tx), t(ty), t(vx), t(vy), t(vx), t(vy))
     cfg = TrainConfig(out=str(root / "run"), epochs=2, channels=(4, 8, 8), device="cpu", lr=0.05)
     train(cfg, splits=splits, progress=False, log=lambda _m: None)
-    raw = root / "mnist" / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for prefix, (x, y) in (("train", (tx, ty)), ("t10k", (vx, vy))):
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", x)
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte", y)
+    write_fake_mnist(root / "mnist", (tx, ty), (vx, vy))
     result = export_model(ExportOptions(model="mnist-cnn", out=str(root / "models"), checkpoint=cfg.out + "/checkpoint.pt",
                                         data_dir=str(root / "mnist")), log=lambda _m: None)
     model, _ = load_model(cfg.out + "/checkpoint.pt")

@@ -35,16 +35,9 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def fake_mnist(tmp_path_factory) -> Path:
-    from tests.conftest import synthetic_digits, write_idx
+    from tests.conftest import synthetic_digits, write_fake_mnist
 
-    root = tmp_path_factory.mktemp("mnist")
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for prefix, n, seed in (("train", 600, 1), ("t10k", 300, 3)):
-        x, y = synthetic_digits(n, seed=seed)
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", x)
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte", y)
-    return root
+    return write_fake_mnist(tmp_path_factory.mktemp("mnist"), synthetic_digits(600, seed=1), synthetic_digits(300, seed=3))
 
 
 def test_cnn_export_validates_and_describes_itself(tmp_path, tiny_checkpoint, fake_mnist):
