@@ -144,3 +144,30 @@ def test_cli_quick_run(cnn_export, tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     missing = run_ferry("bench", "--models-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "d"))
     assert_clean_error(missing, "does not exist")
+
+
+def test_train_step_benchmark_runs():
+    from benchmarks.train_step import step_times
+
+    ms = step_times(steps=2, rounds=1)
+    assert set(ms) == {"contiguous", "channels_last"} and all(v > 0 for v in ms.values())
+
+
+@pytest.mark.slow
+@pytest.mark.mnist
+def test_gpu_script_dry_run(mnist_dir, tmp_path):
+    """The prepared GPU script passes its own dry run on a machine without a GPU."""
+    from benchmarks.gpu_run import main
+
+    out = tmp_path / "gpu"
+    assert main(["--data-dir", str(mnist_dir), "--out", str(out), "--dry-run"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dry_run"] is True and summary["train"]["test_images"] == 1000
+    results = json.loads((out / "bench" / "results.json").read_text())
+    validate_results(results)
+    import torch
+
+    if not torch.cuda.is_available():
+        assert summary["gpu"] is None
+        assert {s["backend"] for s in results["skipped"]} >= {"torch-eager-cuda", "ort-cuda-fp32"}
+        assert all(r["provider"] in ("cpu", "CPUExecutionProvider") for r in results["rows"])
