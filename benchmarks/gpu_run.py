@@ -45,6 +45,16 @@ def _sample_images(folder: Path, n: int = 16) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from runtime.errors import FerryError
+
+    try:
+        return _run(argv)
+    except FerryError as exc:
+        print(f"gpu_run: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True, help="folder holding MNIST/raw/*-ubyte")
     parser.add_argument("--out", required=True, help="results folder")

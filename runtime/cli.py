@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_outcome(outcome, top_k: int) -> None:
     if not outcome.ok:
-        print(f"{outcome.source}: ERROR {outcome.error}", file=sys.stderr)
+        print(f"ERROR {outcome.error}", file=sys.stderr)  # the error names its file
         return
     p = outcome.prediction
     print(f"{outcome.source}: predicted {p.index} ({p.label}) with probability {p.probability:.4f}")

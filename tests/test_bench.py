@@ -171,3 +171,10 @@ def test_gpu_script_dry_run(mnist_dir, tmp_path):
         assert summary["gpu"] is None
         assert {s["backend"] for s in results["skipped"]} >= {"torch-eager-cuda", "ort-cuda-fp32"}
         assert all(r["provider"] in ("cpu", "CPUExecutionProvider") for r in results["rows"])
+
+
+def test_gpu_script_bad_data_dir_is_a_clear_error(tmp_path, capsys):
+    from benchmarks.gpu_run import main
+
+    assert main(["--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
+    assert "MNIST not found" in capsys.readouterr().err
