@@ -19,11 +19,11 @@ from runtime.canvas import CANVAS_SIZE, predict_canvas_image
 
 
 def read_mnist_test(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """The official test images and labels, read with numpy only (no torch)."""
+    """The official test images and labels (numpy only, no torch)."""
+    from train.idx import read_idx
+
     raw = Path(data_dir) / "MNIST" / "raw"
-    images = np.frombuffer((raw / "t10k-images-idx3-ubyte").read_bytes()[16:], dtype=np.uint8).reshape(-1, 28, 28)
-    labels = np.frombuffer((raw / "t10k-labels-idx1-ubyte").read_bytes()[8:], dtype=np.uint8).astype(np.int64)
-    return images, labels
+    return read_idx(raw / "t10k-images-idx3-ubyte", 3), read_idx(raw / "t10k-labels-idx1-ubyte", 1).astype(np.int64)
 
 
 def to_canvas(digit: np.ndarray, rng: np.random.Generator, canvas: int = CANVAS_SIZE) -> tuple[Image.Image, dict]:
@@ -38,14 +38,15 @@ def to_canvas(digit: np.ndarray, rng: np.random.Generator, canvas: int = CANVAS_
 
 
 def measure_fidelity(clf, images: np.ndarray, labels: np.ndarray, *, seed: int = 0, progress=None) -> dict[str, Any]:
+    from runtime.presets import EmptyImageError
+
     rng = np.random.default_rng(seed)
-    canvas_correct = direct_correct = 0
-    empty = 0
+    canvas_correct = empty = 0
     for i, (digit, label) in enumerate(zip(images, labels)):
         page, _ = to_canvas(digit, rng)
         try:
             canvas_correct += int(predict_canvas_image(clf, page, top_k=1).index == label)
-        except Exception:  # noqa: BLE001 - "draw a digit" on a faint digit counts as wrong
+        except EmptyImageError:  # "draw a digit" on a faint digit counts as wrong
             empty += 1
         if progress and i % 500 == 0:
             progress(i)

@@ -44,7 +44,7 @@ def _inputs(model: str, batch: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, *shape), dtype=np.float32)
 
 
-def _prepare(spec: bk.BackendSpec, model: str, cfg: BenchConfig) -> bk.Prepared:
+def prepare_backend(spec: bk.BackendSpec, model: str, cfg: BenchConfig) -> bk.Prepared:
     threads = cfg.threads or None
     if spec.engine == "torch":
         return bk.prepare_torch(spec, model, cfg.checkpoint if model == "mnist-cnn" else None, threads=threads)
@@ -52,7 +52,7 @@ def _prepare(spec: bk.BackendSpec, model: str, cfg: BenchConfig) -> bk.Prepared:
 
 
 def run_benchmarks(cfg: BenchConfig, *, progress: Callable[[str], None] = lambda _m: None,
-                   prepare: Callable[[bk.BackendSpec, str, BenchConfig], bk.Prepared] = _prepare) -> dict[str, Any]:
+                   prepare: Callable[[bk.BackendSpec, str, BenchConfig], bk.Prepared] = prepare_backend) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     machine = machine_info()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks import backends as bk
-from benchmarks.suite import BenchConfig, _prepare
+from benchmarks.suite import BenchConfig, prepare_backend
 
 CASES = [
     (model, backend.name, batch)
@@ -30,7 +30,7 @@ def test_inference(benchmark, models_dir, model, backend, batch):
     spec = bk.BACKENDS[backend]
     cfg = BenchConfig(models_dir=str(models_dir))
     try:
-        prepared = _prepare(spec, model, cfg)
+        prepared = prepare_backend(spec, model, cfg)
     except bk.Unavailable as exc:
         pytest.skip(f"{backend}: {exc}")
     shape = (1, 28, 28) if model == "mnist-cnn" else (3, 224, 224)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from runtime.errors import FerryError
 from runtime.presets import MNIST_MEAN, MNIST_STD
+from train.idx import read_idx
 
 MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -42,21 +43,6 @@ class MnistSplits:
 def missing_mnist_files(data_dir: str | Path) -> list[str]:
     raw = Path(data_dir) / "MNIST" / "raw"
     return [name for name in MNIST_FILES if not (raw / name).is_file()]
-
-
-def _read_idx(path: Path, expect_dims: int) -> torch.Tensor:
-    """Read an uncompressed IDX file (the MNIST format) into a uint8 tensor, checking its header."""
-    data = path.read_bytes()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or data[3] != expect_dims:
-        raise FerryError(f"{path} is not an MNIST IDX file of {expect_dims} dimension(s) (bad header)")
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(expect_dims)]
-    start = 4 + 4 * expect_dims
-    if len(data) - start != math.prod(dims):
-        raise FerryError(
-            f"{path} is truncated or corrupt: header says {dims} ({math.prod(dims)} bytes), "
-            f"file holds {len(data) - start}"
-        )
-    return torch.frombuffer(bytearray(data[start:]), dtype=torch.uint8).reshape(dims)
 
 
 def load_mnist_arrays(data_dir: str | Path, *, download: bool = False) -> tuple[torch.Tensor, ...]:
@@ -84,10 +70,10 @@ def load_mnist_arrays(data_dir: str | Path, *, download: bool = False) -> tuple[
             "that has MNIST/raw/*-ubyte"
         )
     raw = data_dir / "MNIST" / "raw"
-    train_x = _read_idx(raw / MNIST_FILES[0], 3)
-    train_y = _read_idx(raw / MNIST_FILES[1], 1).long()
-    test_x = _read_idx(raw / MNIST_FILES[2], 3)
-    test_y = _read_idx(raw / MNIST_FILES[3], 1).long()
+    train_x, train_y, test_x, test_y = (
+        torch.from_numpy(read_idx(raw / name, 3 if "images" in name else 1).copy()) for name in MNIST_FILES
+    )
+    train_y, test_y = train_y.long(), test_y.long()
     for x, y, name in ((train_x, train_y, "train"), (test_x, test_y, "t10k")):
         if x.shape[0] != y.shape[0] or tuple(x.shape[1:]) != (28, 28):
             raise FerryError(f"MNIST {name} files disagree: images {tuple(x.shape)}, labels {tuple(y.shape)}")
