@@ -145,11 +145,10 @@ def create_session(
 
     wanted = [PROVIDERS["cuda"]] if provider in ("auto", "cuda") else [PROVIDERS["tensorrt"], PROVIDERS["cuda"]]
     target = wanted[0]
-    preload_note = _preload_gpu_libraries(ort) if target in ort.get_available_providers() else ""
-    reason = ""
     if target not in ort.get_available_providers():
         reason = _gpu_failure_reason(ort, target)
     else:
+        preload_note = _preload_gpu_libraries(ort)
         options = {PROVIDERS["cuda"]: CUDA_OPTIONS, PROVIDERS["tensorrt"]: TENSORRT_OPTIONS}
         try:
             session = make([(p, options[p]) for p in wanted] + [PROVIDERS["cpu"]], gpu=True)
