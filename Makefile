@@ -44,7 +44,7 @@ predict: $(STAMP)
 	$(BIN)/ferry predict $(MODELS)/resnet50.onnx samples/photos --top-k 3
 
 fidelity: $(STAMP)
-	$(BIN)/python -m benchmarks.canvas_fidelity --model $(MODELS)/mnist-cnn.onnx --data-dir $(DATA_DIR) \
+	$(BIN)/python -m ferry.bench.canvas_fidelity --model $(MODELS)/mnist-cnn.onnx --data-dir $(DATA_DIR) \
 		--out $(RUNS)/canvas_fidelity.json
 
 bench: $(STAMP)

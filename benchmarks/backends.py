@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from runtime.errors import FerryError
+from ferry.bench.matrix import BackendSpec, onnx_path
+from ferry.core.errors import FerryError
 
 GPU_DEVICES = ("cuda",)
 
@@ -21,27 +22,6 @@ class Unavailable(Exception):
 
 class ProviderMismatch(FerryError):
     """A row would claim a device its session did not run on (e.g. a CPU fallback as CUDA)."""
-
-
-@dataclass(frozen=True)
-class BackendSpec:
-    name: str  # e.g. "torch-eager-cpu", "ort-cpu-int8"
-    engine: str  # torch | onnxruntime
-    device: str  # cpu | cuda
-    precision: str  # fp32 | int8 | fp16
-    provider: str = ""  # ORT: cpu | cuda | tensorrt
-
-
-ALL_BACKENDS: tuple[BackendSpec, ...] = (
-    BackendSpec("torch-eager-cpu", "torch", "cpu", "fp32"),
-    BackendSpec("torch-eager-cuda", "torch", "cuda", "fp32"),
-    BackendSpec("ort-cpu-fp32", "onnxruntime", "cpu", "fp32", "cpu"),
-    BackendSpec("ort-cpu-int8", "onnxruntime", "cpu", "int8", "cpu"),
-    BackendSpec("ort-cuda-fp32", "onnxruntime", "cuda", "fp32", "cuda"),
-    BackendSpec("ort-cuda-fp16", "onnxruntime", "cuda", "fp16", "cuda"),
-    BackendSpec("ort-tensorrt-fp32", "onnxruntime", "cuda", "fp32", "tensorrt"),
-)
-BACKENDS = {b.name: b for b in ALL_BACKENDS}
 
 
 @dataclass
@@ -66,15 +46,11 @@ def check_provider(spec: BackendSpec, provider_used: str) -> None:
         raise ProviderMismatch(f"{spec.name} claims TensorRT but ran on {provider_used}")
 
 
-def onnx_path(models_dir: Path, model: str, precision: str) -> Path:
-    return models_dir / (f"{model}.onnx" if precision == "fp32" else f"{model}.{precision}.onnx")
-
-
 def prepare_ort(spec: BackendSpec, model: str, models_dir: Path, *, threads: int | None) -> Prepared:
     import time
 
-    from runtime.classifier import Classifier
-    from runtime.providers import ProviderError
+    from ferry.runtime.classifier import Classifier
+    from ferry.runtime.providers import ProviderError
 
     path = onnx_path(models_dir, model, spec.precision)
     if not path.exists():
@@ -96,10 +72,10 @@ def torch_model(model: str, checkpoint: str | None):
 
     if model == "mnist-cnn":
         if checkpoint:
-            from train.trainer import load_model
+            from ferry.train.trainer import load_model
 
             return load_model(checkpoint)[0]
-        from train.model import DigitCNN
+        from ferry.train.model import DigitCNN
 
         torch.manual_seed(0)
         return DigitCNN().eval()
@@ -136,11 +112,20 @@ def prepare_torch(spec: BackendSpec, model: str, checkpoint: str | None, *, thre
     return Prepared(spec, run, sync, used, device_label(spec.device), load, to_input)
 
 
+def gpu_name() -> str | None:
+    """The CUDA device PyTorch sees, or None (also when torch is not installed)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
 def device_label(device: str) -> str:
     if device == "cuda":
         import torch
 
         return torch.cuda.get_device_name(0)
-    from runtime.sysinfo import cpu_model
+    from ferry.core.machine import cpu_model
 
     return cpu_model()

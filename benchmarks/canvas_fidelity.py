@@ -2,7 +2,7 @@
 canvas, at varied sizes and positions) and sent through `ferry draw`'s own canvas-to-prediction
 path. Reports accuracy next to the accuracy on the original 28x28 images.
 
-  python -m benchmarks.canvas_fidelity --model models/mnist-cnn.onnx --data-dir data [--limit N]
+  python -m ferry.bench.canvas_fidelity --model models/mnist-cnn.onnx --data-dir data [--limit N]
 """
 
 from __future__ import annotations
@@ -15,15 +15,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from runtime.canvas import CANVAS_SIZE, predict_canvas_image
+from ferry.app.canvas import CANVAS_SIZE, predict_canvas_image
 
 
 def read_mnist_test(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """The official test images and labels (numpy only, no torch)."""
-    from train.idx import read_idx
+    from ferry.core.idx import read_mnist
 
-    raw = Path(data_dir) / "MNIST" / "raw"
-    return read_idx(raw / "t10k-images-idx3-ubyte", 3), read_idx(raw / "t10k-labels-idx1-ubyte", 1).astype(np.int64)
+    return read_mnist(data_dir, "t10k")
 
 
 def to_canvas(digit: np.ndarray, rng: np.random.Generator, canvas: int = CANVAS_SIZE) -> tuple[Image.Image, dict]:
@@ -38,7 +37,7 @@ def to_canvas(digit: np.ndarray, rng: np.random.Generator, canvas: int = CANVAS_
 
 
 def measure_fidelity(clf, images: np.ndarray, labels: np.ndarray, *, seed: int = 0, progress=None) -> dict[str, Any]:
-    from runtime.presets import EmptyImageError
+    from ferry.runtime.presets import EmptyImageError
 
     rng = np.random.default_rng(seed)
     canvas_correct = empty = 0
@@ -66,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
 
-    from runtime.classifier import Classifier
-    from runtime.errors import FerryError
-    from runtime.fileio import write_json_atomic
+    from ferry.core.errors import FerryError
+    from ferry.core.fileio import write_json_atomic
+    from ferry.runtime.classifier import Classifier
 
     try:
         images, labels = read_mnist_test(args.data_dir)

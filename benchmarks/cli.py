@@ -12,12 +12,13 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from benchmarks.backends import BACKENDS
+    from ferry.bench.matrix import BACKENDS, DEFAULT_MODELS
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--models-dir", default="models", help="folder of <model>.onnx / .int8.onnx / .fp16.onnx (default: models)")
     parser.add_argument("--out", default="bench", help="output folder for results.json, report.md, plots (default: bench)")
-    parser.add_argument("--models", nargs="+", default=["mnist-cnn", "resnet50"], choices=["mnist-cnn", "resnet50"])
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="MODEL",
+                        help=f"model names in --models-dir (default: {' '.join(DEFAULT_MODELS)})")
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS), metavar="BACKEND",
                         help=f"subset of: {', '.join(BACKENDS)} (default: all)")
     parser.add_argument("--cnn-batches", type=int, nargs="+", metavar="B", help="digit-CNN batch sizes (default: 1 8 32 128 256 1024)")
@@ -29,13 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks.report import table, write_all
-    from benchmarks.suite import DEFAULT_BATCHES, BenchConfig, run_benchmarks
-    from runtime.errors import FerryError
+    from ferry.bench import matrix
+    from ferry.bench.report import table, write_all
+    from ferry.bench.suite import BenchConfig, run_benchmarks
+    from ferry.core.errors import FerryError
 
-    batches = dict(DEFAULT_BATCHES)
-    if args.quick:
-        batches = {"mnist-cnn": (1, 64), "resnet50": (1, 4)}
+    plan = "quick" if args.quick else "default"
+    batches = {m: matrix.batch_sizes(m, plan, matrix.input_shape(m, args.models_dir)) for m in args.models}
     if args.cnn_batches:
         batches["mnist-cnn"] = tuple(args.cnn_batches)
     if args.resnet_batches:
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                       batch_sizes=batches, checkpoint=args.checkpoint, threads=args.threads,
                       min_seconds=0.3 if args.quick else args.min_seconds, min_calls=10 if args.quick else 50,
                       warmup=2 if args.quick else 5)
-    from runtime.progress import Progress
+    from ferry.core.progress import Progress
 
     steps = sum(len(batches[m]) + 1 for m in cfg.models) * len(cfg.backends)
     bar = Progress(steps, desc="benchmarking")

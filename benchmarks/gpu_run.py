@@ -7,8 +7,8 @@
 It needs PyTorch with CUDA and onnxruntime; with the onnxruntime CPU build (no onnxruntime-gpu)
 the onnxruntime CUDA rows are reported as unavailable, never run on the CPU instead.
 
-  python -m benchmarks.gpu_run --data-dir DIR_WITH_MNIST --out benchmarks/results/gpu-<card>
-  python -m benchmarks.gpu_run --data-dir ../shared/data --out /tmp/gpu-dry --dry-run   # anywhere
+  python -m ferry.bench.gpu_run --data-dir DIR_WITH_MNIST --out benchmarks/results/gpu-<card>
+  python -m ferry.bench.gpu_run --data-dir ../shared/data --out /tmp/gpu-dry --dry-run   # anywhere
 
 --dry-run runs the same steps on whatever device is there with tiny sizes, to check the script.
 """
@@ -45,7 +45,7 @@ def _sample_images(folder: Path, n: int = 16) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runtime.errors import FerryError
+    from ferry.core.errors import FerryError
 
     try:
         return _run(argv)
@@ -64,12 +64,12 @@ def _run(argv: list[str] | None) -> int:
 
     import torch
 
-    from benchmarks.report import table, write_all
-    from benchmarks.suite import BenchConfig, run_benchmarks
-    from export.pipeline import ExportOptions, export_model
-    from runtime.fileio import write_json_atomic
-    from train.config import TrainConfig
-    from train.trainer import train
+    from ferry.bench.report import table, write_all
+    from ferry.bench.suite import BenchConfig, run_benchmarks
+    from ferry.core.fileio import write_json_atomic
+    from ferry.export.pipeline import ExportOptions, export_model
+    from ferry.train.config import TrainConfig
+    from ferry.train.trainer import train
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,8 +107,10 @@ def _run(argv: list[str] | None) -> int:
                                calib_dir=str(_sample_images(out / "calib", 4 if args.dry_run else 16))), log=_log)
 
     # 3. benchmark
-    batches = {"mnist-cnn": (1, 64), "resnet50": (1, 4)} if args.dry_run else \
-        {"mnist-cnn": (1, 32, 256, 1024, 4096), "resnet50": (1, 8, 32, 64)}
+    from ferry.bench import matrix
+
+    plan = "quick" if args.dry_run else "gpu"
+    batches = {m: matrix.batch_sizes(m, plan) for m in matrix.DEFAULT_MODELS}
     bcfg = BenchConfig(models_dir=str(models), batch_sizes=batches, checkpoint=str(ckpt),
                        min_seconds=0.2 if args.dry_run else 1.0, min_calls=10 if args.dry_run else 100,
                        max_seconds=2.0 if args.dry_run else 8.0)

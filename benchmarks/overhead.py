@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from benchmarks.harness import percentile
+from ferry.bench.harness import percentile
 
 
 def _sample_photo() -> Image.Image:
@@ -44,7 +44,7 @@ def _alternate(a, b, *, rounds: int, per_round: int) -> tuple[list[float], list[
 
 
 def measure_overhead(models_dir: str | Path, *, threads: int | None = None) -> list[dict[str, Any]]:
-    from runtime.classifier import Classifier
+    from ferry.runtime.classifier import Classifier
 
     rows = []
     # (model, input, rounds, calls per round): strict A/B alternation for ResNet-50

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from runtime.fileio import atomic_path, write_bytes_atomic, write_json_atomic
+from ferry.core.fileio import atomic_path, write_bytes_atomic, write_json_atomic
 
 REQUIRED_ROW_KEYS = (
     "model", "backend", "engine", "precision", "provider", "device", "threads", "scenario", "batch_size",

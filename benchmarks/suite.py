@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import backends as bk
-from benchmarks.harness import measure
-from benchmarks.machine import machine_info
+from ferry.bench import backends as bk
+from ferry.bench import matrix
+from ferry.bench.harness import measure
+from ferry.core.machine import machine_info
 
 RESULTS_SCHEMA = "ferry.bench/1"
-DEFAULT_BATCHES = {"mnist-cnn": (1, 8, 32, 128, 256, 1024), "resnet50": (1, 8, 32)}
 
 
 @dataclass
@@ -27,9 +27,9 @@ class BenchConfig:
     """What to measure and for how long."""
 
     models_dir: str = "models"
-    models: tuple[str, ...] = ("mnist-cnn", "resnet50")
-    backends: tuple[str, ...] = tuple(bk.BACKENDS)
-    batch_sizes: dict[str, tuple[int, ...]] = field(default_factory=lambda: dict(DEFAULT_BATCHES))
+    models: tuple[str, ...] = matrix.DEFAULT_MODELS
+    backends: tuple[str, ...] = tuple(matrix.BACKENDS)
+    batch_sizes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per model; default: the matrix's
     checkpoint: str | None = None  # trained CNN for the PyTorch baseline (else random weights)
     threads: int = 0  # intra-op threads for torch and onnxruntime (0: all cores)
     min_seconds: float = 2.0  # per measurement
@@ -39,12 +39,11 @@ class BenchConfig:
     seed: int = 0
 
 
-def _inputs(model: str, batch: int, seed: int) -> np.ndarray:
-    shape = (1, 28, 28) if model == "mnist-cnn" else (3, 224, 224)
+def _inputs(shape: tuple[int, ...], batch: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, *shape), dtype=np.float32)
 
 
-def prepare_backend(spec: bk.BackendSpec, model: str, cfg: BenchConfig) -> bk.Prepared:
+def prepare_backend(spec: matrix.BackendSpec, model: str, cfg: BenchConfig) -> bk.Prepared:
     threads = cfg.threads or None
     if spec.engine == "torch":
         return bk.prepare_torch(spec, model, cfg.checkpoint if model == "mnist-cnn" else None, threads=threads)
@@ -52,21 +51,23 @@ def prepare_backend(spec: bk.BackendSpec, model: str, cfg: BenchConfig) -> bk.Pr
 
 
 def run_benchmarks(cfg: BenchConfig, *, progress: Callable[[str], None] = lambda _m: None,
-                   prepare: Callable[[bk.BackendSpec, str, BenchConfig], bk.Prepared] = prepare_backend) -> dict[str, Any]:
+                   prepare: Callable[[matrix.BackendSpec, str, BenchConfig], bk.Prepared] = prepare_backend) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
-    machine = machine_info()
+    machine = {**machine_info(), "cpu_count": machine_info()["logical_cpus"], "gpu": bk.gpu_name()}
     threads = cfg.threads or (machine["cpu_count"] or 1)
     for model in cfg.models:
+        shape = matrix.input_shape(model, cfg.models_dir)
+        batches = cfg.batch_sizes.get(model) or matrix.batch_sizes(model, shape=shape)
         for name in cfg.backends:
-            spec = bk.BACKENDS[name]
+            spec = matrix.BACKENDS[name]
             progress(f"{model} / {name}: loading")
             try:
                 prepared = prepare(spec, model, cfg)
             except bk.Unavailable as exc:
                 skipped.append({"model": model, "backend": name, "reason": str(exc)})
                 continue
-            first_input = prepared.to_input(_inputs(model, 1, cfg.seed))
+            first_input = prepared.to_input(_inputs(shape, 1, cfg.seed))
             t0 = time.perf_counter()
             prepared.run(first_input)
             prepared.sync()
@@ -77,10 +78,10 @@ def run_benchmarks(cfg: BenchConfig, *, progress: Callable[[str], None] = lambda
                 "session_load_s": prepared.load_seconds, "first_inference_ms": first_ms,
                 "cpu": machine["cpu"], "cpu_count": machine["cpu_count"], "versions": machine["versions"],
             }
-            for batch in cfg.batch_sizes[model]:
+            for batch in batches:
                 scenario = "single-stream" if batch == 1 else "offline"
                 progress(f"{model} / {name}: batch {batch}")
-                x = prepared.to_input(_inputs(model, batch, cfg.seed + batch))
+                x = prepared.to_input(_inputs(shape, batch, cfg.seed + batch))
                 timing = measure(lambda: prepared.run(x), batch_size=batch, warmup=cfg.warmup,
                                  min_calls=cfg.min_calls if batch == 1 else 10, min_seconds=cfg.min_seconds,
                                  max_seconds=cfg.max_seconds, sync=prepared.sync)
@@ -90,7 +91,7 @@ def run_benchmarks(cfg: BenchConfig, *, progress: Callable[[str], None] = lambda
                              "stability_spread": timing.stability_spread})
     overhead = []
     if "ort-cpu-fp32" in cfg.backends:
-        from benchmarks.overhead import measure_overhead
+        from ferry.bench.overhead import measure_overhead
 
         progress("runtime overhead (Classifier end to end vs session.run)")
         overhead = [r for r in measure_overhead(cfg.models_dir, threads=cfg.threads or None) if r["model"] in cfg.models]
@@ -98,7 +99,7 @@ def run_benchmarks(cfg: BenchConfig, *, progress: Callable[[str], None] = lambda
         "schema": RESULTS_SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine,
-        "config": {**asdict(cfg), "batch_sizes": {k: list(v) for k, v in cfg.batch_sizes.items()}},
+        "config": {**asdict(cfg), "batch_sizes": {m: list(cfg.batch_sizes.get(m) or matrix.batch_sizes(m)) for m in cfg.models}},
         "notes": [
             "ResNet-50 and, without --checkpoint, the digit CNN use random weights: speed does not depend on them.",
             "Inputs are fixed, seeded random tensors; preprocessing is not timed.",
@@ -118,14 +119,7 @@ def _row(rows: list[dict], model: str, backend: str, batch: int) -> dict | None:
 
 def ratios(rows: list[dict]) -> list[dict[str, Any]]:
     """Speed-ups from rows of this run: p50 latency at batch 1, and peak throughput."""
-    pairs = [
-        ("ort-cpu-fp32", "torch-eager-cpu", "onnxruntime fp32 vs PyTorch eager (CPU)"),
-        ("ort-cpu-int8", "torch-eager-cpu", "onnxruntime int8 vs PyTorch eager (CPU)"),
-        ("ort-cpu-int8", "ort-cpu-fp32", "int8 vs fp32 (onnxruntime CPU)"),
-        ("torch-eager-cuda", "torch-eager-cpu", "GPU vs CPU (PyTorch eager)"),
-        ("ort-cuda-fp32", "ort-cpu-fp32", "GPU vs CPU (onnxruntime fp32)"),
-        ("ort-cuda-fp16", "ort-cpu-fp32", "GPU fp16 vs CPU fp32 (onnxruntime)"),
-    ]
+    pairs = matrix.RATIO_PAIRS
     out = []
     for model in sorted({r["model"] for r in rows}):
         for fast, slow, label in pairs:

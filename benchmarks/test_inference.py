@@ -9,31 +9,32 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks import backends as bk
-from benchmarks.suite import BenchConfig, prepare_backend
+from ferry.bench import backends as bk
+from ferry.bench import matrix
+from ferry.bench.suite import BenchConfig, prepare_backend
 
 CASES = [
     (model, backend.name, batch)
-    for model, batches in (("mnist-cnn", (1, 64, 256)), ("resnet50", (1, 8)))
-    for backend in bk.ALL_BACKENDS
-    for batch in batches
+    for model in matrix.DEFAULT_MODELS
+    for backend in matrix.ALL_BACKENDS
+    for batch in matrix.batch_sizes(model, "pytest")
 ]
 
 
 def _param(model, backend, batch):
-    marks = [pytest.mark.gpu] if bk.BACKENDS[backend].device == "cuda" else []
+    marks = [pytest.mark.gpu] if matrix.BACKENDS[backend].device == "cuda" else []
     return pytest.param(model, backend, batch, marks=marks, id=f"{model}-{backend}-b{batch}")
 
 
 @pytest.mark.parametrize("model,backend,batch", [_param(*c) for c in CASES])
 def test_inference(benchmark, models_dir, model, backend, batch):
-    spec = bk.BACKENDS[backend]
+    spec = matrix.BACKENDS[backend]
     cfg = BenchConfig(models_dir=str(models_dir))
     try:
         prepared = prepare_backend(spec, model, cfg)
     except bk.Unavailable as exc:
         pytest.skip(f"{backend}: {exc}")
-    shape = (1, 28, 28) if model == "mnist-cnn" else (3, 224, 224)
+    shape = matrix.input_shape(model, models_dir)
     x = prepared.to_input(np.random.default_rng(batch).standard_normal((batch, *shape), dtype=np.float32))
     benchmark.extra_info.update(model=model, backend=backend, provider=prepared.provider_used, precision=spec.precision,
                                 device=prepared.device_name, batch_size=batch)

@@ -1,7 +1,7 @@
 """Seconds per training step of DigitCNN (batch 64, SGD) on the CPU, contiguous (NCHW) against
 channels-last memory layout, measured in alternating rounds in one process.
 
-  python -m benchmarks.train_step [--steps 40] [--rounds 5]
+  python -m ferry.bench.train_step [--steps 40] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ def step_times(*, steps: int, rounds: int, batch_size: int = 64) -> dict[str, fl
     import torch
     import torch.nn.functional as F
 
-    from benchmarks.harness import percentile
-    from train.model import DigitCNN
+    from ferry.bench.harness import percentile
+    from ferry.train.model import DigitCNN
 
     torch.manual_seed(0)
     x = torch.randn(batch_size, 1, 28, 28)

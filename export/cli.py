@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from export.pipeline import ExportOptions, export_model
+    from ferry.export.pipeline import ExportOptions, export_model
 
     result = export_model(ExportOptions(
         model=args.model, out=args.out, checkpoint=args.checkpoint, weights=args.weights, data_dir=args.data_dir,

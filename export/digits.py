@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from export import onnx_export as ox
-from runtime.presets import mnist_spec, preprocess_mnist
+from ferry.export import onnx_export as ox
+from ferry.runtime.presets import mnist_spec, preprocess_mnist
 
 
 @dataclass
@@ -28,7 +28,7 @@ def prepare_digits(images_uint8: np.ndarray) -> np.ndarray:
 
 
 def load_mnist_for_export(data_dir: str | Path, *, calib_images: int, seed: int = 0) -> MnistEval:
-    from train.data import load_mnist_arrays
+    from ferry.train.data import load_mnist_arrays
 
     train_x, _, test_x, test_y = load_mnist_arrays(data_dir)
     idx = np.random.default_rng(seed).choice(train_x.shape[0], size=min(calib_images, train_x.shape[0]), replace=False)

@@ -9,8 +9,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import FerryError
-from runtime.presets import MNIST_LABELS, imagenet_spec, mnist_spec
+from ferry.core.errors import FerryError
+from ferry.runtime.presets import MNIST_LABELS, imagenet_spec, mnist_spec
 
 MODELS = ("mnist-cnn", "resnet50")
 RESNET_WEIGHTS = ("IMAGENET1K_V1", "IMAGENET1K_V2", "none")
@@ -28,14 +28,14 @@ class LoadedModel:
 
 
 def bundled_imagenet_labels() -> list[str]:
-    text = resources.files("export").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
+    text = resources.files("ferry.export").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
     labels = [ln for ln in text.splitlines() if ln]
     assert len(labels) == 1000
     return labels
 
 
 def load_mnist_cnn(checkpoint: str | Path) -> LoadedModel:
-    from train.trainer import load_checkpoint, load_model
+    from ferry.train.trainer import load_checkpoint, load_model
 
     model, cfg = load_model(checkpoint)
     state = load_checkpoint(checkpoint)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.errors import FerryError
+from ferry.core.errors import FerryError
 
 METADATA_KEY = "ferry"  # metadata_props key holding the JSON description (README: "Model metadata")
 METADATA_SCHEMA = 1

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import datetime as _dt
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from export import onnx_export as ox
-from export.models import MODELS, LoadedModel, load_mnist_cnn, load_resnet50
-from runtime.errors import FerryError
-from runtime.fileio import atomic_path
-from runtime.presets import input_shape
+from ferry.core.errors import FerryError
+from ferry.core.fileio import atomic_path
+from ferry.export import onnx_export as ox
+from ferry.export.models import MODELS, LoadedModel, load_mnist_cnn, load_resnet50
+from ferry.runtime.presets import input_shape
 
 
 @dataclass
@@ -66,7 +67,7 @@ def export_model(opts: ExportOptions, *, log: Callable[[str], None] = print) -> 
     # Load everything that can fail before anything is written.
     if opts.model == "mnist-cnn":
         loaded = load_mnist_cnn(opts.checkpoint)
-        from export.digits import load_mnist_for_export
+        from ferry.export.digits import load_mnist_for_export
 
         mnist = load_mnist_for_export(opts.data_dir, calib_images=opts.calib_images, seed=opts.seed)
         calib = mnist.calib_x
@@ -75,7 +76,7 @@ def export_model(opts: ExportOptions, *, log: Callable[[str], None] = print) -> 
         mnist = None
         calib = None
         if opts.int8:
-            from export.images import load_calibration_images
+            from ferry.export.images import load_calibration_images
 
             calib = load_calibration_images(opts.calib_dir, loaded.preprocess)
     try:
@@ -99,7 +100,7 @@ def export_model(opts: ExportOptions, *, log: Callable[[str], None] = print) -> 
         ox.check_model(tmp, name=fp32_path.name)
         validation = {"onnx_checker": "full_check passed", "random_inputs": ox.compare_with_torch(tmp, loaded.module, random_batches, atol=opts.atol)}
         if mnist is not None:
-            from export.digits import check_on_mnist
+            from ferry.export.digits import check_on_mnist
 
             validation["mnist_test"] = check_on_mnist(tmp, loaded.module, mnist)
         meta = {**base_meta, "precision": "fp32", "validation": validation}
@@ -110,13 +111,13 @@ def export_model(opts: ExportOptions, *, log: Callable[[str], None] = print) -> 
            f"{validation['mnist_test']['images']} images" if mnist is not None else ""))
 
     if opts.int8:
-        from export.variants import make_int8
+        from ferry.export.variants import make_int8
 
         path, meta = make_int8(fp32_path, base_meta, calib, mnist=mnist, max_drop_pp=opts.int8_max_drop_pp,
                                eval_batches=random_batches, log=log)
         result.paths["int8"], result.metadata["int8"] = path, meta
     if opts.fp16:
-        from export.variants import make_fp16
+        from ferry.export.variants import make_fp16
 
         path, meta = make_fp16(fp32_path, base_meta, mnist=mnist, eval_batches=random_batches, log=log)
         result.paths["fp16"], result.metadata["fp16"] = path, meta

@@ -3,15 +3,16 @@ GPUs; inputs and outputs stay float32). Each records its accuracy against fp32 i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from export import onnx_export as ox
-from export.digits import MnistEval, accuracy
-from runtime.errors import FerryError
-from runtime.fileio import atomic_path
+from ferry.core.errors import FerryError
+from ferry.core.fileio import atomic_path
+from ferry.export import onnx_export as ox
+from ferry.export.digits import MnistEval, accuracy
 
 
 class QuantizationAccuracyError(ox.ValidationError):

@@ -9,15 +9,15 @@ import sys
 from collections.abc import Sequence
 
 from ferry import __version__
-from runtime.errors import FerryError
+from ferry.core.errors import FerryError
 
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("train.cli", "train the handwritten-digit CNN on MNIST"),
-    "export": ("export.cli", "export a model to validated ONNX (fp32, int8, fp16)"),
-    "predict": ("runtime.cli", "predict images with an exported model (onnxruntime, no torch)"),
-    "draw": ("runtime.draw", "draw a digit with the mouse and see the prediction (Tk window)"),
-    "bench": ("benchmarks.cli", "benchmark GPU and CPU latency and throughput (PyTorch vs onnxruntime)"),
+    "train": ("ferry.train.cli", "train the handwritten-digit CNN on MNIST"),
+    "export": ("ferry.export.cli", "export a model to validated ONNX (fp32, int8, fp16)"),
+    "predict": ("ferry.runtime.cli", "predict images with an exported model (onnxruntime, no torch)"),
+    "draw": ("ferry.app.draw", "draw a digit with the mouse and see the prediction (Tk window)"),
+    "bench": ("ferry.bench.cli", "benchmark GPU and CPU latency and throughput (PyTorch vs onnxruntime)"),
 }
 
 
@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(importlib.import_module(args._module).run(args) or 0)
     except FerryError as exc:
         print(f"ferry {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in {"torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "matplotlib", "tqdm"}:
             extra = "cpu" if exc.name.startswith("onnxruntime") else "train"

@@ -10,23 +10,22 @@ mutates state after construction.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from runtime.errors import FerryError
-from runtime.images import ImageError, check_image, load_image
-from runtime.presets import input_shape, preprocess
-from runtime.providers import ProviderInfo, create_session
+from ferry.core.errors import FerryError
+from ferry.runtime.images import ImageError, check_image, load_image
+from ferry.runtime.metadata import METADATA_KEY, parse_metadata, read_metadata_file  # noqa: F401
+from ferry.runtime.presets import input_shape, preprocess
+from ferry.runtime.providers import ProviderInfo, create_session
 
-METADATA_KEY = "ferry"
-ImageInput = Union[str, Path, Image.Image, np.ndarray]
+ImageInput = str | Path | Image.Image | np.ndarray
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ class Classifier:
     # --- construction -----------------------------------------------------------------------
 
     @classmethod
-    def from_onnx(cls, path: str | Path, provider: str = "auto", *, threads: int | None = None, **session_kwargs) -> "Classifier":
+    def from_onnx(cls, path: str | Path, provider: str = "auto", *, threads: int | None = None, **session_kwargs) -> Classifier:
         t0 = time.perf_counter()
         path = Path(path)
         session, info = create_session(path, provider, threads=threads, **session_kwargs)
@@ -244,14 +243,4 @@ def _check_array(arr: np.ndarray, kind: str) -> np.ndarray:
 
 
 def read_metadata(session: Any, path: str | Path) -> dict[str, Any]:
-    raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-    if raw is None:
-        raise FerryError(f"{path} has no ferry metadata (export it with `ferry export`)")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise FerryError(f"{path}: its ferry metadata is not valid JSON ({exc})") from exc
-    for key in ("labels", "preprocess", "model"):
-        if key not in meta:
-            raise FerryError(f"{path}: its ferry metadata lacks {key!r}")
-    return meta
+    return parse_metadata(session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), path)

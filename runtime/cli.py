@@ -14,11 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-from runtime.errors import FerryError
+from ferry.core.errors import FerryError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from runtime.providers import CHOICES
+    from ferry.runtime.providers import CHOICES
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("model", help="an .onnx file written by `ferry export`")
@@ -45,9 +45,9 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from runtime.classifier import Classifier
-    from runtime.fileio import write_json_atomic
-    from runtime.progress import Progress
+    from ferry.core.fileio import write_json_atomic
+    from ferry.core.progress import Progress
+    from ferry.runtime.classifier import Classifier
 
     if args.top_k < 1:
         raise FerryError(f"--top-k must be >= 1 (got {args.top_k})")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from runtime.errors import FerryError
+from ferry.core.errors import FerryError
 
 MIN_SIDE = 8  # smaller images carry no usable content (a 1x1 image is an error, not a guess)
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from runtime.errors import FerryError
+from ferry.core.errors import FerryError
 
 # MNIST: mean and standard deviation of the training pixels scaled to [0, 1].
 MNIST_MEAN: float = 0.1307

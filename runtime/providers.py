@@ -7,12 +7,13 @@ requested GPU provider that cannot run is a ProviderError with the reason, never
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
-from runtime.errors import FerryError
+from ferry.core.errors import FerryError
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",

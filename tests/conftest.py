@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ferry.core.idx import synthetic_digits
+from ferry.core.idx import write_mnist as write_fake_mnist
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -26,33 +29,6 @@ def mnist_dir() -> Path:
     if missing:
         pytest.skip(f"real MNIST absent from {raw}: missing {', '.join(missing)}")
     return path
-
-
-def synthetic_digits(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """n 28x28 uint8 images: class k is a bright 6x6 block at the k-th of 10 positions, plus noise."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 10, size=n)
-    x = rng.integers(0, 40, size=(n, 28, 28)).astype(np.uint8)
-    for i, k in enumerate(y):
-        r, c = 4 + 7 * (k // 4), 3 + 6 * (k % 4)
-        x[i, r : r + 6, c : c + 6] = 255
-    return x, y.astype(np.int64)
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write a uint8 array in MNIST's IDX format."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
-def write_fake_mnist(root: Path, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]) -> Path:
-    """Write images and labels in torchvision's MNIST layout under `root`; return `root`."""
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for prefix, (x, y) in (("train", train), ("t10k", test)):
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", x)
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte", y)
-    return root
 
 
 @pytest.fixture
@@ -87,8 +63,8 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None
 def real_mnist_run(mnist_dir, tmp_path_factory):
     """One short training run on real MNIST (1 epoch, 12,000 images), shared by the tests that need it.
     Returns (checkpoint path, metrics)."""
-    from train.config import TrainConfig
-    from train.trainer import train
+    from ferry.train.config import TrainConfig
+    from ferry.train.trainer import train
 
     out = tmp_path_factory.mktemp("real_mnist")
     cfg = TrainConfig(data_dir=str(mnist_dir), out=str(out), epochs=1, train_limit=12000, device="cpu")
@@ -101,7 +77,7 @@ def resnet_export(tmp_path_factory):
     """ResNet-50 with random weights exported once (fp32 + int8) for the export and runtime tests."""
     from PIL import Image
 
-    from export.pipeline import ExportOptions, export_model
+    from ferry.export.pipeline import ExportOptions, export_model
 
     root = tmp_path_factory.mktemp("resnet50")
     calib = root / "calib"
@@ -117,11 +93,12 @@ def resnet_export(tmp_path_factory):
 def cnn_export(tmp_path_factory):
     """A tiny DigitCNN trained on synthetic digits and exported (fp32), for runtime tests.
     Returns (onnx path, torch model)."""
-    from export.pipeline import ExportOptions, export_model
-    from train.config import TrainConfig
-    from train.data import MnistSplits
-    from train.trainer import load_model, train
     import torch
+
+    from ferry.export.pipeline import ExportOptions, export_model
+    from ferry.train.config import TrainConfig
+    from ferry.train.data import MnistSplits
+    from ferry.train.trainer import load_model, train
 
     root = tmp_path_factory.mktemp("cnn")
     t = torch.from_numpy

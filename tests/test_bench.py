@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import backends as bk
-from benchmarks.harness import measure, percentile, stability
-from benchmarks.report import validate_results, write_all
-from benchmarks.suite import BenchConfig, run_benchmarks
+from ferry.bench import backends as bk
+from ferry.bench import matrix
+from ferry.bench.harness import measure, percentile, stability
+from ferry.bench.report import validate_results, write_all
+from ferry.bench.suite import BenchConfig, run_benchmarks
 
 
 def test_percentile_matches_numpy():
@@ -78,9 +79,9 @@ def test_suite_records_skips_and_valid_schema(tmp_path):
     results = run_benchmarks(cfg, prepare=fake_prepare)
     assert results["overhead"] == []  # no model files: nothing measured, nothing invented
     validate_results(results)
-    cpu = [b.name for b in bk.ALL_BACKENDS if b.device == "cpu"]
+    cpu = [b.name for b in matrix.ALL_BACKENDS if b.device == "cpu"]
     assert sorted({r["backend"] for r in results["rows"]}) == sorted(cpu)
-    assert {s["backend"] for s in results["skipped"]} == {b.name for b in bk.ALL_BACKENDS if b.device == "cuda"}
+    assert {s["backend"] for s in results["skipped"]} == {b.name for b in matrix.ALL_BACKENDS if b.device == "cuda"}
     assert all(s["reason"] == "no CUDA device on this test machine" for s in results["skipped"])
     assert all(r["scenario"] == ("single-stream" if r["batch_size"] == 1 else "offline") for r in results["rows"])
     assert {q["comparison"] for q in results["ratios"]} >= {"onnxruntime fp32 vs PyTorch eager (CPU)"}
@@ -98,7 +99,7 @@ def test_suite_records_skips_and_valid_schema(tmp_path):
 
 
 def test_ratios_come_from_rows_of_the_same_run():
-    from benchmarks.suite import ratios
+    from ferry.bench.suite import ratios
 
     def row(backend, batch, p50, tp):
         return {"model": "m", "backend": backend, "batch_size": batch, "p50_ms": p50, "throughput_ips": tp}
@@ -112,11 +113,11 @@ def test_ratios_come_from_rows_of_the_same_run():
 def test_cpu_fallback_cannot_be_recorded_as_cuda(cnn_export, tmp_path):
     for name in ("ort-cuda-fp32", "ort-cuda-fp16", "torch-eager-cuda"):
         with pytest.raises(bk.ProviderMismatch, match="claims cuda"):
-            bk.check_provider(bk.BACKENDS[name], "CPUExecutionProvider" if name.startswith("ort") else "cpu")
+            bk.check_provider(matrix.BACKENDS[name], "CPUExecutionProvider" if name.startswith("ort") else "cpu")
     with pytest.raises(bk.ProviderMismatch, match="TensorRT"):
-        bk.check_provider(bk.BACKENDS["ort-tensorrt-fp32"], "CUDAExecutionProvider")
-    bk.check_provider(bk.BACKENDS["ort-cuda-fp32"], "CUDAExecutionProvider")
-    bk.check_provider(bk.BACKENDS["ort-cpu-fp32"], "CPUExecutionProvider")
+        bk.check_provider(matrix.BACKENDS["ort-tensorrt-fp32"], "CUDAExecutionProvider")
+    bk.check_provider(matrix.BACKENDS["ort-cuda-fp32"], "CUDAExecutionProvider")
+    bk.check_provider(matrix.BACKENDS["ort-cpu-fp32"], "CPUExecutionProvider")
 
     # through the real path: on this machine's ORT the CUDA backends are skipped, never run on CPU
     path, _ = cnn_export
@@ -147,7 +148,7 @@ def test_cli_quick_run(cnn_export, tmp_path):
 
 
 def test_train_step_benchmark_runs():
-    from benchmarks.train_step import step_times
+    from ferry.bench.train_step import step_times
 
     ms = step_times(steps=2, rounds=1)
     assert set(ms) == {"contiguous", "channels_last"} and all(v > 0 for v in ms.values())
@@ -157,7 +158,7 @@ def test_train_step_benchmark_runs():
 @pytest.mark.mnist
 def test_gpu_script_dry_run(mnist_dir, tmp_path):
     """The prepared GPU script passes its own dry run on a machine without a GPU."""
-    from benchmarks.gpu_run import main
+    from ferry.bench.gpu_run import main
 
     out = tmp_path / "gpu"
     assert main(["--data-dir", str(mnist_dir), "--out", str(out), "--dry-run"]) == 0
@@ -174,7 +175,7 @@ def test_gpu_script_dry_run(mnist_dir, tmp_path):
 
 
 def test_gpu_script_bad_data_dir_is_a_clear_error(tmp_path, capsys):
-    from benchmarks.gpu_run import main
+    from ferry.bench.gpu_run import main
 
     assert main(["--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
     assert "MNIST not found" in capsys.readouterr().err

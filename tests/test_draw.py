@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.canvas import CANVAS_SIZE, Stroke, ink_extent, predict_strokes, render_strokes
-from runtime.classifier import Classifier
-from runtime.presets import EmptyImageError
+from ferry.app.canvas import CANVAS_SIZE, Stroke, ink_extent, predict_strokes, render_strokes
+from ferry.runtime.classifier import Classifier
+from ferry.runtime.presets import EmptyImageError
 from tests.conftest import REPO, assert_clean_error, run_ferry
 
 SEVEN = [Stroke([(80, 60), (200, 60)]), Stroke([(200, 60), (120, 240)])]
@@ -46,7 +46,7 @@ def test_draw_without_a_model_says_how_to_make_one(tmp_path):
 
 @pytest.fixture(scope="session")
 def real_digit_model(real_mnist_run, tmp_path_factory, mnist_dir):
-    from export.pipeline import ExportOptions, export_model
+    from ferry.export.pipeline import ExportOptions, export_model
 
     ckpt, _ = real_mnist_run
     out = tmp_path_factory.mktemp("digit_model")
@@ -58,7 +58,7 @@ def real_digit_model(real_mnist_run, tmp_path_factory, mnist_dir):
 def test_canvas_fidelity_on_real_mnist(real_digit_model, mnist_dir):
     """MNIST digits drawn on the canvas at random sizes/positions are classified (almost) as well as
     the originals. (The 10,000-image figure for the trained model is in the README.)"""
-    from benchmarks.canvas_fidelity import measure_fidelity, read_mnist_test
+    from ferry.bench.canvas_fidelity import measure_fidelity, read_mnist_test
 
     images, labels = read_mnist_test(mnist_dir)
     result = measure_fidelity(Classifier.from_onnx(real_digit_model, provider="cpu"), images[:1500], labels[:1500])

@@ -10,10 +10,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export import onnx_export as ox
-from export.models import load_resnet50
-from export.pipeline import ExportOptions, export_model
-from runtime.errors import FerryError
+from ferry.core.errors import FerryError
+from ferry.export import onnx_export as ox
+from ferry.export.models import load_resnet50
+from ferry.export.pipeline import ExportOptions, export_model
 from tests.conftest import assert_clean_error, run_ferry
 
 
@@ -24,8 +24,8 @@ def quiet(_msg: str) -> None:
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A DigitCNN(4, 8, 8) trained for 2 epochs on synthetic digits."""
+    from ferry.train.trainer import train
     from tests.test_train import tiny_config, tiny_splits
-    from train.trainer import train
 
     tmp = tmp_path_factory.mktemp("ckpt")
     cfg = tiny_config(tmp, epochs=2)
@@ -77,7 +77,7 @@ def test_cnn_export_validates_and_describes_itself(tmp_path, tiny_checkpoint, fa
 
 
 def test_int8_accuracy_loss_over_the_limit_is_an_error_and_leaves_nothing(tmp_path, tiny_checkpoint, fake_mnist):
-    from export.variants import QuantizationAccuracyError
+    from ferry.export.variants import QuantizationAccuracyError
 
     opts = ExportOptions(model="mnist-cnn", out=str(tmp_path), checkpoint=str(tiny_checkpoint), data_dir=str(fake_mnist),
                          int8=True, int8_max_drop_pp=-1.0, calib_images=100)
@@ -87,7 +87,7 @@ def test_int8_accuracy_loss_over_the_limit_is_an_error_and_leaves_nothing(tmp_pa
 
 
 def test_validation_catches_a_model_that_differs(tmp_path, tiny_checkpoint):
-    from train.trainer import load_model
+    from ferry.train.trainer import load_model
 
     model, _ = load_model(tiny_checkpoint)
     path = tmp_path / "m.onnx"

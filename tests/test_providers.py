@@ -8,8 +8,8 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from runtime.classifier import Classifier
-from runtime.providers import ProviderError, check_single_ort, create_session
+from ferry.runtime.classifier import Classifier
+from ferry.runtime.providers import ProviderError, check_single_ort, create_session
 
 
 class _Dist:

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.classifier import Classifier
-from runtime.errors import FerryError
-from runtime.presets import EmptyImageError, imagenet_spec, normalize_digit, preprocess_imagenet
+from ferry.core.errors import FerryError
+from ferry.runtime.classifier import Classifier
+from ferry.runtime.presets import EmptyImageError, imagenet_spec, normalize_digit, preprocess_imagenet
 from tests.conftest import REPO, assert_clean_error, run_ferry, synthetic_digits
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -140,9 +140,9 @@ def test_cnn_predictions_equal_pytorch(cnn_export):
 def test_runtime_equals_pytorch_on_mnist_test_images(real_mnist_run, mnist_dir, tmp_path):
     import torch
 
-    from export.pipeline import ExportOptions, export_model
-    from train.data import load_mnist_arrays, normalize
-    from train.trainer import load_model
+    from ferry.export.pipeline import ExportOptions, export_model
+    from ferry.train.data import load_mnist_arrays, normalize
+    from ferry.train.trainer import load_model
 
     ckpt, _ = real_mnist_run
     path = export_model(ExportOptions(model="mnist-cnn", out=str(tmp_path), checkpoint=str(ckpt), data_dir=str(mnist_dir)),
@@ -162,26 +162,49 @@ def test_runtime_equals_pytorch_on_mnist_test_images(real_mnist_run, mnist_dir, 
 
 # --- torch-free ---------------------------------------------------------------------------------
 
-def test_runtime_runs_where_torch_cannot_be_imported(cnn_export):
-    path, _ = cnn_export
-    code = f"""
+BLOCK_TORCH = """
 import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'torchvision'):
-            raise ImportError('torch is blocked in this process')
+        if name.split('.')[0] in ('torch', 'torchvision', 'onnx', 'onnxscript'):
+            raise ImportError(name + ' is blocked in this process')
 sys.meta_path.insert(0, Block())
+"""
+
+
+def test_runtime_runs_where_torch_cannot_be_imported(cnn_export, tmp_path):
+    """Arrays, decoded PNG/JPEG files, a folder through predict_many and the `ferry predict` command,
+    all in processes where torch (and onnx) cannot be imported."""
+    path, _ = cnn_export
+    digit = np.zeros((28, 28), np.uint8)
+    digit[6:22, 12:16] = 255
+    Image.fromarray(digit).save(tmp_path / "a.png")
+    Image.fromarray(255 - digit).resize((120, 120)).convert("RGB").save(tmp_path / "b.jpg")
+    code = BLOCK_TORCH + f"""
 import numpy as np
-from runtime.classifier import Classifier
+from ferry.runtime import Classifier
 clf = Classifier.from_onnx({str(path)!r}, provider='auto')
 img = np.zeros((28, 28), np.uint8); img[6:22, 12:16] = 255
 p = clf.predict(img, top_k=3)
-assert 'torch' not in sys.modules
-print(p.index, p.provider)
+files = [clf.predict({str(tmp_path / "a.png")!r}), clf.predict({str(tmp_path / "b.jpg")!r})]
+outcomes = list(clf.predict_many([{str(tmp_path / "a.png")!r}, {str(tmp_path / "b.jpg")!r}]))
+assert all(o.ok for o in outcomes), outcomes
+assert not any(m.split('.')[0] in ('torch', 'torchvision', 'onnx') for m in sys.modules)
+print(p.index, p.provider, files[0].index, files[1].index)
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split()[1] == "CPUExecutionProvider"
+    index, provider, from_png, from_jpg = proc.stdout.split()
+    assert provider == "CPUExecutionProvider" and from_png == index
+    cli = BLOCK_TORCH + f"""
+from ferry.cli import main
+code = main(['predict', {str(path)!r}, {str(tmp_path)!r}, '--top-k', '2'])
+assert not any(m.split('.')[0] in ('torch', 'torchvision', 'onnx') for m in sys.modules)
+sys.exit(code)
+"""
+    proc = subprocess.run([sys.executable, "-c", cli], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count(": predicted ") == 2 and "b.jpg" in proc.stdout
 
 
 # --- bad input -----------------------------------------------------------------------------------

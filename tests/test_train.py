@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.errors import FerryError
+from ferry.core.errors import FerryError
+from ferry.train import data
+from ferry.train.config import TrainConfig
+from ferry.train.model import DigitCNN
+from ferry.train.trainer import CHECKPOINT_NAME, load_checkpoint, load_model, lr_at, train
 from tests.conftest import assert_clean_error, run_ferry, synthetic_digits
-from train import data
-from train.config import TrainConfig
-from train.model import DigitCNN
-from train.trainer import CHECKPOINT_NAME, load_checkpoint, load_model, lr_at, train
 
 
 def tiny_splits(n_train: int = 640, n_val: int = 200, n_test: int = 200) -> data.MnistSplits:
@@ -111,7 +111,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     train(straight, splits=tiny_splits(), progress=False, log=quiet)
 
     interrupted = dataclasses.replace(straight, out=str(tmp_path / "interrupted"))
-    import train.trainer as trainer
+    import ferry.train.trainer as trainer
 
     real_epoch = trainer.train_one_epoch
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from runtime.errors import FerryError
+from ferry.core.errors import FerryError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from train.config import TrainConfig  # dataclass only: no torch
+    from ferry.train.config import TrainConfig  # dataclass only: no torch
 
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """Defaults, or on --resume the checkpoint's recipe, overridden by the flags actually given."""
-    from train.config import TrainConfig
+    from ferry.train.config import TrainConfig
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     if "channels" in given:
@@ -42,7 +42,7 @@ def config_from_args(args: argparse.Namespace):
     if args.resume:
         from pathlib import Path
 
-        from train.trainer import CHECKPOINT_NAME, load_checkpoint
+        from ferry.train.trainer import CHECKPOINT_NAME, load_checkpoint
 
         ckpt = Path(base.out) / CHECKPOINT_NAME
         if not ckpt.exists():
@@ -54,7 +54,7 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     cfg.validate()
-    from train.trainer import train
+    from ferry.train.trainer import train
 
     try:
         metrics = train(cfg, resume=args.resume, progress=not args.quiet, dry_run=args.dry_run)

@@ -16,16 +16,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from runtime.errors import FerryError
-from runtime.presets import MNIST_MEAN, MNIST_STD
-from train.idx import read_idx
+from ferry.core.errors import FerryError
+from ferry.core.idx import missing_mnist_files, read_mnist
+from ferry.runtime.presets import MNIST_MEAN, MNIST_STD
 
-MNIST_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
 # The validation split is fixed (independent of --seed) so runs with different seeds are comparable.
 SPLIT_SEED = 20240531
 
@@ -38,11 +32,6 @@ class MnistSplits:
     val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
-
-
-def missing_mnist_files(data_dir: str | Path) -> list[str]:
-    raw = Path(data_dir) / "MNIST" / "raw"
-    return [name for name in MNIST_FILES if not (raw / name).is_file()]
 
 
 def load_mnist_arrays(data_dir: str | Path, *, download: bool = False) -> tuple[torch.Tensor, ...]:
@@ -69,14 +58,9 @@ def load_mnist_arrays(data_dir: str | Path, *, download: bool = False) -> tuple[
             f"{data_dir}', download=True)\"` (needs the network), or point --data-dir at a folder "
             "that has MNIST/raw/*-ubyte"
         )
-    raw = data_dir / "MNIST" / "raw"
-    train_x, train_y, test_x, test_y = (
-        torch.from_numpy(read_idx(raw / name, 3 if "images" in name else 1).copy()) for name in MNIST_FILES
-    )
-    train_y, test_y = train_y.long(), test_y.long()
-    for x, y, name in ((train_x, train_y, "train"), (test_x, test_y, "t10k")):
-        if x.shape[0] != y.shape[0] or tuple(x.shape[1:]) != (28, 28):
-            raise FerryError(f"MNIST {name} files disagree: images {tuple(x.shape)}, labels {tuple(y.shape)}")
+    (train_x, train_y), (test_x, test_y) = (read_mnist(data_dir, split) for split in ("train", "t10k"))
+    train_x, test_x = torch.from_numpy(train_x.copy()), torch.from_numpy(test_x.copy())
+    train_y, test_y = torch.from_numpy(train_y), torch.from_numpy(test_y)
     return train_x, train_y, test_x, test_y
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.fileio import atomic_path
+from ferry.core.fileio import atomic_path
 
 
 def plot_curves(history: list[dict], path: str | Path) -> None:

@@ -15,12 +15,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from runtime.errors import FerryError
-from runtime.fileio import atomic_path, write_json_atomic
-from runtime.sysinfo import cpu_model
-from train import data
-from train.config import TrainConfig
-from train.model import DigitCNN
+from ferry.core.errors import FerryError
+from ferry.core.fileio import atomic_path, write_json_atomic
+from ferry.core.machine import cpu_model
+from ferry.train import data
+from ferry.train.config import TrainConfig
+from ferry.train.model import DigitCNN
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
@@ -202,7 +202,7 @@ def load_model(path: str | Path) -> tuple[DigitCNN, TrainConfig]:
 
 
 def _plot(history: list[dict], path: Path) -> None:
-    from train.plot import plot_curves
+    from ferry.train.plot import plot_curves
 
     plot_curves(history, path)
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
-from runtime.classifier import Classifier, Prediction
-from runtime.presets import EmptyImageError
+from ferry.runtime.classifier import Classifier, Prediction
+from ferry.runtime.presets import EmptyImageError
 
 CANVAS_SIZE = 280
 PEN_WIDTH = 18

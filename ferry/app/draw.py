@@ -12,13 +12,13 @@ import argparse
 import time
 from pathlib import Path
 
-from runtime.errors import FerryError
+from ferry.core.errors import FerryError
 
 DEFAULT_MODEL = "models/mnist-cnn.onnx"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from runtime.providers import CHOICES
+    from ferry.runtime.providers import CHOICES
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"the exported digit model (default: {DEFAULT_MODEL}, written by `make demo`)")
@@ -33,7 +33,7 @@ class DrawApp:
     def __init__(self, root, clf) -> None:
         import tkinter as tk
 
-        from runtime.canvas import CANVAS_SIZE, PEN_WIDTH, Stroke
+        from ferry.app.canvas import CANVAS_SIZE, PEN_WIDTH, Stroke
 
         self.tk, self.root, self.clf = tk, root, clf
         self.Stroke, self.pen = Stroke, PEN_WIDTH
@@ -93,8 +93,8 @@ class DrawApp:
     # --- prediction ---------------------------------------------------------------------------
 
     def predict(self) -> None:
-        from runtime.canvas import predict_strokes
-        from runtime.presets import EmptyImageError
+        from ferry.app.canvas import predict_strokes
+        from ferry.runtime.presets import EmptyImageError
 
         t0 = time.perf_counter()
         try:
@@ -138,7 +138,7 @@ class DrawApp:
 
 
 def run(args: argparse.Namespace) -> int:
-    from runtime.classifier import Classifier
+    from ferry.runtime.classifier import Classifier
 
     model = Path(args.model)
     if not model.exists():

@@ -6,10 +6,11 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from runtime.errors import FerryError
+from ferry.core.errors import FerryError
 
 
 @contextlib.contextmanager
