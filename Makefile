@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e '.[train,cpu,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[train,cpu,dev,serve,scale,triton]'
 	touch $(STAMP)
 
 demo: $(STAMP) train export predict fidelity bench
@@ -35,9 +35,12 @@ train: $(STAMP)
 export: $(STAMP)
 	$(BIN)/ferry export mnist-cnn --checkpoint $(RUNS)/mnist-cnn/checkpoint.pt --data-dir $(DATA_DIR) \
 		--out $(MODELS) --int8 --fp16
-	$(BIN)/ferry export resnet50 --weights $(RESNET_WEIGHTS) --out $(MODELS) --int8 --fp16 --calib-dir $(CALIB_DIR) || { \
+	@# Random weights only when the pretrained ones are unavailable (exit code 3); any other failure stops the demo.
+	$(BIN)/ferry export resnet50 --weights $(RESNET_WEIGHTS) --out $(MODELS) --int8 --fp16 --calib-dir $(CALIB_DIR); \
+	rc=$$?; if [ $$rc -eq 3 ]; then \
 		echo "*** ResNet-50 weights $(RESNET_WEIGHTS) unavailable (offline?): the demo exports RANDOM weights instead"; \
-		$(BIN)/ferry export resnet50 --weights none --out $(MODELS) --int8 --fp16 --calib-dir $(CALIB_DIR); }
+		$(BIN)/ferry export resnet50 --weights none --out $(MODELS) --int8 --fp16 --calib-dir $(CALIB_DIR); \
+	elif [ $$rc -ne 0 ]; then exit $$rc; fi
 
 predict: $(STAMP)
 	$(BIN)/ferry predict $(MODELS)/mnist-cnn.onnx samples/digits

@@ -1,8 +1,14 @@
 """Backends under test. Each says whether it can run here (and why not); none is ever replaced
-by another. The provider recorded for an onnxruntime backend is read back from its session."""
+by another. The provider recorded for an onnxruntime backend is read back from its session, and
+so are its threads.
+
+Every backend's `run` takes the same host (numpy) batch and returns host logits, so on a GPU
+PyTorch and onnxruntime time the same work: the input copy to the device, the model, and the
+output copy back (onnxruntime through IO binding, PyTorch through .to() and .cpu())."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +32,7 @@ class ProviderMismatch(FerryError):
 
 @dataclass
 class Prepared:
-    """A backend ready to run one model: `run(x)` does one inference on a numpy batch."""
+    """A backend ready to run one model: `run(x)` does one inference on a host (numpy) batch."""
 
     spec: BackendSpec
     run: Callable[[np.ndarray], Any]
@@ -34,7 +40,8 @@ class Prepared:
     provider_used: str  # read back (ORT) or the torch device
     device_name: str
     load_seconds: float
-    to_input: Callable[[np.ndarray], Any] = lambda x: x
+    threads: int  # intra-op threads, read back from the session (ORT) or torch.get_num_threads()
+    detail: str = ""  # e.g. where onnxruntime placed the nodes of a GPU session
 
 
 def check_provider(spec: BackendSpec, provider_used: str) -> None:
@@ -47,8 +54,9 @@ def check_provider(spec: BackendSpec, provider_used: str) -> None:
 
 
 def prepare_ort(spec: BackendSpec, model: str, models_dir: Path, *, threads: int | None) -> Prepared:
-    import time
-
+    """An onnxruntime session through ferry's own runtime (`Classifier`), timed without the
+    runtime's input checks (`Classifier.infer`). A stale variant (IncoherentModelSet) is an
+    error, not a skip: its figures would describe another model."""
     from ferry.runtime.classifier import Classifier
     from ferry.runtime.providers import ProviderError
 
@@ -62,32 +70,47 @@ def prepare_ort(spec: BackendSpec, model: str, models_dir: Path, *, threads: int
         raise Unavailable(str(exc)) from exc
     load = time.perf_counter() - t0
     check_provider(spec, clf.provider.used)
-    return Prepared(spec, clf.run, lambda: None, clf.provider.used, device_label(spec.device), load)
+    placement = clf.provider.placement
+    detail = f"nodes per provider: {placement['by_provider']}" if placement else ""
+    return Prepared(spec, clf.infer, lambda: None, clf.provider.used, device_label(spec.device), load,
+                    clf.provider.threads, detail)
 
 
-def torch_model(model: str, checkpoint: str | None):
-    """The PyTorch baseline: the trained CNN when a checkpoint is given, else random weights
-    (seed 0, as `ferry export resnet50 --weights none`)."""
+def torch_model(model: str, checkpoint: str | None, models_dir: str | Path | None = None):
+    """The PyTorch baseline: the trained CNN when a checkpoint is given; otherwise the architecture
+    the exported model's metadata names (`source.arch`), with random weights (seed 0; speed does
+    not depend on the weights) and the exported number of classes."""
     import torch
 
-    if model == "mnist-cnn":
+    from ferry.runtime.metadata import read_metadata_file
+
+    source: dict = {}
+    if models_dir is not None and (Path(models_dir) / f"{model}.onnx").is_file():
+        meta = read_metadata_file(Path(models_dir) / f"{model}.onnx")
+        source = {**meta.get("source", {}), "num_classes": len(meta["labels"])}
+    arch = source.get("arch") or model
+    torch.manual_seed(0)
+    if arch == "mnist-cnn":
         if checkpoint:
             from ferry.train.trainer import load_model
 
             return load_model(checkpoint)[0]
+        from ferry.train.config import TrainConfig
         from ferry.train.model import DigitCNN
 
-        torch.manual_seed(0)
-        return DigitCNN().eval()
-    from torchvision.models import resnet50
+        channels = source.get("train_config", {}).get("channels", TrainConfig().channels)
+        return DigitCNN(channels=channels).eval()
+    from ferry.train import tvmodels
 
-    torch.manual_seed(0)
-    return resnet50(weights=None).eval()
+    try:
+        tvmodels.check_arch(arch)
+    except FerryError as exc:
+        raise Unavailable(f"no PyTorch baseline for {model}: {exc}") from exc
+    return tvmodels.create(arch, tvmodels.Weights("none"), num_classes=source.get("num_classes"))[0]
 
 
-def prepare_torch(spec: BackendSpec, model: str, checkpoint: str | None, *, threads: int | None) -> Prepared:
-    import time
-
+def prepare_torch(spec: BackendSpec, model: str, checkpoint: str | None, *, threads: int | None,
+                  models_dir: str | Path | None = None) -> Prepared:
     import torch
 
     if spec.device == "cuda" and not torch.cuda.is_available():
@@ -95,21 +118,18 @@ def prepare_torch(spec: BackendSpec, model: str, checkpoint: str | None, *, thre
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    net = torch_model(model, checkpoint).to(spec.device)
     device = torch.device(spec.device)
+    net = torch_model(model, checkpoint, models_dir).to(device)
 
-    def to_input(x: np.ndarray):
-        return torch.from_numpy(x).to(device)
-
-    def run(x):
+    def run(x: np.ndarray):
         with torch.inference_mode():
-            return net(x)
+            return net(torch.from_numpy(x).to(device)).cpu()
 
     sync = torch.cuda.synchronize if spec.device == "cuda" else (lambda: None)
     load = time.perf_counter() - t0
     used = f"cuda:{torch.cuda.current_device()}" if spec.device == "cuda" else "cpu"
     check_provider(spec, used)
-    return Prepared(spec, run, sync, used, device_label(spec.device), load, to_input)
+    return Prepared(spec, run, sync, used, device_label(spec.device), load, torch.get_num_threads())
 
 
 def gpu_name() -> str | None:

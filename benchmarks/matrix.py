@@ -63,7 +63,7 @@ def input_shape(model: str, models_dir: str | Path | None = None) -> tuple[int, 
     if models_dir is not None:
         path = Path(models_dir) / f"{model}.onnx"
         if path.is_file():
-            from ferry.runtime.classifier import read_metadata_file
+            from ferry.runtime.metadata import read_metadata_file
             from ferry.runtime.presets import input_shape as spec_shape
 
             return tuple(spec_shape(read_metadata_file(path)["preprocess"]))

@@ -4,6 +4,7 @@ noise hits both alike; medians are compared."""
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 from typing import Any
@@ -44,38 +45,43 @@ def _alternate(a, b, *, rounds: int, per_round: int) -> tuple[list[float], list[
 
 
 def measure_overhead(models_dir: str | Path, *, threads: int | None = None) -> list[dict[str, Any]]:
-    from ferry.runtime.classifier import Classifier
-
     rows = []
     # (model, input, rounds, calls per round): strict A/B alternation for ResNet-50
     cases = (("resnet50", _sample_photo(), 60, 1), ("mnist-cnn", _sample_digit(), 20, 50))
     for model, image, rounds, per_round in cases:
         path = Path(models_dir) / f"{model}.onnx"
-        if not path.exists():
-            continue
-        clf = Classifier.from_onnx(path, provider="cpu", threads=threads)
-        prepared = clf.prepare(image)[None]
-        feed = {clf.input_name: prepared}
-
-        def raw():
-            clf.session.run([clf.output_name], feed)
-
-        def end_to_end():
-            clf.predict(image, top_k=5)
-
-        for _ in range(3):
-            raw()
-            end_to_end()
-        t_raw, t_e2e = _alternate(raw, end_to_end, rounds=rounds, per_round=per_round)
-        p_raw, p_e2e = percentile(t_raw, 50), percentile(t_e2e, 50)
-        rows.append({
-            "model": model,
-            "provider": clf.provider.used,
-            "input": f"{image.size[0]}x{image.size[1]} {image.mode} image" if isinstance(image, Image.Image)
-                     else f"{image.shape[1]}x{image.shape[0]} uint8 array",
-            "session_run_p50_ms": 1e3 * p_raw,
-            "classifier_p50_ms": 1e3 * p_e2e,
-            "overhead": p_e2e / p_raw - 1,
-            "calls_each": len(t_raw),
-        })
+        if path.exists():
+            rows.append(_overhead(path, model, image, rounds=rounds, per_round=per_round, threads=threads))
+            gc.collect()  # its session is gone before the next one is made: one live session at a time
     return rows
+
+
+def _overhead(path: Path, model: str, image, *, rounds: int, per_round: int, threads: int | None) -> dict[str, Any]:
+    from ferry.runtime.classifier import Classifier
+
+    clf = Classifier.from_onnx(path, provider="cpu", threads=threads)
+    prepared = clf.prepare(image)[None]
+    feed = {clf.input_name: prepared}
+
+    def raw():
+        clf.session.run([clf.output_name], feed)
+
+    def end_to_end():
+        clf.predict(image, top_k=5)
+
+    for _ in range(3):
+        raw()
+        end_to_end()
+    t_raw, t_e2e = _alternate(raw, end_to_end, rounds=rounds, per_round=per_round)
+    p_raw, p_e2e = percentile(t_raw, 50), percentile(t_e2e, 50)
+    return {
+        "model": model,
+        "provider": clf.provider.used,
+        "input": f"{image.size[0]}x{image.size[1]} {image.mode} image" if isinstance(image, Image.Image)
+                 else f"{image.shape[1]}x{image.shape[0]} uint8 array",
+        "session_run_p50_ms": 1e3 * p_raw,
+        "classifier_p50_ms": 1e3 * p_e2e,
+        "overhead": p_e2e / p_raw - 1,
+        "calls_each": len(t_raw),
+        "threads": clf.provider.threads,
+    }

@@ -9,14 +9,14 @@ from ferry.core.fileio import atomic_path, write_bytes_atomic, write_json_atomic
 
 REQUIRED_ROW_KEYS = (
     "model", "backend", "engine", "precision", "provider", "device", "threads", "scenario", "batch_size",
-    "calls", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput_ips", "stable", "session_load_s", "first_inference_ms",
-    "cpu", "cpu_count", "versions",
+    "calls", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput_ips", "stable", "attempts", "session_load_s",
+    "first_inference_ms", "cpu", "cpu_class", "cpu_flags", "cpu_count", "versions",
 )
 
 
 def validate_results(results: dict[str, Any]) -> None:
     """The JSON schema, checked: top-level keys and every row's fields and types."""
-    for key in ("schema", "created", "machine", "config", "rows", "skipped", "ratios", "notes"):
+    for key in ("schema", "created", "machine", "config", "rows", "skipped", "ratios", "ratios_left_out", "notes"):
         if key not in results:
             raise ValueError(f"results lack {key!r}")
     for row in results["rows"]:
@@ -25,6 +25,11 @@ def validate_results(results: dict[str, Any]) -> None:
             raise ValueError(f"row {row.get('model')}/{row.get('backend')} lacks {missing}")
         if not (row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]):
             raise ValueError(f"row {row['backend']}: percentiles out of order")
+        if not isinstance(row["threads"], int) or row["threads"] < 1:
+            raise ValueError(f"row {row['backend']}: threads {row['threads']!r} were not read back")
+        min_calls = results["config"]["min_calls"] if row["batch_size"] == 1 else 10
+        if row["calls"] < min_calls:
+            raise ValueError(f"row {row['backend']} batch {row['batch_size']}: {row['calls']} calls < the promised {min_calls}")
     for s in results["skipped"]:
         if not s.get("reason"):
             raise ValueError(f"skipped backend {s.get('backend')} has no reason")
@@ -35,7 +40,7 @@ def table(results: dict[str, Any]) -> str:
     lines = [head, "-" * len(head)]
     for r in results["rows"]:
         lines.append(
-            f"{r['model']:<10} {r['backend']:<18} {r['provider']:<22} {r['batch_size']:>5} {r['p50_ms']:>9.3f} "
+            f"{r['model']:<10} {r['backend']:<18} {r['provider'][:22]:<22} {r['batch_size']:>5} {r['p50_ms']:>9.3f} "
             f"{r['p90_ms']:>9.3f} {r['p99_ms']:>9.3f} {r['throughput_ips']:>10.1f} {'yes' if r['stable'] else 'NO':>6}"
         )
     for s in results["skipped"]:
@@ -48,7 +53,14 @@ def table(results: dict[str, Any]) -> str:
         for q in results["ratios"]:
             lines.append(f"{q['model']:<10} {q['comparison']:<45} batch-1 p50 x{q['batch1_p50_speedup']:.2f}   "
                          f"peak throughput x{q['peak_throughput_speedup']:.2f}")
+    for q in results.get("ratios_left_out", []):
+        lines.append(f"{q['model']:<10} {q['comparison']:<45} left out: {q['reason']}")
     return "\n".join(lines)
+
+
+def _stable(row: dict[str, Any]) -> str:
+    tries = f" after {row['attempts']} measurements" if row.get("attempts", 1) > 1 else ""
+    return ("yes" + tries) if row["stable"] else f"**no** (noisy{tries}; left out of ratios)"
 
 
 def markdown(results: dict[str, Any], plots: list[str]) -> str:
@@ -57,8 +69,9 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
         "# ferry benchmark report",
         "",
         f"- created: {results['created']}",
-        f"- CPU: {m['cpu']} ({m['cpu_count']} logical cores); GPU: {m['gpu'] or 'none'}",
-        f"- threads: {results['rows'][0]['threads'] if results['rows'] else '-'}; "
+        f"- CPU: {m['cpu']} ({m.get('cpu_id', '')}; {m['logical_cpus']} logical cores); class **{m['cpu_class']}** "
+        f"(flags: {' '.join(m['cpu_flags']) or 'none of interest'}); GPU: {m['gpu'] or 'none'}",
+        f"- threads (read back per row): {', '.join(sorted({str(r['threads']) for r in results['rows']})) or '-'}; "
         + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v),
         *[f"- {n}" for n in results["notes"]],
         "",
@@ -68,13 +81,15 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
         "| --- | --- | ---: | ---: |",
         *[f"| {q['model']} | {q['comparison']} | {q['batch1_p50_speedup']:.2f}x | {q['peak_throughput_speedup']:.2f}x |"
           for q in results["ratios"]],
+        *([""] + [f"Left out of the ratios: {q['model']} {q['comparison']} ({q['reason']})."
+                  for q in results.get("ratios_left_out", [])] if results.get("ratios_left_out") else []),
         "",
         "## Single-stream (batch 1)",
         "",
-        "| model | backend | provider | p50 ms | p90 ms | p99 ms | session load s | first inference ms | stable |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
-        *[f"| {r['model']} | {r['backend']} | {r['provider']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | "
-          f"{r['session_load_s']:.2f} | {r['first_inference_ms']:.1f} | {'yes' if r['stable'] else 'no (noisy)'} |"
+        "| model | backend | provider | threads | p50 ms | p90 ms | p99 ms | calls | session load s | first inference ms | stable |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        *[f"| {r['model']} | {r['backend']} | {r['provider']} | {r['threads']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | "
+          f"{r['p99_ms']:.3f} | {r['calls']} | {r['session_load_s']:.2f} | {r['first_inference_ms']:.1f} | {_stable(r)} |"
           for r in results["rows"] if r["batch_size"] == 1],
         "",
         "## Offline (throughput)",
@@ -82,7 +97,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
         "| model | backend | batch | images/s | p50 ms per batch | stable |",
         "| --- | --- | ---: | ---: | ---: | --- |",
         *[f"| {r['model']} | {r['backend']} | {r['batch_size']} | {r['throughput_ips']:.1f} | {r['p50_ms']:.2f} | "
-          f"{'yes' if r['stable'] else 'no (noisy)'} |" for r in results["rows"]],
+          f"{_stable(r)} |" for r in results["rows"]],
         "",
     ]
     if results.get("overhead"):
@@ -92,6 +107,10 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
                 "| model | input | session.run p50 ms | Classifier p50 ms | overhead |", "| --- | --- | ---: | ---: | ---: |",
                 *[f"| {o['model']} | {o['input']} | {o['session_run_p50_ms']:.3f} | {o['classifier_p50_ms']:.3f} | "
                   f"{o['overhead']:+.1%} |" for o in results["overhead"]], ""]
+    placed = [r for r in results["rows"] if r.get("placement") and r["batch_size"] == 1]
+    if placed:
+        out += ["## Node placement of GPU sessions (onnxruntime profile)", "",
+                *[f"- {r['model']} {r['backend']}: {r['placement']}" for r in placed], ""]
     if results["skipped"]:
         out += ["## Skipped backends", "", "| model | backend | reason |", "| --- | --- | --- |",
                 *[f"| {s['model']} | {s['backend']} | {s['reason']} |" for s in results["skipped"]], ""]

@@ -1,4 +1,6 @@
-"""Calibration images for ResNet-50 int8: a folder of images, preprocessed like deployment."""
+"""Calibration images for int8 from a folder (`--calib-dir`), preprocessed like deployment. One image
+in five is held out: the int8 model's agreement with fp32 is measured on images it was not
+calibrated on."""
 
 from __future__ import annotations
 
@@ -6,28 +8,45 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from ferry.core.errors import FerryError
+from ferry.export.evalset import EvalSet, ExportData
+from ferry.runtime.images import IMAGE_SUFFIXES, load_image
 from ferry.runtime.presets import preprocess
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+RECOMMENDED_CALIBRATION_IMAGES = 100
+HOLDOUT_EVERY = 5  # every 5th image (sorted by path) is held out for the agreement check
 
 
-def load_calibration_images(folder: str | Path, spec: dict[str, Any], *, limit: int = 500) -> np.ndarray:
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def load_calibration_folder(folder: str | Path, spec: dict[str, Any], *, limit: int = 1000) -> ExportData:
     folder = Path(folder)
     if not folder.is_dir():
         raise FerryError(f"--calib-dir {folder} is not a folder")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())[:limit]
     arrays, bad = [], []
-    for p in files:
+    for p in image_files(folder)[:limit]:
         try:
-            with Image.open(p) as img:
-                img.load()
-                arrays.append(preprocess(img, spec))
-        except Exception as exc:  # noqa: BLE001 - a bad image is skipped and named
-            bad.append(f"{p.name} ({type(exc).__name__})")
+            arrays.append(preprocess(load_image(p), spec))
+        except FerryError as exc:  # a bad image is skipped and named
+            bad.append(str(exc))
     if not arrays:
-        detail = f"; unreadable: {', '.join(bad[:5])}" if bad else ""
+        detail = f"; unreadable: {'; '.join(bad[:3])}" if bad else ""
         raise FerryError(f"--calib-dir {folder} holds no usable images ({', '.join(sorted(IMAGE_SUFFIXES))}){detail}")
-    return np.stack(arrays)
+    x = np.stack(arrays)
+    held = np.arange(len(x)) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1 if len(x) > 1 else np.zeros(len(x), bool)
+    calib, holdout = x[~held], x[held]
+    notes = []
+    if bad:
+        notes.append(f"skipped {len(bad)} unreadable image(s) in {folder}: {'; '.join(bad[:3])}")
+    if len(calib) < RECOMMENDED_CALIBRATION_IMAGES:
+        notes.append(f"only {len(calib)} calibration image(s) from {folder}: int8 scales from so few images may not "
+                     f"fit real inputs; give --calib-dir a few hundred images like those the model will see "
+                     f"(at least {RECOMMENDED_CALIBRATION_IMAGES})")
+    evaluation = EvalSet(f"{len(holdout)} held-out --calib-dir images (not used for calibration)", holdout) if len(holdout) else None
+    if evaluation is None:
+        notes.append("no --calib-dir image left to measure int8 agreement on (one image in five is held out)")
+    return ExportData(calibration=calib, evaluation=evaluation, notes=notes)

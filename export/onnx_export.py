@@ -119,11 +119,19 @@ def check_model(path: str | Path, *, name: str | None = None) -> None:
         Path(str(path) + ".inferred").unlink(missing_ok=True)
 
 
+def validation_threads() -> int:  # noqa: N802 - a constant that depends on the machine
+    """onnxruntime intra-op threads of every validation session (recorded in the metadata)."""
+    from ferry.runtime.providers import default_threads
+
+    return default_threads()
+
+
 def cpu_session(path: str | Path):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.intra_op_num_threads = validation_threads()
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001

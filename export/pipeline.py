@@ -6,9 +6,13 @@ temporary name in the output folder and renamed into place at the end.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import os
 import platform
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +20,11 @@ from typing import Any
 import numpy as np
 
 from ferry.core.errors import FerryError
-from ferry.core.fileio import atomic_path
+from ferry.core.machine import cpu_info
 from ferry.export import onnx_export as ox
-from ferry.export.models import MODELS, LoadedModel, load_mnist_cnn, load_resnet50
+from ferry.export.evalset import ExportData, check_top1_against_torch
+from ferry.export.models import CNN, LoadedModel, load_finetuned, load_mnist_cnn, load_torchvision
+from ferry.runtime.metadata import sha256_file
 from ferry.runtime.presets import input_shape
 
 
@@ -26,102 +32,173 @@ from ferry.runtime.presets import input_shape
 class ExportOptions:
     """What to export and how to check it."""
 
-    model: str
+    model: str  # mnist-cnn, or a torchvision classification architecture
     out: str
-    checkpoint: str | None = None  # mnist-cnn: the ferry checkpoint
-    weights: str = "IMAGENET1K_V1"  # resnet50: IMAGENET1K_V1 | IMAGENET1K_V2 | none | PATH
-    data_dir: str = "data"  # mnist-cnn: MNIST for the 10,000-image check and int8 calibration
+    checkpoint: str | None = None  # mnist-cnn: the ferry checkpoint; ARCH: a `ferry train --arch ARCH` checkpoint
+    weights: str = "DEFAULT"  # ARCH without --checkpoint: a weights name of ARCH, none, or a state-dict file
+    name: str | None = None  # the model's name in its metadata and file names (default: mnist-cnn or ARCH)
+    data_dir: str | None = None  # mnist-cnn: MNIST; fine-tuned: the image folder (default: the checkpoint's)
     int8: bool = False
     fp16: bool = False
-    calib_dir: str | None = None  # resnet50 --int8: folder of calibration images
-    calib_images: int = 1000  # mnist-cnn: training images used to calibrate int8
+    calib_dir: str | None = None  # ARCH --int8 without --checkpoint: folder of calibration images
+    calib_images: int = 1000  # mnist-cnn and fine-tuned: training images used to calibrate int8
     opset: int = ox.DEFAULT_OPSET
     atol: float = 1e-4  # fp32 onnxruntime vs PyTorch
-    int8_max_drop_pp: float = 0.1  # mnist-cnn: allowed int8 accuracy loss (percentage points)
+    int8_max_drop_pp: float | None = None  # allowed int8 accuracy loss on labelled held-out images (None: the model's default)
     seed: int = 0
+
+
+DEFAULT_MAX_DROP_PP = {"mnist-cnn": 0.1, "fine-tuned": 0.5}
 
 
 @dataclass
 class ExportResult:
     paths: dict[str, Path] = field(default_factory=dict)
     metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def _check_options(opts: ExportOptions) -> None:
-    if opts.model not in MODELS:
-        raise FerryError(f"unknown model {opts.model!r}; choose one of {', '.join(MODELS)}")
-    if opts.model == "mnist-cnn" and not opts.checkpoint:
+    from ferry.train.tvmodels import check_arch
+
+    if opts.model != CNN:
+        check_arch(opts.model)
+    if opts.model == CNN and not opts.checkpoint:
         raise FerryError("mnist-cnn needs --checkpoint PATH (the checkpoint.pt that `ferry train` wrote)")
-    if opts.model == "resnet50" and opts.int8 and not opts.calib_dir:
-        raise FerryError("resnet50 --int8 needs --calib-dir DIR: a folder of images to calibrate on")
+    if opts.model != CNN and not opts.checkpoint and opts.int8 and not opts.calib_dir:
+        raise FerryError(f"{opts.model} --int8 needs --calib-dir DIR: a folder of images to calibrate on (a few hundred; "
+                         "one in five is held out to measure int8 against fp32)")
+    if opts.checkpoint and opts.calib_dir:
+        raise FerryError("--calib-dir is for pretrained models; a checkpoint's int8 is calibrated on its own training images")
     if opts.opset < 17:
         raise FerryError(f"--opset must be >= 17 (got {opts.opset})")
+    if opts.name is not None and (not opts.name or "/" in opts.name or opts.name.startswith(".")):
+        raise FerryError(f"--name {opts.name!r} is not a usable file name")
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise FerryError(f"--out {out} exists and is not a folder")
 
 
-def export_model(opts: ExportOptions, *, log: Callable[[str], None] = print) -> ExportResult:
-    _check_options(opts)
-    out = Path(opts.out)
-    # Load everything that can fail before anything is written.
-    if opts.model == "mnist-cnn":
-        loaded = load_mnist_cnn(opts.checkpoint)
+PRECISIONS = ("fp32", "int8", "fp16")
+
+
+def variant_name(model: str, precision: str) -> str:
+    return f"{model}.onnx" if precision == "fp32" else f"{model}.{precision}.onnx"
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A hidden folder inside `out` (same file system, so the final renames are atomic) that is
+    removed whatever happens: a failed export leaves nothing of itself behind."""
+    stage = Path(tempfile.mkdtemp(prefix=".ferry-export-", dir=out))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _load(opts: ExportOptions, log: Callable[[str], None]) -> tuple[LoadedModel, ExportData, float | None]:
+    """Everything that can fail before anything is written: the model, the images to check it on,
+    and the int8 gate that applies (None: no labels, report agreement only)."""
+    if opts.model == CNN:
         from ferry.export.digits import load_mnist_for_export
 
-        mnist = load_mnist_for_export(opts.data_dir, calib_images=opts.calib_images, seed=opts.seed)
-        calib = mnist.calib_x
-    else:
-        loaded = load_resnet50(opts.weights)
-        mnist = None
-        calib = None
-        if opts.int8:
-            from ferry.export.images import load_calibration_images
+        loaded = load_mnist_cnn(opts.checkpoint)
+        loaded.name = opts.name or CNN
+        data = load_mnist_for_export(opts.data_dir or "data", calib_images=opts.calib_images, seed=opts.seed)
+        return loaded, data, _gate(opts, "mnist-cnn")
+    if opts.checkpoint:
+        from ferry.export.folder import load_folder_for_export
 
-            calib = load_calibration_images(opts.calib_dir, loaded.preprocess)
+        loaded, state = load_finetuned(opts.checkpoint, arch=opts.model, name=opts.name)
+        data = load_folder_for_export(opts.data_dir or state["data"]["root"], state, calib_images=min(opts.calib_images, 500),
+                                      seed=opts.seed, log=log)
+        return loaded, data, _gate(opts, "fine-tuned")
+    loaded = load_torchvision(opts.model, opts.weights, name=opts.name)
+    if opts.calib_dir:
+        from ferry.export.images import load_calibration_folder
+
+        return loaded, load_calibration_folder(opts.calib_dir, loaded.preprocess), None
+    return loaded, ExportData(calibration=None, evaluation=None, notes=[]), None
+
+
+def _gate(opts: ExportOptions, kind: str) -> float:
+    return DEFAULT_MAX_DROP_PP[kind] if opts.int8_max_drop_pp is None else opts.int8_max_drop_pp
+
+
+def export_model(opts: ExportOptions, *, log: Callable[[str], None] = print) -> ExportResult:
+    """Export, validate and write `<model>.onnx` and the asked-for variants into `opts.out` as one
+    set: every file is built and checked in a staging folder and moved into place only when all
+    passed. Variants of an earlier export that this one does not replace are removed (they were
+    made from the previous fp32 file). A failure leaves the previous set as it was."""
+    _check_options(opts)
+    out = Path(opts.out)
+    loaded, data, max_drop = _load(opts, log)
+    for note in data.notes:
+        log(f"  note: {note}")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise FerryError(f"cannot create output folder {out}: {exc.strerror}") from exc
 
-    result = ExportResult()
+    result = ExportResult(notes=list(data.notes))
     rng = np.random.default_rng(opts.seed)
     chw = input_shape(loaded.preprocess)
-    sizes = (1, 3, 16) if loaded.name == "mnist-cnn" else (1, 2, 4)
+    sizes = (1, 3, 16) if opts.model == CNN else (1, 2, 4)
     random_batches = [rng.standard_normal((n, *chw), dtype=np.float32) for n in sizes]
     base_meta = _base_metadata(loaded, opts)
 
-    fp32_path = out / f"{loaded.name}.onnx"
-    log(f"exporting {loaded.name} ({loaded.weights}) to {fp32_path} (opset {opts.opset})")
-    with atomic_path(fp32_path) as tmp:
+    with _staging(out) as stage:
+        fp32 = stage / variant_name(loaded.name, "fp32")
+        log(f"exporting {loaded.name} ({loaded.weights}) to {out / fp32.name} (opset {opts.opset})")
         import torch
 
-        ox.export_to_onnx(loaded.module, torch.from_numpy(random_batches[0]), tmp, opset=opts.opset)
-        ox.check_model(tmp, name=fp32_path.name)
-        validation = {"onnx_checker": "full_check passed", "random_inputs": ox.compare_with_torch(tmp, loaded.module, random_batches, atol=opts.atol)}
-        if mnist is not None:
-            from ferry.export.digits import check_on_mnist
-
-            validation["mnist_test"] = check_on_mnist(tmp, loaded.module, mnist)
+        ox.export_to_onnx(loaded.module, torch.from_numpy(random_batches[0]), fp32, opset=opts.opset)
+        ox.check_model(fp32, name=fp32.name)
+        validation: dict[str, Any] = {
+            "onnx_checker": "full_check passed",
+            "random_inputs": ox.compare_with_torch(fp32, loaded.module, random_batches, atol=opts.atol),
+        }
+        if data.evaluation is not None:
+            validation["held_out"] = check_top1_against_torch(fp32, loaded.module, data.evaluation)
         meta = {**base_meta, "precision": "fp32", "validation": validation}
-        ox.write_metadata(tmp, meta)  # metadata_props only: the graph checked above is unchanged
-    result.paths["fp32"], result.metadata["fp32"] = fp32_path, meta
-    log(f"  fp32 ok: max |ORT - PyTorch| {validation['random_inputs']['max_abs_diff']:.2e} (atol {opts.atol:g})"
-        + (f"; MNIST test accuracy {validation['mnist_test']['onnx_accuracy']:.4%}, top-1 identical on "
-           f"{validation['mnist_test']['images']} images" if mnist is not None else ""))
+        ox.write_metadata(fp32, meta)  # metadata_props only: the graph checked above is unchanged
+        result.metadata["fp32"] = meta
+        held = validation.get("held_out")
+        log(f"  fp32 ok: max |ORT - PyTorch| {validation['random_inputs']['max_abs_diff']:.2e} (atol {opts.atol:g})"
+            + (f"; top-1 identical to PyTorch on {held['dataset']}" if held else "")
+            + (f", accuracy {held['onnx_accuracy']:.4%}" if held and "onnx_accuracy" in held else ""))
 
-    if opts.int8:
-        from ferry.export.variants import make_int8
+        derived = {"file": fp32.name, "sha256": sha256_file(fp32)}
+        if opts.int8:
+            from ferry.export.variants import make_int8
 
-        path, meta = make_int8(fp32_path, base_meta, calib, mnist=mnist, max_drop_pp=opts.int8_max_drop_pp,
-                               eval_batches=random_batches, log=log)
-        result.paths["int8"], result.metadata["int8"] = path, meta
-    if opts.fp16:
-        from ferry.export.variants import make_fp16
+            if data.calibration is None:
+                raise FerryError(f"{loaded.name} --int8 needs calibration images (--calib-dir DIR)")
+            result.metadata["int8"] = make_int8(
+                fp32, stage / variant_name(loaded.name, "int8"), base_meta, data.calibration, derived_from=derived,
+                evaluation=data.evaluation, max_drop_pp=max_drop, eval_batches=random_batches, log=log)
+        if opts.fp16:
+            from ferry.export.variants import make_fp16
 
-        path, meta = make_fp16(fp32_path, base_meta, mnist=mnist, eval_batches=random_batches, log=log)
-        result.paths["fp16"], result.metadata["fp16"] = path, meta
+            result.metadata["fp16"] = make_fp16(
+                fp32, stage / variant_name(loaded.name, "fp16"), base_meta, derived_from=derived,
+                evaluation=data.evaluation, eval_batches=random_batches, log=log)
+        _commit(stage, out, loaded.name, list(result.metadata), log)
+    result.paths = {p: out / variant_name(loaded.name, p) for p in result.metadata}
     return result
+
+
+def _commit(stage: Path, out: Path, model: str, produced: list[str], log: Callable[[str], None]) -> None:
+    """Move the checked files into place (variants first, the fp32 file they name last) and remove
+    variants of an earlier export that this set does not replace."""
+    for precision in sorted(produced, key=lambda p: p == "fp32"):
+        os.replace(stage / variant_name(model, precision), out / variant_name(model, precision))
+    for precision in PRECISIONS:
+        stale = out / variant_name(model, precision)
+        if precision not in produced and stale.exists():
+            stale.unlink()
+            log(f"  removed {stale} (made from the previous {variant_name(model, 'fp32')}, now replaced)")
 
 
 def _base_metadata(loaded: LoadedModel, opts: ExportOptions) -> dict[str, Any]:
@@ -146,6 +223,8 @@ def _base_metadata(loaded: LoadedModel, opts: ExportOptions) -> dict[str, Any]:
             "onnxruntime": onnxruntime.__version__,
             "python": platform.python_version(),
         },
+        # the machine the checks ran on: its instruction set decides which int8 kernels ran
+        "validated_on": {**cpu_info(), "onnxruntime_threads": ox.validation_threads()},
         **({"source": loaded.extra} if loaded.extra else {}),
     }
 

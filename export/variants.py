@@ -1,5 +1,14 @@
 """Variants of an exported fp32 model: int8 (static QDQ, calibrated on real data) and fp16 (for
-GPUs; inputs and outputs stay float32). Each records its accuracy against fp32 in its metadata."""
+GPUs; inputs and outputs stay float32). Each records the sha256 of the fp32 file it was made from
+and its accuracy (or agreement) against fp32 on held-out images in its metadata.
+
+int8 settings are chosen to give the same answers on every x86-64 CPU class. onnxruntime's x86
+kernels multiply uint8 activations by int8 weights; without VNNI (AVX2-only CPUs such as AMD Zen 3,
+or AVX-512 without VNNI) they use VPMADDUBSW, whose 16-bit intermediate sums can saturate and lose
+accuracy, while VNNI CPUs (VPDPBUSD) never saturate. onnxruntime's quantization guide gives the
+remedy: quantize weights to 7 bits (`reduce_range=True`), which keeps every pairwise sum inside
+int16. The same file then computes the same thing with or without VNNI (README: "Portable int8").
+"""
 
 from __future__ import annotations
 
@@ -10,9 +19,17 @@ from typing import Any
 import numpy as np
 
 from ferry.core.errors import FerryError
-from ferry.core.fileio import atomic_path
 from ferry.export import onnx_export as ox
-from ferry.export.digits import MnistEval, accuracy
+from ferry.export.evalset import EvalSet, compare_variant
+
+INT8_SETTINGS = {
+    "format": "QDQ",
+    "activations": "uint8",
+    "weights": "int8 per-channel, 7-bit range (reduce_range)",
+    "calibration": "MinMax",
+    "why": "reduce_range keeps the uint8 x int8 products of CPUs without VNNI (VPMADDUBSW) from saturating, "
+           "so the model gives the same answers on AVX2-only and VNNI CPUs",
+}
 
 
 class QuantizationAccuracyError(ox.ValidationError):
@@ -30,118 +47,116 @@ class _Reader:
         return None if batch is None else {ox.INPUT_NAME: batch}
 
 
-def _agreement(variant, reference, batches: list[np.ndarray]) -> dict[str, Any]:
-    """Top-1 agreement and max |logit difference| of a variant against the fp32 model."""
-    agree = total = 0
-    worst = 0.0
-    for x in batches:
-        a, b = ox.run_batched(variant, x, 64), ox.run_batched(reference, x, 64)
-        agree += int((a.argmax(1) == b.argmax(1)).sum())
-        total += len(x)
-        worst = max(worst, float(np.abs(a - b).max()))
-    return {"images": total, "top1_agreement": agree / total, "max_abs_logit_diff": worst}
+def _held_out(evaluation: EvalSet | None, eval_batches: list[np.ndarray]) -> EvalSet:
+    """The real held-out images when there are any, else seeded random inputs (agreement only)."""
+    if evaluation is not None and len(evaluation):
+        return evaluation
+    x = np.concatenate(eval_batches)
+    return EvalSet(f"{len(x)} seeded random inputs (no held-out images)", x)
 
 
-def _mnist_comparison(variant, reference, mnist: MnistEval) -> dict[str, Any]:
-    ours = ox.run_batched(variant, mnist.test_x)
-    ref = ox.run_batched(reference, mnist.test_x)
-    acc, acc_ref = accuracy(ours, mnist.test_y), accuracy(ref, mnist.test_y)
-    return {
-        "dataset": f"MNIST test ({len(mnist.test_y)} images)",
-        "accuracy": acc,
-        "fp32_accuracy": acc_ref,
-        "drop_pp": round(100 * (acc_ref - acc), 4),
-        "top1_agreement": float((ours.argmax(1) == ref.argmax(1)).mean()),
-    }
+# The alternatives onnxruntime offers, for the portability benchmark (ferry.bench.int8_portability).
+QUANT_CHOICES = {
+    "U8S8 reduce_range (ferry)": ("QUInt8", "QInt8", True),
+    "U8S8": ("QUInt8", "QInt8", False),
+    "S8S8": ("QInt8", "QInt8", False),
+    "U8U8": ("QUInt8", "QUInt8", False),
+}
+
+
+def quantize_int8(fp32_path: Path, target: Path, calibration: np.ndarray, *,
+                  choice: str = "U8S8 reduce_range (ferry)") -> None:
+    """Static QDQ quantization of `fp32_path` into `target` (INT8_SETTINGS, or another of QUANT_CHOICES)."""
+    activations, weights, reduce_range = QUANT_CHOICES[choice]
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = target.with_name(target.name + ".pre.onnx")
+    try:
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        quantize_static(
+            str(pre),
+            str(target),
+            _Reader(calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=reduce_range,
+            activation_type=getattr(QuantType, activations),
+            weight_type=getattr(QuantType, weights),
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+    except FerryError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ox.ExportError(f"int8 quantization failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+    finally:
+        pre.unlink(missing_ok=True)
 
 
 def make_int8(
     fp32_path: Path,
+    target: Path,
     base_meta: dict[str, Any],
-    calib: np.ndarray,
+    calibration: np.ndarray,
     *,
-    mnist: MnistEval | None,
-    max_drop_pp: float,
+    derived_from: dict[str, str],
+    evaluation: EvalSet | None,
+    max_drop_pp: float | None,
     eval_batches: list[np.ndarray],
     log: Callable[[str], None] = print,
-) -> tuple[Path, dict[str, Any]]:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    target = fp32_path.with_name(f"{base_meta['model']}.int8.onnx")
-    log(f"quantizing to int8 (static QDQ, per-channel, calibrated on {len(calib)} images) -> {target}")
-    with atomic_path(target) as tmp:
-        pre = tmp.with_name(tmp.name + ".pre.onnx")
-        try:
-            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-            quantize_static(
-                str(pre),
-                str(tmp),
-                _Reader(calib),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
-            )
-        except FerryError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise ox.ExportError(f"int8 quantization failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
-        finally:
-            pre.unlink(missing_ok=True)
-        ox.check_model(tmp, name=target.name)
-        variant, reference = ox.cpu_session(tmp), ox.cpu_session(fp32_path)
-        if mnist is not None:
-            vs_fp32 = _mnist_comparison(variant, reference, mnist)
-            if vs_fp32["drop_pp"] > max_drop_pp:
-                raise QuantizationAccuracyError(
-                    f"int8 accuracy {vs_fp32['accuracy']:.4%} is {vs_fp32['drop_pp']:.3f} pp below fp32 "
-                    f"{vs_fp32['fp32_accuracy']:.4%} (allowed {max_drop_pp} pp)"
-                )
-        else:
-            vs_fp32 = _agreement(variant, reference, [calib, *eval_batches])
-        meta = {
-            **base_meta,
-            "precision": "int8",
-            "quantization": {"format": "QDQ", "activations": "uint8", "weights": "int8 per-channel",
-                             "calibration": "MinMax", "calibration_images": int(len(calib))},
-            "accuracy_vs_fp32": vs_fp32,
-        }
-        ox.write_metadata(tmp, meta)
-    log(f"  int8 ok: {_summary(vs_fp32)}")
-    return target, meta
+) -> dict[str, Any]:
+    """Write the int8 variant of `fp32_path` to `target`; gate it on labelled held-out images
+    (`max_drop_pp`, None: report only). Returns its metadata."""
+    log(f"quantizing to int8 (static QDQ, per-channel, reduce_range, calibrated on {len(calibration)} images)")
+    quantize_int8(fp32_path, target, calibration)
+    ox.check_model(target, name=target.name)
+    held_out = _held_out(evaluation, eval_batches)
+    vs_fp32 = compare_variant(ox.cpu_session(target), ox.cpu_session(fp32_path), held_out)
+    if max_drop_pp is not None and "drop_pp" in vs_fp32 and vs_fp32["drop_pp"] > max_drop_pp:
+        raise QuantizationAccuracyError(
+            f"int8 accuracy {vs_fp32['accuracy']:.4%} is {vs_fp32['drop_pp']:.3f} pp below fp32 "
+            f"{vs_fp32['fp32_accuracy']:.4%} on {held_out.name} (allowed {max_drop_pp} pp)"
+        )
+    meta = {
+        **base_meta,
+        "precision": "int8",
+        "derived_from": derived_from,
+        "quantization": {**INT8_SETTINGS, "calibration_images": int(len(calibration)), "max_drop_pp": max_drop_pp},
+        "accuracy_vs_fp32": vs_fp32,
+    }
+    ox.write_metadata(target, meta)
+    log(f"  int8 ok: {summary(vs_fp32)}")
+    return meta
 
 
 def make_fp16(
     fp32_path: Path,
+    target: Path,
     base_meta: dict[str, Any],
     *,
-    mnist: MnistEval | None,
+    derived_from: dict[str, str],
+    evaluation: EvalSet | None,
     eval_batches: list[np.ndarray],
     log: Callable[[str], None] = print,
-) -> tuple[Path, dict[str, Any]]:
+) -> dict[str, Any]:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    target = fp32_path.with_name(f"{base_meta['model']}.fp16.onnx")
-    log(f"converting to fp16 (float32 inputs and outputs) -> {target}")
-    with atomic_path(target) as tmp:
-        try:
-            proto = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
-            _topological_sort(proto.graph)  # keep_io_types appends its input casts at the end
-            onnx.save(proto, str(tmp))
-        except Exception as exc:  # noqa: BLE001
-            raise ox.ExportError(f"fp16 conversion failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
-        ox.check_model(tmp, name=target.name)
-        variant, reference = ox.cpu_session(tmp), ox.cpu_session(fp32_path)
-        vs_fp32 = _mnist_comparison(variant, reference, mnist) if mnist is not None else _agreement(variant, reference, eval_batches)
-        vs_fp32["measured_on"] = "onnxruntime CPUExecutionProvider"
-        meta = {**base_meta, "precision": "fp16", "intended_provider": "CUDAExecutionProvider",
-                "io_dtype": "float32", "accuracy_vs_fp32": vs_fp32}
-        ox.write_metadata(tmp, meta)
-    log(f"  fp16 ok: {_summary(vs_fp32)}")
-    return target, meta
+    log("converting to fp16 (float32 inputs and outputs)")
+    try:
+        proto = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+        _topological_sort(proto.graph)  # keep_io_types appends its input casts at the end
+        onnx.save(proto, str(target))
+    except Exception as exc:  # noqa: BLE001
+        raise ox.ExportError(f"fp16 conversion failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+    ox.check_model(target, name=target.name)
+    vs_fp32 = compare_variant(ox.cpu_session(target), ox.cpu_session(fp32_path), _held_out(evaluation, eval_batches))
+    vs_fp32["measured_on"] = "onnxruntime CPUExecutionProvider"
+    meta = {**base_meta, "precision": "fp16", "derived_from": derived_from, "intended_provider": "CUDAExecutionProvider",
+            "io_dtype": "float32", "accuracy_vs_fp32": vs_fp32}
+    ox.write_metadata(target, meta)
+    log(f"  fp16 ok: {summary(vs_fp32)}")
+    return meta
 
 
 def _topological_sort(graph) -> None:
@@ -163,7 +178,8 @@ def _topological_sort(graph) -> None:
     graph.node.extend(copies)
 
 
-def _summary(vs: dict[str, Any]) -> str:
+def summary(vs: dict[str, Any]) -> str:
     if "drop_pp" in vs:
-        return f"accuracy {vs['accuracy']:.4%} vs fp32 {vs['fp32_accuracy']:.4%} ({vs['drop_pp']:+.3f} pp drop)"
-    return f"top-1 agreement with fp32 {vs['top1_agreement']:.2%} on {vs['images']} inputs"
+        return (f"accuracy {vs['accuracy']:.4%} vs fp32 {vs['fp32_accuracy']:.4%} ({vs['drop_pp']:+.3f} pp drop) "
+                f"on {vs['dataset']}")
+    return f"top-1 agreement with fp32 {vs['top1_agreement']:.2%} on {vs['dataset']}"

@@ -20,12 +20,12 @@ import numpy as np
 from PIL import Image
 
 from ferry.core.errors import FerryError
-from ferry.runtime.images import ImageError, check_image, load_image
-from ferry.runtime.metadata import METADATA_KEY, parse_metadata, read_metadata_file  # noqa: F401
+from ferry.runtime.images import ImageError, check_image, decode_image, load_image
+from ferry.runtime.metadata import METADATA_KEY, check_coherent, parse_metadata
 from ferry.runtime.presets import input_shape, preprocess
 from ferry.runtime.providers import ProviderInfo, create_session
 
-ImageInput = str | Path | Image.Image | np.ndarray
+ImageInput = str | Path | bytes | Image.Image | np.ndarray
 
 
 @dataclass(frozen=True)
@@ -98,10 +98,14 @@ class Classifier:
 
     @classmethod
     def from_onnx(cls, path: str | Path, provider: str = "auto", *, threads: int | None = None, **session_kwargs) -> Classifier:
+        """Load an exported model. `threads`: onnxruntime intra-op threads (default: the physical
+        cores); other keywords go to `create_session`. A variant (int8/fp16) whose fp32 sibling has
+        changed since it was made is refused (IncoherentModelSet)."""
         t0 = time.perf_counter()
         path = Path(path)
         session, info = create_session(path, provider, threads=threads, **session_kwargs)
         meta = read_metadata(session, path)
+        check_coherent(path, meta)
         return cls(session=session, provider=info, metadata=meta, path=path, load_seconds=time.perf_counter() - t0)
 
     def _check_model_matches_metadata(self) -> None:
@@ -126,16 +130,19 @@ class Classifier:
 
     # --- preprocessing ----------------------------------------------------------------------
 
-    def prepare(self, image: ImageInput) -> np.ndarray:
-        """One input -> a (C, H, W) float32 array as the model expects."""
+    def prepare(self, image: ImageInput, name: str = "image") -> np.ndarray:
+        """One input (a path, the bytes of an encoded image, a PIL image or an array) -> a (C, H, W)
+        float32 array as the model expects. `name` labels errors for bytes."""
         if isinstance(image, (str, Path)):
             image = load_image(image)
+        elif isinstance(image, (bytes, bytearray, memoryview)):
+            image = decode_image(bytes(image), name)
         elif isinstance(image, Image.Image):
             check_image(image)
         elif isinstance(image, np.ndarray):
             image = _check_array(image, self.spec["kind"])
         else:
-            raise ImageError(f"unsupported input type {type(image).__name__}; pass a path, a PIL image or a numpy array")
+            raise ImageError(f"unsupported input type {type(image).__name__}; pass a path, bytes, a PIL image or a numpy array")
         return preprocess(image, self.spec)
 
     # --- inference --------------------------------------------------------------------------
@@ -150,7 +157,12 @@ class Classifier:
             raise FerryError(f"batch dtype is {batch.dtype}; expected float32")
         if not np.isfinite(batch).all():
             raise FerryError("batch contains NaN or infinite values")
-        batch = np.ascontiguousarray(batch)
+        return self.infer(np.ascontiguousarray(batch))
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Logits for a batch the caller has already checked (C-contiguous float32 of the model's
+        shape): `run` without its checks. On a GPU provider the input is copied to the device and
+        the logits back to the host, inside this call."""
         if self.provider.is_gpu:
             return self._run_io_binding(batch)
         return self.session.run([self.output_name], {self.input_name: batch})[0]
@@ -165,7 +177,11 @@ class Classifier:
         return binding.copy_outputs_to_cpu()[0]
 
     def predict_batch(self, prepared: np.ndarray, top_k: int = 1) -> list[Prediction]:
-        probs = softmax(self.run(prepared).astype(np.float64))
+        return self.predictions(self.run(prepared), top_k)
+
+    def predictions(self, logits: np.ndarray, top_k: int = 1) -> list[Prediction]:
+        """Softmax and the top-k candidates of each row of (N, classes) logits."""
+        probs = softmax(np.asarray(logits, dtype=np.float64))
         k = max(1, min(top_k, probs.shape[1]))
         out = []
         for row in probs:
@@ -188,7 +204,7 @@ class Classifier:
         for i, image in enumerate(images):
             source = str(image) if isinstance(image, (str, Path)) else f"#{i} ({type(image).__name__})"
             try:
-                pending.append((i, source, self.prepare(image)))
+                pending.append((i, source, self.prepare(image, source)))
             except FerryError as exc:
                 results[i] = Outcome(source, error=_one_line(exc, source))
             except Exception as exc:  # noqa: BLE001 - one undecodable input must not stop the batch

@@ -48,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
     from ferry.core.fileio import write_json_atomic
     from ferry.core.progress import Progress
     from ferry.runtime.classifier import Classifier
+    from ferry.runtime.images import quiet_bomb_warnings
 
+    quiet_bomb_warnings()  # a bomb is reported as an error of its own; Pillow's warning would repeat it
     if args.top_k < 1:
         raise FerryError(f"--top-k must be >= 1 (got {args.top_k})")
     if args.batch_size < 1:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import warnings
+import io
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
 from ferry.core.errors import FerryError
 
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 MIN_SIDE = 8  # smaller images carry no usable content (a 1x1 image is an error, not a guess)
 
 
@@ -25,8 +26,24 @@ def check_image(img: Image.Image, name: str = "image") -> Image.Image:
     return img
 
 
+def max_pixels() -> int:
+    """The decompression-bomb limit: Pillow's MAX_IMAGE_PIXELS (about 89 megapixels unless changed)."""
+    return int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+
+def check_size(img: Image.Image, name: str) -> None:
+    """Refuse an image whose header declares more pixels than `max_pixels()`, before decoding it.
+
+    Pillow only warns between 1x and 2x its limit (and raises above); turning that warning into an
+    error with `warnings.catch_warnings()` is process-global and not thread-safe, so the size is
+    checked here instead, the same way in every thread."""
+    w, h = img.size
+    if w * h > max_pixels():
+        raise ImageError(f"{name}: too large to decode safely ({w}x{h} = {w * h:,} pixels; the limit is {max_pixels():,})")
+
+
 def load_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image file; raise ImageError for anything unusable."""
+    """Open and fully decode an image file; raise ImageError for anything unusable. Thread-safe."""
     path = Path(path)
     name = str(path)
     if not path.exists():
@@ -35,17 +52,27 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageError(f"{name}: is a folder")
     if path.stat().st_size == 0:
         raise ImageError(f"{name}: empty file (0 bytes)")
+    return _decode(path, name)
+
+
+def decode_image(data: bytes, name: str = "image") -> Image.Image:
+    """Decode an encoded image held in memory (an HTTP body, a blob read by Ray Data) exactly as
+    `load_image` decodes a file; raise ImageError for anything unusable. Thread-safe."""
+    if not data:
+        raise ImageError(f"{name}: empty file (0 bytes)")
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(source: Path | io.BytesIO, name: str) -> Image.Image:
     try:
-        with warnings.catch_warnings():
-            # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that: refuse both.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                check_image(img, name)
-                img.load()
-                return img.copy()
+        with Image.open(source) as img:  # reads the header only
+            check_size(img, name)
+            check_image(img, name)
+            img.load()
+            return img.copy()
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise ImageError(f"{name}: too large to decode safely ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise ImageError(f"{name}: not an image Pillow can read") from exc
@@ -53,3 +80,11 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageError(f"{name}: damaged or truncated image ({exc})") from exc
     except Exception as exc:  # noqa: BLE001 - decoders raise assorted errors on bad data
         raise ImageError(f"{name}: cannot decode ({type(exc).__name__}: {exc})") from exc
+
+
+def quiet_bomb_warnings() -> None:
+    """For applications (the CLI, the server), once at start-up: Pillow's DecompressionBombWarning
+    would only repeat what `check_size` reports as an error."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)

@@ -48,9 +48,17 @@ def mnist_spec() -> dict[str, Any]:
     }
 
 
-def imagenet_spec(*, resize: int = 256, crop: int = 224, interpolation: str = "bilinear") -> dict[str, Any]:
-    """Preprocessing of an ImageNet classifier, as stored in the ONNX metadata (torchvision's
-    ImageClassification preset: resize the shorter side, centre crop, scale, normalize)."""
+INTERPOLATIONS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+                  "bicubic": Image.Resampling.BICUBIC}
+
+
+def imagenet_spec(*, resize: int = 256, crop: int = 224, interpolation: str = "bilinear",
+                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> dict[str, Any]:
+    """Preprocessing of a torchvision classifier (ImageNet-pretrained or fine-tuned from one), as
+    stored in the ONNX metadata: torchvision's ImageClassification preset (resize the shorter
+    side, centre crop, scale, normalize)."""
+    if interpolation not in INTERPOLATIONS:
+        raise FerryError(f"interpolation {interpolation!r} is not supported; choose one of {', '.join(INTERPOLATIONS)}")
     return {
         "kind": "imagenet",
         "layout": "NCHW",
@@ -59,8 +67,8 @@ def imagenet_spec(*, resize: int = 256, crop: int = 224, interpolation: str = "b
         "crop": [crop, crop],
         "interpolation": interpolation,
         "scale": "1/255",
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        "mean": list(mean),
+        "std": list(std),
     }
 
 
@@ -125,7 +133,7 @@ def preprocess_imagenet(img: Image.Image, spec: dict[str, Any]) -> np.ndarray:
     new_short, new_long = size, int(size * long / short)
     new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
     if (new_w, new_h) != (w, h):
-        resample = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}[spec["interpolation"]]
+        resample = INTERPOLATIONS[spec["interpolation"]]
         img = img.resize((new_w, new_h), resample)
     ch, cw = spec["crop"]
     if new_w < cw or new_h < ch:

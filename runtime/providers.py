@@ -7,6 +7,8 @@ requested GPU provider that cannot run is a ProviderError with the reason, never
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,41 +40,67 @@ class ProviderError(FerryError):
     """A requested execution provider cannot run here."""
 
 
+# Operators that carry a model's arithmetic: under an explicit GPU request none may run on the CPU.
+HEAVY_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul",
+                       "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "Attention", "MultiHeadAttention"})
+
+
 @dataclass(frozen=True)
 class ProviderInfo:
     requested: str  # auto | cpu | cuda | tensorrt
     used: str  # the provider the session actually runs on (read back from the session)
     session_providers: tuple[str, ...]
     note: str = ""  # why auto fell back to the CPU, for instance
+    threads: int = 0  # onnxruntime intra-op threads, read back from the session's options
+    placement: dict[str, Any] | None = None  # GPU sessions: nodes per provider, from onnxruntime's profile
 
     @property
     def is_gpu(self) -> bool:
         return self.used in (PROVIDERS["cuda"], PROVIDERS["tensorrt"])
 
     def describe(self) -> str:
-        text = f"{self.used} (requested {self.requested})"
+        text = f"{self.used} (requested {self.requested}, {self.threads} intra-op threads)"
+        if self.placement and self.placement.get("cpu_nodes"):
+            text += f"; {len(self.placement['cpu_nodes'])} small nodes on the CPU: {', '.join(sorted(set(self.placement['cpu_nodes'])))}"
         return f"{text}; {self.note}" if self.note else text
 
 
-def installed_ort_distributions(distributions: Callable[[], Any] = importlib.metadata.distributions) -> list[str]:
-    names = set()
+def installed_ort_distributions(distributions: Callable[[], Any] = importlib.metadata.distributions) -> list[tuple[str, str]]:
+    """(name, folder) of every onnxruntime distribution visible on sys.path."""
+    found = set()
     for dist in distributions():
         name = (dist.metadata.get("Name") or "").lower().replace("_", "-")
-        if name.startswith("onnxruntime") and name in {"onnxruntime", "onnxruntime-gpu", "onnxruntime-directml",
-                                                       "onnxruntime-openvino", "onnxruntime-training"}:
-            names.add(name)
-    return sorted(names)
+        if name in {"onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino", "onnxruntime-training"}:
+            try:
+                where = str(Path(dist.locate_file("")).resolve())
+            except Exception:  # noqa: BLE001 - a distribution without a location
+                where = "?"
+            found.add((name, where))
+    return sorted(found)
 
 
 def check_single_ort(distributions: Callable[[], Any] = importlib.metadata.distributions) -> None:
-    """onnxruntime and onnxruntime-gpu share one import name and overwrite each other's files."""
-    names = installed_ort_distributions(distributions)
-    if len(names) > 1:
-        keep = "onnxruntime-gpu" if "onnxruntime-gpu" in names else names[-1]
-        raise ProviderError(
-            f"{' and '.join(names)} are installed together; they overwrite each other's files. Fix: "
-            f"pip uninstall -y {' '.join(names)} && pip install {keep}"
-        )
+    """onnxruntime and onnxruntime-gpu share one import name: installed into the same folder they
+    overwrite each other's files. (Installed in different folders, the first on sys.path is used and
+    the provider read-back says which one that was.)"""
+    by_folder: dict[str, list[str]] = {}
+    for name, where in installed_ort_distributions(distributions):
+        by_folder.setdefault(where, []).append(name)
+    for where, names in by_folder.items():
+        if len(names) > 1:
+            keep = "onnxruntime-gpu" if "onnxruntime-gpu" in names else names[-1]
+            raise ProviderError(
+                f"{' and '.join(names)} are installed together in {where}; they overwrite each other's files. Fix: "
+                f"pip uninstall -y {' '.join(names)} && pip install {keep}"
+            )
+
+
+def default_threads() -> int:
+    """Intra-op threads when none are asked for: the physical cores this process may use (what
+    onnxruntime itself would pick), set explicitly so the number can be read back and reported."""
+    from ferry.core.machine import physical_cores
+
+    return physical_cores()
 
 
 def _import_ort() -> ModuleType:
@@ -111,38 +139,56 @@ def create_session(
     provider: str = "auto",
     *,
     threads: int | None = None,
+    spinning: bool | None = None,
     ort: ModuleType | None = None,
     distributions: Callable[[], Any] = importlib.metadata.distributions,
 ) -> tuple[Any, ProviderInfo]:
     """Create an InferenceSession on `provider` and read back what it runs on.
 
-    `ort` and `distributions` can be replaced (tests simulate GPUs that fail without one).
+    `threads`: intra-op threads (default: the usable physical cores), read back from the session.
+    `spinning`: False turns off the intra-op threads' busy-waiting (several sessions alive in one
+    process then do not steal each other's cores); None keeps onnxruntime's default.
+    A GPU session is profiled on one warm-up run to see where each node runs: under an explicit
+    `cuda`/`tensorrt` request a Conv/Gemm/MatMul placed on the CPU is a ProviderError, and
+    `tensorrt` that ends up on CUDA is one too. `ort` and `distributions` can be replaced (tests
+    simulate GPUs that fail without one).
     """
     if provider not in CHOICES:
         raise ProviderError(f"unknown provider {provider!r}; choose one of {', '.join(CHOICES)}")
+    if threads is not None and threads < 1:
+        raise ProviderError(f"threads must be >= 1 (got {threads})")
     ort = ort or _import_ort()
     check_single_ort(distributions)
     path = Path(model_path)
     if not path.is_file():
         raise FerryError(f"model not found: {path}")
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
+    def options(profile_dir: str | None = None):
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.intra_op_num_threads = threads or default_threads()
+        if spinning is not None:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if profile_dir:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = str(Path(profile_dir) / "ferry_placement")
+        return opts
 
-    def make(providers: list[Any], *, gpu: bool = False):
+    def make(providers: list[Any], *, gpu: bool = False, profile_dir: str | None = None):
         try:
-            return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            return ort.InferenceSession(str(path), sess_options=options(profile_dir), providers=providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             message = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
             if gpu:
                 raise _SessionFailure(message) from exc
             raise FerryError(f"cannot load model {path}: {message}") from exc
 
+    def info(session, requested: str, note: str = "", placement: dict | None = None) -> ProviderInfo:
+        used = tuple(session.get_providers())
+        return ProviderInfo(requested, used[0], used, note=note, threads=_threads_of(session), placement=placement)
+
     if provider == "cpu":
-        session = make([PROVIDERS["cpu"]])
-        return session, ProviderInfo("cpu", session.get_providers()[0], tuple(session.get_providers()))
+        return (session := make([PROVIDERS["cpu"]])), info(session, "cpu")
 
     wanted = [PROVIDERS["cuda"]] if provider in ("auto", "cuda") else [PROVIDERS["tensorrt"], PROVIDERS["cuda"]]
     target = wanted[0]
@@ -150,23 +196,77 @@ def create_session(
         reason = _gpu_failure_reason(ort, target)
     else:
         preload_note = _preload_gpu_libraries(ort)
-        options = {PROVIDERS["cuda"]: CUDA_OPTIONS, PROVIDERS["tensorrt"]: TENSORRT_OPTIONS}
-        try:
-            session = make([(p, options[p]) for p in wanted] + [PROVIDERS["cpu"]], gpu=True)
-        except _SessionFailure as exc:
-            make([PROVIDERS["cpu"]])  # a broken model file is reported as such, not as a GPU problem
-            reason = _gpu_failure_reason(ort, target, str(exc))
-        else:
-            used = session.get_providers()
-            if used and used[0] == target:
-                return session, ProviderInfo(provider, used[0], tuple(used))
-            # ORT quietly drops a provider that fails to initialise: the read-back catches it.
-            reason = _gpu_failure_reason(ort, target, preload_note)
+        gpu_options = {PROVIDERS["cuda"]: CUDA_OPTIONS, PROVIDERS["tensorrt"]: TENSORRT_OPTIONS}
+        with tempfile.TemporaryDirectory(prefix="ferry-profile-") as profile_dir:
+            try:
+                session = make([(p, gpu_options[p]) for p in wanted] + [PROVIDERS["cpu"]], gpu=True, profile_dir=profile_dir)
+            except _SessionFailure as exc:
+                make([PROVIDERS["cpu"]])  # a broken model file is reported as such, not as a GPU problem
+                reason = _gpu_failure_reason(ort, target, str(exc))
+            else:
+                used = session.get_providers()
+                if used and used[0] == target:
+                    placement = profile_placement(session)
+                    misplaced = sorted({op for op in placement["cpu_nodes"] if op in HEAVY_OPS})
+                    if misplaced and provider != "auto":
+                        raise ProviderError(
+                            f"--provider {provider}: onnxruntime placed {', '.join(misplaced)} nodes on the CPU "
+                            f"({placement['by_provider']}); the model would not really run on the GPU")
+                    note = f"heavy nodes on the CPU: {', '.join(misplaced)}" if misplaced else ""
+                    return session, info(session, provider, note, placement)
+                # ORT quietly drops a provider that fails to initialise: the read-back catches it.
+                if provider == "tensorrt" and used and used[0] == PROVIDERS["cuda"]:
+                    reason = ("TensorRT did not start (TensorRT libraries missing, or unsupported model); the session "
+                              "fell back to CUDAExecutionProvider, which is not what was asked for")
+                else:
+                    reason = _gpu_failure_reason(ort, target, preload_note)
     if provider != "auto":
         raise ProviderError(f"--provider {provider} cannot run: {reason}")
     session = make([PROVIDERS["cpu"]])
-    return session, ProviderInfo("auto", session.get_providers()[0], tuple(session.get_providers()),
-                                 note=f"CUDA not used: {reason}")
+    return session, info(session, "auto", note=f"CUDA not used: {reason}")
+
+
+def _threads_of(session) -> int:
+    try:
+        return int(session.get_session_options().intra_op_num_threads)
+    except Exception:  # noqa: BLE001 - a stand-in session in tests
+        return 0
+
+
+def _dummy_feed(session) -> dict[str, Any]:
+    import numpy as np
+
+    feed = {}
+    for inp in session.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in inp.shape]
+        dtype = np.float16 if "float16" in inp.type else np.float32
+        feed[inp.name] = np.zeros(shape, dtype=dtype)
+    return feed
+
+
+def profile_placement(session) -> dict[str, Any]:
+    """Run the session once on zeros with profiling on, end profiling and read which provider ran
+    each node (onnxruntime's profile names it per node)."""
+    session.run(None, _dummy_feed(session))
+    trace = Path(session.end_profiling())
+    try:
+        return node_placement(json.loads(trace.read_text()))
+    finally:
+        trace.unlink(missing_ok=True)
+
+
+def node_placement(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """Nodes per provider from an onnxruntime profile (its 'Node' events carry op_name and provider)."""
+    seen: dict[str, tuple[str, str]] = {}
+    for ev in events:
+        args = ev.get("args") or {}
+        if ev.get("cat") == "Node" and "provider" in args and "op_name" in args:
+            seen[ev.get("name", "").removesuffix("_kernel_time")] = (args["op_name"], args["provider"])
+    by_provider: dict[str, int] = {}
+    for _op, prov in seen.values():
+        by_provider[prov] = by_provider.get(prov, 0) + 1
+    cpu_nodes = sorted(op for op, prov in seen.values() if prov == PROVIDERS["cpu"])
+    return {"nodes": len(seen), "by_provider": by_provider, "cpu_nodes": cpu_nodes}
 
 
 class _SessionFailure(Exception):

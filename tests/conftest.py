@@ -31,6 +31,51 @@ def mnist_dir() -> Path:
     return path
 
 
+# hostile inputs: file name -> what the error says
+BAD_IMAGES = {"c_notes.txt": "not an image", "d_empty.png": "empty file", "e_truncated.png": "truncated",
+              "f_tiny.png": "1x1", "g_anim.gif": "animated", "h_bomb.png": "too large"}
+
+
+def write_bad_images(folder: Path) -> Path:
+    """Two good digit images and one file of each hostile kind in BAD_IMAGES."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    good = np.zeros((28, 28), np.uint8)
+    good[6:22, 12:16] = 255
+    Image.fromarray(good).save(folder / "a_good.png")
+    Image.fromarray(255 - good).resize((200, 200)).save(folder / "b_good_big.jpg")
+    (folder / "c_notes.txt").write_text("not an image")
+    (folder / "d_empty.png").write_bytes(b"")
+    full = folder / "e_truncated.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(full)
+    full.write_bytes(full.read_bytes()[:300])
+    Image.new("L", (1, 1), 255).save(folder / "f_tiny.png")
+    frames = [Image.new("L", (32, 32), v) for v in (0, 255)]
+    frames[0].save(folder / "g_anim.gif", save_all=True, append_images=frames[1:])
+    Image.new("1", (12000, 12000)).save(folder / "h_bomb.png")  # 144 MP > Pillow's 89 MP limit
+    return folder
+
+
+@pytest.fixture
+def bad_folder(tmp_path) -> Path:
+    return write_bad_images(tmp_path / "imgs")
+
+
+def write_digit_pngs(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """n different synthetic digits as PNG files (dark border, so they pass straight through)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    x, _ = synthetic_digits(n, seed=seed)
+    x[:, :2], x[:, -2:], x[:, :, :2], x[:, :, -2:] = 0, 0, 0, 0
+    paths = []
+    for i, img in enumerate(x):
+        paths.append(folder / f"digit_{i:04d}.png")
+        Image.fromarray(img).save(paths[-1])
+    return paths
+
+
 @pytest.fixture
 def fake_mnist_dir(tmp_path: Path) -> Path:
     """A folder in torchvision's MNIST layout holding synthetic digits (1,200 train, 300 test)."""
@@ -49,14 +94,15 @@ def run_ferry(*args: str, env: dict | None = None, timeout: float = 300) -> subp
     )
 
 
-def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    """A clear error: non-zero exit, no traceback, a one-line message containing each needle."""
-    assert proc.returncode != 0, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    err_lines = [ln for ln in proc.stderr.splitlines() if "error" in ln]
-    assert err_lines, proc.stderr
+def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str, code: int = 2) -> None:
+    """A clear error as the README promises: exit code `code` (2), nothing on stderr but one line
+    "ferry COMMAND: error: ..." (no traceback), containing each needle."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert ": error: " in lines[0] and "Traceback" not in proc.stderr, proc.stderr
     for needle in needles:
-        assert needle in proc.stderr, f"{needle!r} not in {proc.stderr!r}"
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
 
 
 @pytest.fixture(scope="session")
@@ -111,3 +157,31 @@ def cnn_export(tmp_path_factory):
                                         data_dir=str(root / "mnist")), log=lambda _m: None)
     model, _ = load_model(cfg.out + "/checkpoint.pt")
     return result.paths["fp32"], model
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole test session: 2 CPUs, a 100 MiB object store, no dashboard; shut
+    down at the end. Batch and Ray Serve tests share it (CLI runs join it with --address)."""
+    ray = pytest.importorskip("ray")
+    from ferry.cluster import quiet_ray_data
+
+    ray.init(num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False, log_to_driver=False,
+             logging_level="WARNING")
+    quiet_ray_data()
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:  # noqa: BLE001 - Serve was never started
+        pass
+    ray.shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

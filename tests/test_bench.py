@@ -5,22 +5,22 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from ferry.bench import backends as bk
 from ferry.bench import matrix
-from ferry.bench.harness import measure, percentile, stability
+from ferry.bench.harness import measure, measure_stable, percentile, stability
 from ferry.bench.report import validate_results, write_all
 from ferry.bench.suite import BenchConfig, run_benchmarks
 
 
-def test_percentile_matches_numpy():
-    rng = np.random.default_rng(0)
-    for n in (1, 2, 7, 100, 1001):
-        xs = list(rng.exponential(size=n))
-        for q in (0, 50, 90, 99, 100):
-            assert percentile(xs, q) == pytest.approx(np.percentile(xs, q))
+def test_percentile_on_known_values():
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == pytest.approx(2.5)
+    assert percentile(list(range(101)), 99) == pytest.approx(99.0)
+    assert percentile([1.0, 2.0], 90) == pytest.approx(1.9)
+    assert percentile([7.0], 99) == 7.0
+    with pytest.raises(ValueError):
+        percentile([], 50)
 
 
 class FakeClock:
@@ -57,6 +57,27 @@ def test_measure_runs_until_min_seconds():
     assert t.calls == 20  # 5 calls are not 2 s yet
 
 
+def test_the_promised_number_of_calls_is_honoured_even_past_max_seconds():
+    clock = FakeClock([1.0])  # each call takes 1 s; max_seconds would stop after 3
+    t = measure(clock.call, batch_size=1, warmup=0, min_calls=10, min_seconds=2.0, max_seconds=3.0, clock=clock)
+    assert t.calls == 10
+    clock = FakeClock([0.001])
+    t = measure(clock.call, batch_size=1, warmup=0, min_calls=10, min_seconds=100.0, max_seconds=0.5, clock=clock)
+    assert t.calls == 500  # past the minimum, max_seconds stops it
+
+
+def test_a_noisy_measurement_is_repeated_then_reported_unstable():
+    # first measurement drifts (noisy), the second is flat: the second is kept
+    drifting = [0.001] * 30 + [0.0015] * 10 + [0.002] * 10
+    clock = FakeClock(drifting + [0.001] * 50)
+    t = measure_stable(clock.call, retries=2, batch_size=1, warmup=0, min_calls=50, min_seconds=0, max_calls=50, clock=clock)
+    assert t.stable and t.attempts == 2 and t.p(50) == pytest.approx(0.001)
+    # always drifting: three measurements, then the least noisy one, marked unstable
+    clock = FakeClock(drifting)
+    t = measure_stable(clock.call, retries=2, batch_size=1, warmup=0, min_calls=50, min_seconds=0, max_calls=50, clock=clock)
+    assert not t.stable and t.attempts == 3
+
+
 def test_stability_check():
     assert stability([1.0] * 50) == (True, 0.0)
     drifting = [1.0] * 30 + [1.5] * 10 + [2.0] * 10
@@ -70,7 +91,7 @@ def fake_prepare(spec, model, cfg):
         raise bk.Unavailable("no CUDA device on this test machine")
     return bk.Prepared(spec, run=lambda x: x.sum(), sync=lambda: None,
                        provider_used="CPUExecutionProvider" if spec.engine == "onnxruntime" else "cpu",
-                       device_name="test CPU", load_seconds=0.01)
+                       device_name="test CPU", load_seconds=0.01, threads=2)
 
 
 def test_suite_records_skips_and_valid_schema(tmp_path):
@@ -87,7 +108,9 @@ def test_suite_records_skips_and_valid_schema(tmp_path):
     assert {q["comparison"] for q in results["ratios"]} >= {"onnxruntime fp32 vs PyTorch eager (CPU)"}
 
     paths = write_all(results, tmp_path)
-    assert json.loads(paths["json"].read_text())["schema"] == "ferry.bench/1"
+    assert json.loads(paths["json"].read_text())["schema"] == "ferry.bench/2"
+    assert all(r["threads"] == 2 and r["cpu_class"] and r["calls"] >= 10
+               for r in results["rows"])
     report = paths["report"].read_text()
     assert "## Skipped backends" in report and "no CUDA device" in report
     assert (tmp_path / "mnist-cnn.png").read_bytes()[:4] == b"\x89PNG"
@@ -96,18 +119,29 @@ def test_suite_records_skips_and_valid_schema(tmp_path):
     del broken["rows"][0]["provider"]
     with pytest.raises(ValueError, match="provider"):
         validate_results(broken)
+    short = json.loads(json.dumps(results))
+    short["rows"][0]["calls"] = 3
+    with pytest.raises(ValueError, match="3 calls < the promised"):
+        validate_results(short)
 
 
 def test_ratios_come_from_rows_of_the_same_run():
     from ferry.bench.suite import ratios
 
-    def row(backend, batch, p50, tp):
-        return {"model": "m", "backend": backend, "batch_size": batch, "p50_ms": p50, "throughput_ips": tp}
+    def row(backend, batch, p50, tp, stable=True):
+        return {"model": "m", "backend": backend, "batch_size": batch, "p50_ms": p50, "throughput_ips": tp, "stable": stable}
 
     rows = [row("torch-eager-cpu", 1, 10.0, 100), row("torch-eager-cpu", 8, 40.0, 200),
-            row("ort-cpu-fp32", 1, 5.0, 200), row("ort-cpu-fp32", 8, 20.0, 400)]
-    (q,) = ratios(rows)
+            row("ort-cpu-fp32", 1, 5.0, 200), row("ort-cpu-fp32", 8, 20.0, 400),
+            row("ort-cpu-fp32", 32, 10.0, 3200, stable=False)]  # a noisy peak is not used
+    (q,), left_out = ratios(rows)
     assert q["batch1_p50_speedup"] == pytest.approx(2.0) and q["peak_throughput_speedup"] == pytest.approx(2.0)
+    assert left_out == []
+    rows.append(row("ort-cpu-int8", 1, 1.0, 1000, stable=False))
+    ratio_rows, left_out = ratios(rows)
+    assert [q["comparison"] for q in ratio_rows] == ["onnxruntime fp32 vs PyTorch eager (CPU)"]
+    assert {q["comparison"] for q in left_out} == {"onnxruntime int8 vs PyTorch eager (CPU)", "int8 vs fp32 (onnxruntime CPU)"}
+    assert all("ort-cpu-int8 unstable" in q["reason"] for q in left_out)
 
 
 def test_cpu_fallback_cannot_be_recorded_as_cuda(cnn_export, tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from PIL import Image
 from ferry.core.errors import FerryError
 from ferry.runtime.classifier import Classifier
 from ferry.runtime.presets import EmptyImageError, imagenet_spec, normalize_digit, preprocess_imagenet
-from tests.conftest import REPO, assert_clean_error, run_ferry, synthetic_digits
+from tests.conftest import BAD_IMAGES, REPO, assert_clean_error, run_ferry, synthetic_digits
 
 skimage_data = pytest.importorskip("skimage.data")
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
@@ -107,7 +106,7 @@ def test_resnet_predictions_equal_pytorch_on_photos(resnet_export):
     torch.manual_seed(0)
     model = tvm.resnet50(weights=None).eval()  # same seed as `--weights none`
     clf = Classifier.from_onnx(resnet_export.paths["fp32"], provider="cpu")
-    transforms = tvm.ResNet50_Weights.IMAGENET1K_V1.transforms()
+    transforms = tvm.ResNet50_Weights.DEFAULT.transforms()  # what --weights none takes its preprocessing from
     for name in PHOTOS:
         img = photo(name).convert("RGB")
         pred = clf.predict(img, top_k=5)
@@ -209,35 +208,13 @@ sys.exit(code)
 
 # --- bad input -----------------------------------------------------------------------------------
 
-@pytest.fixture
-def bad_folder(tmp_path) -> Path:
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    good = np.zeros((28, 28), np.uint8)
-    good[6:22, 12:16] = 255
-    Image.fromarray(good).save(folder / "a_good.png")
-    Image.fromarray(255 - good).resize((200, 200)).save(folder / "b_good_big.jpg")
-    (folder / "c_notes.txt").write_text("not an image")
-    (folder / "d_empty.png").write_bytes(b"")
-    full = folder / "e_truncated.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(full)
-    full.write_bytes(full.read_bytes()[:300])
-    Image.new("L", (1, 1), 255).save(folder / "f_tiny.png")
-    frames = [Image.new("L", (32, 32), v) for v in (0, 255)]
-    frames[0].save(folder / "g_anim.gif", save_all=True, append_images=frames[1:])
-    Image.new("1", (12000, 12000)).save(folder / "h_bomb.png")  # 144 MP > Pillow's 89 MP limit
-    return folder
-
-
 def test_bad_inputs_are_named_and_the_rest_still_run(cnn_export, bad_folder):
     path, _ = cnn_export
     clf = Classifier.from_onnx(path, provider="cpu")
     files = sorted(str(p) for p in bad_folder.iterdir())
     outcomes = {Path(o.source).name: o for o in clf.predict_many(files, batch_size=2)}
     assert outcomes["a_good.png"].ok and outcomes["b_good_big.jpg"].ok
-    expected = {"c_notes.txt": "not an image", "d_empty.png": "empty file", "e_truncated.png": "truncated",
-                "f_tiny.png": "1x1", "g_anim.gif": "animated", "h_bomb.png": "too large"}
-    for name, needle in expected.items():
+    for name, needle in BAD_IMAGES.items():
         assert not outcomes[name].ok and needle in outcomes[name].error and name in outcomes[name].error, outcomes[name]
 
 
@@ -251,7 +228,7 @@ def test_cli_folder_run_reports_failures_and_exit_code(cnn_export, bad_folder, t
     doc = json.loads(out.read_text())
     assert doc["provider"] == "CPUExecutionProvider" and doc["failed"] == 6
     ok = [r for r in doc["results"] if r["ok"]]
-    assert len(ok) == 2 and len(ok[0]["top_k"]) == 3 and ok[0]["label"] in "0123456789"
+    assert len(ok) == 2 and len(ok[0]["top_k"]) == 3 and ok[0]["label"] in set("0123456789")
 
 
 def test_arrays_of_the_wrong_kind_are_rejected(cnn_export):
@@ -299,20 +276,33 @@ def test_untrained_model_warning(resnet_export, tmp_path):
     assert "random weights" in proc.stdout and "predicted" in proc.stdout
 
 
-def test_one_classifier_shared_by_threads(cnn_export):
+def test_one_classifier_shared_by_threads(cnn_export, bad_folder, tmp_path):
+    """Several threads share one Classifier, decoding files (a decompression bomb among them) and
+    predicting: every thread finishes without an exception, every answer equals the single-threaded
+    one, and every bomb is refused in every thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
     path, _ = cnn_export
     clf = Classifier.from_onnx(path, provider="cpu")
-    x, _ = synthetic_digits(40, seed=9)
+    x, _ = synthetic_digits(12, seed=9)
     x[:, :2], x[:, -2:], x[:, :, :2], x[:, :, -2:] = 0, 0, 0, 0
-    expected = [clf.predict(img).index for img in x]
-    results: dict[int, list[int]] = {}
+    files = []
+    for i, img in enumerate(x):
+        files.append(tmp_path / f"d{i}.png")
+        Image.fromarray(img).save(files[-1])
+    # a second bomb: just over Pillow's limit (it only warns there; ferry refuses by size itself)
+    side = int((Image.MAX_IMAGE_PIXELS + 10) ** 0.5) + 1
+    Image.new("1", (side, side)).save(tmp_path / "bomb2.png")
+    inputs = [str(f) for f in files] + [str(bad_folder / "h_bomb.png"), str(tmp_path / "bomb2.png")]
+    expected = {o.source: (o.prediction.index if o.ok else o.error) for o in clf.predict_many(inputs)}
+    assert all(isinstance(expected[str(f)], int) for f in files)
+    assert all("too large" in expected[b] for b in inputs[-2:])
 
-    def worker(k):
-        results[k] = [clf.predict(img).index for img in x]
+    def worker(k: int) -> dict[str, object]:
+        order = inputs[k % len(inputs):] + inputs[:k % len(inputs)]
+        return {o.source: (o.prediction.index if o.ok else o.error) for o in clf.predict_many(order, batch_size=3)}
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert all(r == expected for r in results.values())
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        futures = [pool.submit(worker, k) for k in range(12)]
+        results = [f.result(timeout=120) for f in futures]  # re-raises any exception of a thread
+    assert len(results) == 12 and all(r == expected for r in results)

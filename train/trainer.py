@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import platform
 import sys
 import time
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 
 from ferry.core.errors import FerryError
 from ferry.core.fileio import atomic_path, write_json_atomic
-from ferry.core.machine import cpu_model
+from ferry.core.machine import cpu_info
 from ferry.train import data
 from ferry.train.config import TrainConfig
 from ferry.train.model import DigitCNN
@@ -297,10 +296,10 @@ def train(
         "checkpoint": CHECKPOINT_NAME,
         "dry_run": dry_run,
         "machine": {
+            **cpu_info(),  # CPU model, instruction-set class and flags: they decide the training speed
             "platform": platform.platform(),
-            "cpu": cpu_model(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": torch.get_num_threads(),  # read back from torch
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         },
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }

@@ -19,9 +19,17 @@ MNIST_FILES = (
 
 
 def read_idx(path: str | Path, expect_dims: int) -> np.ndarray:
-    """An uncompressed IDX file of uint8 data as an array of its declared shape."""
+    """An IDX file of uint8 data (uncompressed, or gzip-compressed as distributed) as an array of
+    its declared shape."""
     path = Path(path)
     data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        import gzip
+
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise FerryError(f"{path} is a damaged gzip file ({exc})") from exc
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or data[3] != expect_dims:
         raise FerryError(f"{path} is not an MNIST IDX file of {expect_dims} dimension(s) (bad header)")
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(expect_dims)]
@@ -45,14 +53,21 @@ def missing_mnist_files(data_dir: str | Path) -> list[str]:
     return [name for name in MNIST_FILES if not (raw / name).is_file()]
 
 
-def read_mnist(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images (N, 28, 28) uint8, labels (N,) int64) of split 'train' or 't10k' under data_dir/MNIST/raw."""
-    raw = Path(data_dir) / "MNIST" / "raw"
-    missing = [n for n in missing_mnist_files(data_dir) if n.startswith(split)]
+def _idx_file(folder: Path, name: str) -> Path:
+    """`name` in `folder`, or `name.gz` (Debian's dataset packages ship them compressed)."""
+    return folder / name if (folder / name).is_file() or not (folder / f"{name}.gz").is_file() else folder / f"{name}.gz"
+
+
+def read_mnist(data_dir: str | Path, split: str, *, raw: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, 28, 28) uint8, labels (N,) int64) of split 'train' or 't10k' under
+    data_dir/MNIST/raw, or under `raw` itself (any folder of MNIST-format files, e.g. Fashion-MNIST's)."""
+    raw = Path(raw) if raw is not None else Path(data_dir) / "MNIST" / "raw"
+    files = [_idx_file(raw, f"{split}-{kind}-idx{dims}-ubyte") for kind, dims in (("images", 3), ("labels", 1))]
+    missing = [f.name for f in files if not f.is_file()]
     if missing:
-        raise FerryError(f"MNIST not found in {raw}: missing {', '.join(missing)}")
-    x = read_idx(raw / f"{split}-images-idx3-ubyte", 3)
-    y = read_idx(raw / f"{split}-labels-idx1-ubyte", 1).astype(np.int64)
+        raise FerryError(f"MNIST-format files not found in {raw}: missing {', '.join(missing)}")
+    x = read_idx(files[0], 3)
+    y = read_idx(files[1], 1).astype(np.int64)
     if x.shape[0] != y.shape[0] or x.shape[1:] != (28, 28):
         raise FerryError(f"MNIST {split} files disagree: images {x.shape}, labels {y.shape}")
     return x, y

@@ -80,6 +80,28 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def physical_cores(cpuinfo: str | None = None) -> int:
+    """Physical cores among the CPUs this process may use (SMT siblings counted once)."""
+    allowed = None
+    try:
+        allowed = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        pass
+    cores, cpu = set(), None
+    fields: dict[str, str] = {}
+    for line in ((_cpuinfo() if cpuinfo is None else cpuinfo) + "\n\n").splitlines():
+        if line.strip():
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+            continue
+        if "processor" in fields:
+            cpu = int(fields["processor"])
+            if allowed is None or cpu in allowed:
+                cores.add((fields.get("physical id", "0"), fields.get("core id", str(cpu))))
+        fields = {}
+    return len(cores) or usable_cpus()
+
+
 def versions(names: tuple[str, ...] = VERSIONED) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for name in names:
