@@ -1,19 +1,17 @@
-"""The two exportable models: the trained digit CNN (from a ferry checkpoint) and torchvision's
-ResNet-50 (ImageNet weights through torchvision's weights API, a local file, or none)."""
+"""The exportable models: the trained digit CNN (a ferry checkpoint), any torchvision classifier by
+name (ImageNet weights through torchvision's weights API, a local state-dict file, or none), and a
+torchvision classifier fine-tuned by `ferry train --arch ARCH` (its self-describing checkpoint)."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ferry.core.errors import FerryError
-from ferry.runtime.presets import MNIST_LABELS, imagenet_spec, mnist_spec
+from ferry.runtime.presets import MNIST_LABELS, mnist_spec
+from ferry.train.tvmodels import WeightsUnavailable, sha256  # noqa: F401 - WeightsUnavailable re-exported
 
-MODELS = ("mnist-cnn", "resnet50")
-RESNET_WEIGHTS = ("IMAGENET1K_V1", "IMAGENET1K_V2", "none")
+CNN = "mnist-cnn"
 
 
 @dataclass
@@ -24,14 +22,7 @@ class LoadedModel:
     preprocess: dict[str, Any]
     weights: str
     untrained: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def bundled_imagenet_labels() -> list[str]:
-    text = resources.files("ferry.export").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
-    labels = [ln for ln in text.splitlines() if ln]
-    assert len(labels) == 1000
-    return labels
+    extra: dict[str, Any] = field(default_factory=dict)  # "source" in the metadata: arch, classes, training config
 
 
 def load_mnist_cnn(checkpoint: str | Path) -> LoadedModel:
@@ -40,71 +31,54 @@ def load_mnist_cnn(checkpoint: str | Path) -> LoadedModel:
     model, cfg = load_model(checkpoint)
     state = load_checkpoint(checkpoint)
     return LoadedModel(
-        name="mnist-cnn",
+        name=CNN,
         module=model,
         labels=list(MNIST_LABELS),
         preprocess=mnist_spec(),
-        weights=f"checkpoint {Path(checkpoint).name} (epoch {state['epoch']}, sha256 {_sha256(checkpoint)[:16]})",
-        extra={"architecture": f"DigitCNN{list(cfg.channels)}", "train_config": cfg.to_dict()},
+        weights=f"checkpoint {Path(checkpoint).name} (epoch {state['epoch']}, sha256 {sha256(checkpoint)[:16]})",
+        extra={"arch": CNN, "architecture": f"DigitCNN{list(cfg.channels)}", "train_config": cfg.to_dict()},
     )
 
 
-def load_resnet50(weights: str) -> LoadedModel:
-    """weights: IMAGENET1K_V1, IMAGENET1K_V2 (downloaded by torchvision, or found in its cache),
-    none (random weights, stamped untrained) or the path of a saved state dict."""
-    from torchvision.models import ResNet50_Weights, resnet50
-
-    if weights.lower() == "none":
-        import torch
-
-        torch.manual_seed(0)
-        return LoadedModel("resnet50", resnet50(weights=None).eval(), bundled_imagenet_labels(), imagenet_spec(),
-                           weights="none", untrained=True)
-    if weights.upper() in ResNet50_Weights.__members__:
-        w = ResNet50_Weights[weights.upper()]
-        try:
-            model = resnet50(weights=w)
-        except Exception as exc:  # noqa: BLE001 - urllib/http/ssl errors when offline
-            file = Path(w.url).name
-            raise FerryError(
-                f"could not get ResNet-50 weights {w.name} ({w.url}): {type(exc).__name__}: {str(exc)[:120]}. "
-                f"Offline? Download {file} elsewhere and pass --weights /path/to/{file}, or use --weights none"
-            ) from exc
-        t = w.transforms()
-        spec = imagenet_spec(resize=int(t.resize_size[0]), crop=int(t.crop_size[0]), interpolation=t.interpolation.value)
-        return LoadedModel("resnet50", model.eval(), list(w.meta["categories"]), spec, weights=w.name,
-                           extra={"reported_imagenet_acc": w.meta.get("_metrics", {}).get("ImageNet-1K", {})})
-    path = Path(weights)
-    if not path.exists():
-        raise FerryError(f"--weights {weights!r}: not a file, and not one of {', '.join(RESNET_WEIGHTS)}")
-    model = resnet50(weights=None)
-    state = _load_state_dict(path)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise FerryError(f"{path} is not a ResNet-50 state dict: {str(exc).splitlines()[0][:200]}") from exc
-    return LoadedModel("resnet50", model.eval(), bundled_imagenet_labels(), imagenet_spec(),
-                       weights=f"file {path.name} (sha256 {_sha256(path)[:16]})")
-
-
-def _load_state_dict(path: Path) -> dict:
+def load_torchvision(arch: str, weights: str, *, name: str | None = None) -> LoadedModel:
+    """A torchvision classifier with its 1,000 ImageNet classes: pretrained weights by name
+    (downloaded by torchvision, or found in its cache), a state-dict file, or none (seeded random
+    weights, stamped untrained)."""
     import torch
+    import torchvision.models as tvm
 
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise FerryError(f"cannot read weights file {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}") from exc
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict):
-        raise FerryError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return obj
+    from ferry.train import tvmodels
+
+    w = tvmodels.resolve_weights(arch, weights)
+    torch.manual_seed(0)
+    model, _ = tvmodels.create(arch, w)
+    labels = tvmodels.imagenet_labels(w) or list(tvm.get_model_weights(arch).DEFAULT.meta["categories"])
+    extra: dict[str, Any] = {"arch": arch, "num_classes": len(labels)}
+    if w.enum is not None:
+        extra["reported_imagenet_acc"] = w.enum.meta.get("_metrics", {}).get("ImageNet-1K", {})
+    return LoadedModel(name or arch, model, labels, tvmodels.preprocess_spec(arch, w), weights=w.source,
+                       untrained=not w.pretrained, extra=extra)
 
 
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def load_finetuned(checkpoint: str | Path, *, arch: str | None = None, name: str | None = None) -> tuple[LoadedModel, dict]:
+    """A classifier fine-tuned by `ferry train --arch ARCH`; returns it and the checkpoint's state."""
+    from ferry.core.errors import FerryError
+    from ferry.train.finetune import load_model
+
+    model, state = load_model(checkpoint)
+    if arch is not None and arch != state["arch"]:
+        raise FerryError(f"{checkpoint} holds a fine-tuned {state['arch']}, not {arch}: run `ferry export {state['arch']} "
+                         f"--checkpoint {checkpoint} ...`")
+    cfg = state["config"]
+    loaded = LoadedModel(
+        name=name or state["arch"],
+        module=model,
+        labels=list(state["classes"]),
+        preprocess=state["preprocess"],
+        weights=f"checkpoint {Path(checkpoint).name} (epoch {state['epoch']}, sha256 {sha256(checkpoint)[:16]}), "
+                f"fine-tuned from {state.get('weights_source', '?')}",
+        extra={"arch": state["arch"], "num_classes": len(state["classes"]), "fine_tuned": True,
+               "data": {"root": state["data"]["root"], "val_source": state["data"]["val_source"]},
+               "train_config": cfg, "head": state["head"]},
+    )
+    return loaded, state

@@ -1,18 +1,32 @@
-"""Loss and accuracy curves as a PNG (matplotlib, Agg backend, written atomically)."""
+"""Training plots as PNG (matplotlib, Agg backend, written atomically): loss and accuracy curves,
+and a confusion matrix."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from ferry.core.fileio import atomic_path
 
 
-def plot_curves(history: list[dict], path: str | Path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
+def plot_curves(history: list[dict], path: str | Path, *, title: str = "DigitCNN on MNIST") -> None:
+    plt = _pyplot()
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train loss")
@@ -27,8 +41,33 @@ def plot_curves(history: list[dict], path: str | Path) -> None:
     ax_acc.set_ylabel("accuracy (%)")
     ax_acc.legend()
     ax_acc.grid(alpha=0.3)
-    fig.suptitle("DigitCNN on MNIST")
+    fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_confusion(confusion: np.ndarray, classes: Sequence[str], path: str | Path, *, title: str = "") -> None:
+    """Rows: true class; columns: predicted. Cells show counts; colour is the row's share."""
+    plt = _pyplot()
+    n = len(classes)
+    rows = confusion.sum(axis=1, keepdims=True)
+    share = np.divide(confusion, rows, out=np.zeros(confusion.shape, dtype=float), where=rows > 0)
+    size = max(5.0, 0.55 * n + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if confusion[i, j]:
+                    ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if share[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, path)
     plt.close(fig)
