@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("ferry.runtime.cli", "predict images with an exported model (onnxruntime, no torch)"),
     "draw": ("ferry.app.draw", "draw a digit with the mouse and see the prediction (Tk window)"),
     "bench": ("ferry.bench.cli", "benchmark GPU and CPU latency and throughput (PyTorch vs onnxruntime)"),
+    "serve": ("ferry.serve.cli", "serve models over HTTP: one process, or Ray Serve across a cluster (--address)"),
+    "batch": ("ferry.batch.cli", "predict a folder or list of images on Ray Data, locally or on a cluster (Parquet out)"),
 }
 
 
@@ -45,8 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ferry {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] in {"torch", "torchvision", "onnx", "onnxscript", "onnxruntime", "matplotlib", "tqdm"}:
-            extra = "cpu" if exc.name.startswith("onnxruntime") else "train"
+        extras = {"onnxruntime": "cpu", "ray": "scale", "pyarrow": "scale", "uvicorn": "serve", "starlette": "serve",
+                  "fastapi": "serve", "aiohttp": "serve", "tritonclient": "triton"}
+        top = (exc.name or "").split(".")[0]
+        if top in {"torch", "torchvision", "onnx", "onnxscript", "matplotlib", "tqdm", *extras}:
+            extra = extras.get(top, "train")
             print(
                 f"ferry {args.command}: error: needs the Python package {exc.name!r}; "
                 f"install it with: pip install 'ferry[{extra}]'",
@@ -57,3 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ferry {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `ferry predict ... | head`: the reader left; stop quietly, like other tools
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

@@ -1,0 +1,163 @@
+"""`ferry batch` on Ray Data: one row per input, each path once (also when an actor is killed, and on
+a simulated two-node cluster), hostile inputs as rows with errors, results equal to `ferry predict`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BAD_IMAGES, REPO, assert_clean_error, run_ferry, write_bad_images, write_digit_pngs
+
+pytest.importorskip("ray")
+pq = pytest.importorskip("pyarrow.parquet")
+
+
+def read_rows(out: Path) -> list[dict]:
+    import pyarrow as pa
+
+    return pa.concat_tables([pq.read_table(f) for f in sorted(out.glob("*.parquet"))]).to_pylist()
+
+
+def live_predict_actors() -> list[dict]:
+    """Alive PredictBatch actors with their Pid and node, from the GCS (no dashboard needed)."""
+    from ray._private import state
+
+    return [{"pid": a["Pid"], "node": a["Address"]["NodeID"]} for a in state.actors().values()
+            if a["State"] == "ALIVE" and "PredictBatch" in a["ActorClassName"]]
+
+
+def test_batch_equals_predict_and_turns_hostile_inputs_into_rows(ray_local, cnn_export, tmp_path):
+    from ferry.batch.job import BatchOptions, run_batch
+    from ferry.runtime import Classifier
+
+    folder = tmp_path / "in"
+    write_digit_pngs(folder, 40, seed=4)
+    write_bad_images(folder)
+    files = sorted(str(p.resolve()) for p in folder.iterdir())
+    summary = run_batch(BatchOptions(model=str(cnn_export[0]), input=str(folder), out=str(tmp_path / "out"),
+                                     batch_size=7, top_k=3), log=lambda _m: None)
+    rows = read_rows(tmp_path / "out")
+    assert sorted(r["path"] for r in rows) == files  # every input exactly once
+    assert summary.images == len(files) == 48 and summary.failures == len(BAD_IMAGES)
+    assert summary.providers == ["CPUExecutionProvider"] and summary.threads_per_worker >= 1
+
+    expected = {o.source: o for o in Classifier.from_onnx(cnn_export[0], provider="cpu").predict_many(files, top_k=3)}
+    for row in rows:
+        want = expected[row["path"]]
+        if want.ok:
+            assert row["error"] is None and row["index"] == want.prediction.index
+            assert row["label"] == want.prediction.label
+            assert abs(row["probability"] - want.prediction.probability) <= 1e-6
+            assert [c["index"] for c in row["top_k"]] == [c.index for c in want.prediction.top_k]
+        else:
+            name = Path(row["path"]).name
+            assert row["index"] is None and BAD_IMAGES[name] in row["error"] and name in row["error"]
+
+
+def test_a_list_file_with_a_missing_path_and_a_glob(ray_local, cnn_export, tmp_path):
+    from ferry.batch.job import BatchOptions, run_batch
+
+    paths = write_digit_pngs(tmp_path / "in", 6)
+    # relative entries are relative to the list file's folder
+    (tmp_path / "in" / "paths.txt").write_text("# inputs\n" + "\n".join(p.name for p in paths[:4]) + "\n\nmissing.png\n")
+    summary = run_batch(BatchOptions(model=str(cnn_export[0]), input=str(tmp_path / "in" / "paths.txt"),
+                                     out=str(tmp_path / "out")), log=lambda _m: None)
+    rows = {Path(r["path"]).name: r for r in read_rows(tmp_path / "out")}
+    assert sorted(rows) == sorted([p.name for p in paths[:4]] + ["missing.png"])
+    assert "no such file" in rows["missing.png"]["error"] and summary.failures == 1
+    run_batch(BatchOptions(model=str(cnn_export[0]), input=str(tmp_path / "in" / "digit_000[0-2].png"),
+                           out=str(tmp_path / "out2")), log=lambda _m: None)
+    assert len(read_rows(tmp_path / "out2")) == 3
+
+
+def test_a_killed_actor_loses_and_doubles_nothing(ray_local, cnn_export, tmp_path):
+    """SIGKILL one actor process in the middle of a job: Ray restarts it and retries its work; the
+    output still has every path exactly once."""
+    from ferry.batch.job import BatchOptions, run_batch
+
+    files = write_digit_pngs(tmp_path / "in", 240, seed=7)
+    opts = BatchOptions(model=str(cnn_export[0]), input=str(tmp_path / "in"), out=str(tmp_path / "out"), batch_size=8,
+                        throttle_ms=150)
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(summary=run_batch(opts, log=lambda _m: None)))
+    job.start()
+    killed = None
+    deadline = time.time() + 120
+    while killed is None and time.time() < deadline and job.is_alive():
+        actors = live_predict_actors()
+        if len(actors) >= 2:
+            time.sleep(1.0)  # both busy with batches by now
+            os.kill(actors[0]["pid"], signal.SIGKILL)
+            killed = actors[0]["pid"]
+        time.sleep(0.1)
+    assert killed is not None and job.is_alive(), "the job ended before an actor could be killed"
+    job.join(timeout=300)
+    assert not job.is_alive()
+    rows = read_rows(tmp_path / "out")
+    assert sorted(r["path"] for r in rows) == sorted(str(p.resolve()) for p in files)
+    assert result["summary"].failures == 0
+
+
+def test_two_node_cluster_on_one_machine(cnn_export, tmp_path):
+    """ray.cluster_utils.Cluster with two nodes (its own Ray, in a subprocess): actors on both nodes,
+    every row once."""
+    write_digit_pngs(tmp_path / "in", 60, seed=8)
+    code = f"""
+import json, ray
+from ray.cluster_utils import Cluster
+from ferry.batch.job import BatchOptions, run_batch
+from tests.test_batch import live_predict_actors
+cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "object_store_memory": 80 * 2**20, "include_dashboard": False}})
+cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
+cluster.wait_for_nodes()
+ray.init(address=cluster.address, log_to_driver=False)
+nodes = set()
+def spy(msg):
+    pass
+opts = BatchOptions(model={str(cnn_export[0])!r}, input={str(tmp_path / "in")!r}, out={str(tmp_path / "out")!r},
+                    workers=2, cpus_per_worker=0.6, batch_size=4, throttle_ms=50)
+import threading
+done = {{}}
+t = threading.Thread(target=lambda: done.update(s=run_batch(opts, log=spy)))
+t.start()
+while t.is_alive():
+    nodes |= {{a["node"] for a in live_predict_actors()}}
+    t.join(0.2)
+print(json.dumps({{"images": done["s"].images, "nodes": len(nodes), "cluster_nodes": len(ray.nodes())}}))
+ray.shutdown()
+cluster.shutdown()
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == {"images": 60, "nodes": 2, "cluster_nodes": 2}
+    assert len(read_rows(tmp_path / "out")) == 60 and len({r["path"] for r in read_rows(tmp_path / "out")}) == 60
+
+
+def test_cli_run_on_the_session_ray_and_bad_arguments(ray_local, cnn_export, tmp_path):
+    address = ray_local.get_runtime_context().gcs_address
+    folder = write_bad_images(tmp_path / "in")
+    proc = run_ferry("batch", str(cnn_export[0]), str(folder), "--out", str(tmp_path / "out"), "--address", address)
+    assert proc.returncode == 1, proc.stderr  # some inputs failed: exit 1, like ferry predict
+    assert f"{len(BAD_IMAGES) + 2} images, {len(BAD_IMAGES)} failed" in proc.stdout and "Traceback" not in proc.stderr
+    model = str(cnn_export[0])
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ([str(tmp_path / "none.onnx"), str(folder)], "model not found"),
+        ([model, str(tmp_path / "empty")], "no input files"),
+        ([model, str(tmp_path / "nowhere")], "does not exist"),
+        ([model, str(folder), "--address", "127.0.0.1:1"], "cannot reach a Ray cluster at 127.0.0.1:1"),
+        ([model, str(folder), "--batch-size", "0"], "--batch-size must be >= 1"),
+        ([model, str(folder), "--workers", "4", "--cpus-per-worker", "1", "--address", address], "starve"),
+    ]
+    for args, needle in cases:
+        assert_clean_error(run_ferry("batch", *args, "--out", str(tmp_path / "o")), needle)
+    assert_clean_error(run_ferry("batch", model, str(folder), "--out", str(tmp_path / "out")), "not an empty folder")
