@@ -13,12 +13,17 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ferry-installed
 
-.PHONY: help demo train export predict fidelity bench test clean
+FASHION_DIR ?= data/fashion
+FASHION_IDX ?= /usr/share/datasets/fashion-mnist
+
+.PHONY: help demo train export predict fidelity bench test clean fidelity-full train-avx2 int8-portability \
+	finetune bench-batch bench-serve
 
 help:
 	@echo "make demo  [DATA_DIR=data]  train, export both models, predict samples, canvas fidelity, benchmark"
 	@echo "make test  [DATA_DIR=data]  the test suite (real-MNIST tests skip when DATA_DIR lacks MNIST)"
 	@echo "make bench [BENCH_OUT=...]  only the CPU/GPU benchmark of the models in $(MODELS)/"
+	@echo "more figures of the README (after make demo): fidelity-full train-avx2 int8-portability finetune bench-batch bench-serve"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,10 +53,38 @@ predict: $(STAMP)
 
 fidelity: $(STAMP)
 	$(BIN)/python -m ferry.bench.canvas_fidelity --model $(MODELS)/mnist-cnn.onnx --data-dir $(DATA_DIR) \
-		--out $(RUNS)/canvas_fidelity.json
+		--limit 2000 --out $(RUNS)/canvas_fidelity.json
 
 bench: $(STAMP)
 	$(BIN)/ferry bench --models-dir $(MODELS) --checkpoint $(RUNS)/mnist-cnn/checkpoint.pt --out $(BENCH_OUT)
+
+# --- the README's other figures (each writes into $(RUNS)/; see the README for the machine they came from) ---
+
+fidelity-full: $(STAMP)
+	$(BIN)/python -m ferry.bench.canvas_fidelity --model $(MODELS)/mnist-cnn.onnx --data-dir $(DATA_DIR) \
+		--out $(RUNS)/canvas_fidelity_full.json
+
+train-avx2: $(STAMP)
+	@# the AVX2 instruction-set class on any x86 CPU: oneDNN and ATen restricted to AVX2 kernels
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(BIN)/ferry train --data-dir $(DATA_DIR) --out $(RUNS)/mnist-cnn-avx2
+
+int8-portability: $(STAMP)
+	$(BIN)/python -m ferry.bench.int8_portability --model $(MODELS)/mnist-cnn.onnx --data-dir $(DATA_DIR) \
+		--emulate EPYC-Milan --out $(RUNS)/int8_portability.json
+
+finetune: $(STAMP)
+	$(BIN)/python -m ferry.bench.datasets fashion-mnist --idx-dir $(FASHION_IDX) --out $(FASHION_DIR) --train 5000 --test 2000
+	$(BIN)/ferry train --arch resnet18 --weights none --image-size 64 --epochs 4 --data-dir $(FASHION_DIR) \
+		--out $(RUNS)/fashion-resnet18
+	$(BIN)/ferry export resnet18 --checkpoint $(RUNS)/fashion-resnet18/checkpoint.pt --name fashion-resnet18 \
+		--out $(MODELS) --int8
+	$(BIN)/ferry predict $(MODELS)/fashion-resnet18.int8.onnx $(FASHION_DIR)/val/sneaker --top-k 2 --json $(RUNS)/fashion-predict.json
+
+bench-batch: $(STAMP)
+	$(BIN)/python -m ferry.bench.batch_bench --models-dir $(MODELS) --data-dir $(DATA_DIR) --out $(RUNS)/batch-bench
+
+bench-serve: $(STAMP)
+	$(BIN)/python -m ferry.bench.loadtest --models-dir $(MODELS) --out $(RUNS)/serve-bench
 
 test: $(STAMP)
 	FERRY_MNIST_DIR=$(DATA_DIR) $(BIN)/python -m pytest -q

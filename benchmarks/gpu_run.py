@@ -1,11 +1,18 @@
 """One prepared run for a machine with an NVIDIA GPU (at most 8 minutes, no network):
 
-  1. train the digit CNN on CUDA for a couple of epochs (seconds per epoch, accuracy);
-  2. export both models (CNN: fp32/int8/fp16 from that checkpoint; ResNet-50: random weights);
-  3. benchmark GPU and CPU backends (`ferry bench`), writing everything to --out.
+  1. train the digit CNN with the default recipe on CUDA (bf16 autocast, channels-last): seconds
+     per epoch and test accuracy;
+  2. export both models (the CNN from that checkpoint; ResNet-50 with random weights: speed does
+     not depend on them), fp32, int8 and fp16, each validated;
+  3. check that onnxruntime's CUDA provider really runs them: the provider is read back from the
+     session and onnxruntime's profile names the provider of every node (a Conv/Gemm/MatMul on the
+     CPU under --provider cuda is an error);
+  4. benchmark PyTorch eager CUDA, onnxruntime CUDA fp32/fp16 and TensorRT (reported unavailable,
+     with the reason, when its libraries are missing) over batch sizes up to where the GPU
+     saturates, and the machine's own CPU with onnxruntime fp32/int8, all in one run.
 
-It needs PyTorch with CUDA and onnxruntime; with the onnxruntime CPU build (no onnxruntime-gpu)
-the onnxruntime CUDA rows are reported as unavailable, never run on the CPU instead.
+Everything lands in --out: summary.json, train/ (metrics, curves), bench/ (results.json,
+report.md, plots). A backend that cannot run is reported as skipped, never replaced by the CPU.
 
   python -m ferry.bench.gpu_run --data-dir DIR_WITH_MNIST --out benchmarks/results/gpu-<card>
   python -m ferry.bench.gpu_run --data-dir ../shared/data --out /tmp/gpu-dry --dry-run   # anywhere
@@ -30,7 +37,8 @@ def _log(msg: str) -> None:
 
 
 def _sample_images(folder: Path, n: int = 16) -> Path:
-    """Calibration images for ResNet-50 int8: the repo's sample photos, else seeded noise."""
+    """Calibration images for ResNet-50 int8 (random weights: only speed matters here): the repo's
+    sample photos, else seeded noise."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -42,6 +50,19 @@ def _sample_images(folder: Path, n: int = 16) -> Path:
     for i in range(max(0, n - len(photos))):
         Image.fromarray(rng.integers(0, 255, (256, 320, 3), dtype=np.uint8)).save(folder / f"noise{i}.png")
     return folder
+
+
+def _nvidia_smi() -> dict:
+    query = "name,driver_version,memory.total,clocks.max.sm,power.limit"
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20).stdout.strip()
+        header = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    cuda = next((ln.split("CUDA Version:")[1].split("|")[0].strip() for ln in header.splitlines() if "CUDA Version" in ln), None)
+    fields = [f.strip() for f in out.splitlines()[0].split(",")] if out else []
+    return {**dict(zip(query.split(","), fields)), "driver_cuda_version": cuda}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,16 +79,19 @@ def _run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True, help="folder holding MNIST/raw/*-ubyte")
     parser.add_argument("--out", required=True, help="results folder")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=0, help="training epochs (default: the recipe's)")
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on any device (checks the script)")
     args = parser.parse_args(argv)
 
     import torch
 
+    from ferry.bench import matrix
     from ferry.bench.report import table, write_all
     from ferry.bench.suite import BenchConfig, run_benchmarks
-    from ferry.core.fileio import write_json_atomic
+    from ferry.core.errors import FerryError
+    from ferry.core.machine import machine_info
     from ferry.export.pipeline import ExportOptions, export_model
+    from ferry.runtime import Classifier
     from ferry.train.config import TrainConfig
     from ferry.train.trainer import train
 
@@ -78,24 +102,26 @@ def _run(argv: list[str] | None) -> int:
     if not cuda and not args.dry_run:
         _log("no CUDA device: this script is for a GPU machine (use --dry-run to check it here)")
         return 2
-    summary: dict = {"dry_run": args.dry_run, "torch": torch.__version__, "cuda": torch.version.cuda,
-                     "gpu": torch.cuda.get_device_name(0) if cuda else None}
-    try:
-        summary["nvidia_smi"] = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        summary["nvidia_smi"] = None
     import onnxruntime
 
-    summary["onnxruntime"] = {"version": onnxruntime.__version__, "providers": onnxruntime.get_available_providers()}
-    _log(f"device: {summary['gpu'] or 'CPU (dry run)'}; onnxruntime {onnxruntime.__version__} providers {summary['onnxruntime']['providers']}")
+    summary: dict = {"dry_run": args.dry_run, "machine": machine_info(), "torch": torch.__version__,
+                     "torch_cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
+                     "gpu": torch.cuda.get_device_name(0) if cuda else None, "nvidia_smi": _nvidia_smi(),
+                     "onnxruntime": {"version": onnxruntime.__version__, "file": onnxruntime.__file__,
+                                     "providers": onnxruntime.get_available_providers()}}
+    _log(f"device: {summary['gpu'] or 'CPU (dry run)'}; onnxruntime {onnxruntime.__version__} "
+         f"providers {summary['onnxruntime']['providers']}")
 
     # 1. train
-    device = "cuda" if cuda else "cpu"
-    cfg = TrainConfig(data_dir=args.data_dir, out=str(out / "train"), epochs=args.epochs, device=device)
+    cfg = TrainConfig(data_dir=args.data_dir, out=str(out / "train"), device="cuda" if cuda else "cpu")
+    if args.epochs:
+        cfg = TrainConfig(**{**cfg.to_dict(), "channels": tuple(cfg.channels), "epochs": args.epochs})
     metrics = train(cfg, progress=False, log=_log, dry_run=args.dry_run)
     summary["train"] = {"device": metrics["device"], "epochs": len(metrics["epochs"]),
                         "seconds_per_epoch": [round(r["seconds"], 2) for r in metrics["epochs"]],
+                        "train_seconds": round(metrics["train_seconds"], 1), "autocast": "bf16" if cuda else None,
                         "test_accuracy": metrics["test_accuracy"], "test_images": metrics["test_images"]}
+    _save(summary, out)
 
     # 2. export
     models = out / "models"
@@ -104,24 +130,40 @@ def _run(argv: list[str] | None) -> int:
                                      int8=True, fp16=True, int8_max_drop_pp=100.0 if args.dry_run else 0.1), log=_log)
     summary["export_cnn"] = {k: v.get("validation", v.get("accuracy_vs_fp32")) for k, v in cnn.metadata.items()}
     export_model(ExportOptions(model="resnet50", weights="none", out=str(models), int8=True, fp16=True,
-                               calib_dir=str(_sample_images(out / "calib", 4 if args.dry_run else 16))), log=_log)
+                               calib_dir=str(_sample_images(out / "calib", 5 if args.dry_run else 20))), log=_log)
 
-    # 3. benchmark
-    from ferry.bench import matrix
+    # 3. where does each node run under --provider cuda
+    summary["placement"] = {}
+    for name in ("mnist-cnn.onnx", "mnist-cnn.fp16.onnx", "resnet50.onnx", "resnet50.fp16.onnx"):
+        try:
+            clf = Classifier.from_onnx(models / name, provider="cuda")
+            summary["placement"][name] = {"provider": clf.provider.used, **(clf.provider.placement or {})}
+        except FerryError as exc:
+            summary["placement"][name] = {"error": str(exc)}
+        _log(f"placement {name}: {summary['placement'][name]}")
+    _save(summary, out)
 
-    plan = "quick" if args.dry_run else "gpu"
-    batches = {m: matrix.batch_sizes(m, plan) for m in matrix.DEFAULT_MODELS}
-    bcfg = BenchConfig(models_dir=str(models), batch_sizes=batches, checkpoint=str(ckpt),
+    # 4. benchmark
+    plan_cpu, plan_gpu = ("quick", "quick") if args.dry_run else ("default", "gpu")
+    bcfg = BenchConfig(models_dir=str(models), checkpoint=str(ckpt),
+                       batch_sizes={m: matrix.batch_sizes(m, plan_cpu) for m in matrix.DEFAULT_MODELS},
+                       gpu_batch_sizes={m: matrix.batch_sizes(m, plan_gpu) for m in matrix.DEFAULT_MODELS},
                        min_seconds=0.2 if args.dry_run else 1.0, min_calls=10 if args.dry_run else 100,
-                       max_seconds=2.0 if args.dry_run else 8.0)
+                       max_seconds=2.0 if args.dry_run else 6.0, retries=0 if args.dry_run else 1)
     results = run_benchmarks(bcfg, progress=_log)
     write_all(results, out / "bench")
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
-    write_json_atomic(out / "summary.json", summary)
+    _save(summary, out)
     print(table(results))
-    print(json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "machine"}, indent=2))
     _log(f"done in {summary['seconds']} s; results in {out}")
     return 0
+
+
+def _save(summary: dict, out: Path) -> None:
+    from ferry.core.fileio import write_json_atomic
+
+    write_json_atomic(out / "summary.json", summary)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ class BenchConfig:
     models: tuple[str, ...] = matrix.DEFAULT_MODELS
     backends: tuple[str, ...] = tuple(matrix.BACKENDS)
     batch_sizes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per model; default: the matrix's
+    gpu_batch_sizes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per model, GPU backends (default: batch_sizes)
     checkpoint: str | None = None  # trained CNN for the PyTorch baseline (else random weights)
     threads: int = 0  # intra-op threads for torch and onnxruntime (0: their defaults, read back)
     min_seconds: float = 2.0  # per measurement
@@ -78,8 +79,9 @@ def run_benchmarks(cfg: BenchConfig, *, progress: Callable[[str], None] = lambda
             except bk.Unavailable as exc:
                 skipped.append({"model": model, "backend": name, "reason": str(exc)})
                 continue
+            batches = cfg.gpu_batch_sizes.get(model, plan[model]) if spec.device == "cuda" else plan[model]
             try:
-                rows.extend(_measure_backend(prepared, model, shape, plan[model], cfg, machine, progress))
+                rows.extend(_measure_backend(prepared, model, shape, batches, cfg, machine, progress))
             finally:
                 del prepared  # one live session at a time (see the module docstring)
                 gc.collect()
@@ -94,7 +96,8 @@ def run_benchmarks(cfg: BenchConfig, *, progress: Callable[[str], None] = lambda
         "schema": RESULTS_SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine,
-        "config": {**asdict(cfg), "batch_sizes": {m: list(b) for m, b in plan.items()}},
+        "config": {**asdict(cfg), "batch_sizes": {m: list(b) for m, b in plan.items()},
+                   "gpu_batch_sizes": {m: list(b) for m, b in cfg.gpu_batch_sizes.items()}},
         "notes": [
             "ResNet-50 and, without --checkpoint, the digit CNN use random weights: speed does not depend on them.",
             "Inputs are fixed, seeded random tensors; preprocessing is not timed. Every backend takes a host "

@@ -150,7 +150,7 @@ def cnn_export(tmp_path_factory):
     t = torch.from_numpy
     (tx, ty), (vx, vy) = synthetic_digits(640, seed=1), synthetic_digits(200, seed=2)
     splits = MnistSplits(t(tx), t(ty), t(vx), t(vy), t(vx), t(vy))
-    cfg = TrainConfig(out=str(root / "run"), epochs=2, channels=(4, 8, 8), device="cpu", lr=0.05)
+    cfg = TrainConfig(out=str(root / "run"), epochs=2, channels=(4, 8, 8), device="cpu", lr=0.05, redraw=0.0)
     train(cfg, splits=splits, progress=False, log=lambda _m: None)
     write_fake_mnist(root / "mnist", (tx, ty), (vx, vy))
     result = export_model(ExportOptions(model="mnist-cnn", out=str(root / "models"), checkpoint=cfg.out + "/checkpoint.pt",

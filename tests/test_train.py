@@ -27,7 +27,8 @@ def tiny_splits(n_train: int = 640, n_val: int = 200, n_test: int = 200) -> data
 
 
 def tiny_config(tmp_path: Path, **kw) -> TrainConfig:
-    base = dict(out=str(tmp_path / "run"), epochs=2, channels=(4, 8, 8), device="cpu", lr=0.05, seed=0)
+    # synthetic digits: the class is where the block is, so no redrawing (it re-centres every image)
+    base = dict(out=str(tmp_path / "run"), epochs=2, channels=(4, 8, 8), device="cpu", lr=0.05, seed=0, redraw=0.0)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -55,13 +56,23 @@ def test_lr_schedule_warms_up_then_decays():
 
 
 def test_augmentation_keeps_shape_and_background():
-    x = data.normalize(torch.from_numpy(synthetic_digits(8)[0]))
-    out = data.random_affine(x, torch.Generator().manual_seed(0))
-    assert out.shape == x.shape
-    assert not torch.allclose(out, x)
-    background = -0.1307 / 0.3081
-    blank = data.random_affine(torch.full((2, 1, 28, 28), background), torch.Generator().manual_seed(0))
-    assert torch.allclose(blank, torch.full_like(blank, background), atol=1e-5)
+    x = data.to_unit(torch.from_numpy(synthetic_digits(8)[0]))
+    for elastic in (0.0, 1.5):
+        out = data.random_warp(x, torch.Generator().manual_seed(0), elastic_px=elastic)
+        assert out.shape == x.shape and not torch.allclose(out, x)
+        blank = data.random_warp(torch.zeros(2, 1, 28, 28), torch.Generator().manual_seed(0), elastic_px=elastic)
+        assert torch.equal(blank, torch.zeros_like(blank))
+
+
+def test_stroke_width_jitter_thickens_and_thins():
+    bar = torch.zeros(400, 1, 28, 28)
+    bar[:, :, 6:22, 12:15] = 1.0  # a 3-pixel-wide stroke
+    out = data.stroke_width_jitter(bar, torch.Generator().manual_seed(0), p=1.0)
+    ink = out.sum(dim=(1, 2, 3))
+    base = bar[0].sum()
+    assert (ink > base * 1.2).sum() > 150 and (ink < base * 0.85).sum() > 80  # thicker ones and thinner ones
+    assert torch.allclose(data.stroke_width_jitter(bar, torch.Generator(), p=0.0), bar)
+    assert out.shape == bar.shape and out.min() >= 0 and out.max() <= 1
 
 
 def test_training_learns_and_writes_outputs(tmp_path):
@@ -284,3 +295,23 @@ def test_killed_mid_epoch_then_resumed_loses_only_that_epoch(tmp_path, fake_mnis
     assert f"after epoch {saved}" in done.stdout
     history = load_checkpoint(ckpt)["history"]
     assert [r["epoch"] for r in history] == list(range(1, 41))
+
+
+def test_redrawn_digits_are_framed_like_mnist():
+    x = torch.zeros(3, 28, 28, dtype=torch.uint8)
+    x[0, 2:8, 2:5] = 255  # small and in a corner
+    x[1, 5:25, 10:14] = 255  # a tall bar
+    x[2, 10:14, 3:25] = 255  # a wide bar
+    framed = data.frame_like_mnist(data.to_unit(x))
+    for img in framed[:, 0]:
+        ys, xs = torch.nonzero(img > 0.3, as_tuple=True)
+        extent = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+        assert 18 <= extent <= 22
+        com = (torch.stack(torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")) * img).sum((1, 2)) / img.sum()
+        assert torch.allclose(com, torch.tensor([13.5, 13.5]), atol=0.75)
+    skel = data.skeletons(x)
+    assert skel.shape == x.shape and skel.max() == 1 and skel.sum() < (x > 0).sum()
+    pens = data.redraw_with_pen(skel.float().unsqueeze(1).repeat(40, 1, 1, 1)[:40], torch.Generator().manual_seed(1))
+    ink = pens.sum(dim=(1, 2, 3))
+    assert pens.min() >= 0 and pens.max() <= 1 and ink.min() > 0
+    assert ink.max() > 1.5 * ink.min()  # several pen widths

@@ -18,14 +18,17 @@ class TrainConfig:
 
     data_dir: str = field(default="data", metadata=_doc("folder holding MNIST/raw/*-ubyte (torchvision layout)"))
     out: str = field(default="runs/mnist-cnn", metadata=_doc("output folder: checkpoint, metrics.json, curves.png"))
-    epochs: int = field(default=10, metadata=_doc("number of training epochs"))
+    epochs: int = field(default=8, metadata=_doc("number of training epochs"))
     batch_size: int = field(default=64, metadata=_doc("mini-batch size (shuffled, drop_last)"))
     lr: float = field(default=0.05, metadata=_doc("peak learning rate of the one-cycle schedule (SGD)"))
     momentum: float = field(default=0.9, metadata=_doc("SGD momentum"))
     weight_decay: float = field(default=5e-4, metadata=_doc("L2 weight decay (not on batch-norm and bias)"))
     warmup: float = field(default=0.15, metadata=_doc("fraction of the steps spent warming the lr up"))
     label_smoothing: float = field(default=0.0, metadata=_doc("cross-entropy label smoothing"))
-    augment: bool = field(default=True, metadata=_doc("random small affine shifts/rotations/scales of training images"))
+    augment: bool = field(default=True, metadata=_doc("random small shifts/rotations/scales of training images"))
+    redraw: float = field(default=0.3, metadata=_doc("with --augment: share of images redrawn along their skeleton with a constant-width pen"))
+    stroke_jitter: float = field(default=0.0, metadata=_doc("with --augment: share of images whose strokes are thickened or thinned"))
+    elastic: float = field(default=0.0, metadata=_doc("with --augment: elastic distortion in pixels (0: none)"))
     channels: tuple[int, int, int] = field(default=(32, 64, 128), metadata=_doc("widths of the 3 conv layers"))
     dropout: float = field(default=0.25, metadata=_doc("dropout before the classifier"))
     val_size: int = field(default=5000, metadata=_doc("training images held out for validation"))
@@ -51,6 +54,12 @@ class TrainConfig:
             problems.append(f"--warmup must be in [0, 1) (got {self.warmup})")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"--label-smoothing must be in [0, 1) (got {self.label_smoothing})")
+        if not 0 <= self.redraw <= 1:
+            problems.append(f"--redraw must be in [0, 1] (got {self.redraw})")
+        if not 0 <= self.stroke_jitter <= 1:
+            problems.append(f"--stroke-jitter must be in [0, 1] (got {self.stroke_jitter})")
+        if not 0 <= self.elastic <= 5:
+            problems.append(f"--elastic must be in [0, 5] pixels (got {self.elastic})")
         if not 0 <= self.dropout < 1:
             problems.append(f"--dropout must be in [0, 1) (got {self.dropout})")
         if self.val_size < 0:

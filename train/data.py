@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +33,7 @@ class MnistSplits:
     val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+    train_skel: torch.Tensor | None = None  # (N, 28, 28) uint8 skeletons of train_x, for redraw_with_pen
 
 
 def load_mnist_arrays(data_dir: str | Path, *, download: bool = False) -> tuple[torch.Tensor, ...]:
@@ -86,22 +88,98 @@ def split(
 
 def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
     """(N, 28, 28) uint8 -> (N, 1, 28, 28) float32, scaled to [0, 1] then standardized."""
-    return ((x_uint8.float() / 255.0 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
+    return standardize(to_unit(x_uint8))
 
 
-def random_affine(
+def to_unit(x_uint8: torch.Tensor) -> torch.Tensor:
+    """(N, 28, 28) uint8 -> (N, 1, 28, 28) float32 in [0, 1] (ink 1, background 0)."""
+    return (x_uint8.float() / 255.0).unsqueeze(1)
+
+
+def standardize(x_unit: torch.Tensor) -> torch.Tensor:
+    return (x_unit - MNIST_MEAN) / MNIST_STD
+
+
+def skeletons(x_uint8: torch.Tensor) -> torch.Tensor:
+    """The one-pixel centre lines of (N, 28, 28) uint8 digits (scikit-image's skeletonize of the ink
+    above 40%), as uint8 0/1: the strokes a pen would trace. About 15 us an image."""
+    from skimage.morphology import skeletonize
+
+    ink = x_uint8.numpy() > 102
+    return torch.from_numpy(np.stack([skeletonize(d) for d in ink]).astype(np.uint8))
+
+
+def redraw_with_pen(skel: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Digits drawn again along their skeletons with a round-ish pen of constant, random width (1.5 to
+    4.5 pixels of the 28x28 image), as a person draws on the canvas; then framed like MNIST (ink
+    fitted into a 20x20 box, centred by mass in 28x28). `skel`: (N, 1, 28, 28) 0/1 float."""
+    n = skel.shape[0]
+    up = F.interpolate(skel, scale_factor=2, mode="nearest")
+    radius = torch.randint(1, 5, (n,), generator=generator).to(skel.device)  # 3x3 dilations at 2x
+    out = grown = up
+    for r in range(1, 5):
+        grown = F.max_pool2d(grown, 3, stride=1, padding=1)
+        out = torch.where((radius >= r).view(n, 1, 1, 1), grown, out)
+    return frame_like_mnist(F.avg_pool2d(out, 2))
+
+
+def frame_like_mnist(x: torch.Tensor, box: float = 20.0) -> torch.Tensor:
+    """Scale each [0, 1] (N, 1, 28, 28) image so its ink fits a `box` x `box` square and move its
+    centre of mass to the centre, as the MNIST digits were prepared (and as the runtime prepares
+    canvas drawings)."""
+    n, _, h, w = x.shape
+    ink = x > 0.1
+    rows, cols = ink.any(dim=3).squeeze(1), ink.any(dim=2).squeeze(1)
+    idx_h, idx_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    big = torch.tensor(10_000, device=x.device)
+    top, bottom = torch.where(rows, idx_h, big).min(1).values, torch.where(rows, idx_h, -big).max(1).values
+    left, right = torch.where(cols, idx_w, big).min(1).values, torch.where(cols, idx_w, -big).max(1).values
+    extent = torch.maximum(bottom - top + 1, right - left + 1).clamp(min=1).float()
+    scale = (box / extent).clamp(0.5, 3.0)
+    mass = x.sum(dim=(1, 2, 3)).clamp(min=1e-6)
+    cy = (x.sum(dim=3).squeeze(1) * idx_h).sum(1) / mass
+    cx = (x.sum(dim=2).squeeze(1) * idx_w).sum(1) / mass
+    zero = torch.zeros_like(scale)
+    theta = torch.stack([torch.stack([1 / scale, zero, (2 * cx + 1) / w - 1], 1),
+                         torch.stack([zero, 1 / scale, (2 * cy + 1) / h - 1], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def stroke_width_jitter(x: torch.Tensor, generator: torch.Generator, *, p: float) -> torch.Tensor:
+    """Thicken or thin the strokes of a [0, 1] (N, 1, H, W) batch, as pens and people vary: with
+    probability `p` an image is dilated by one or two pixels or eroded by one, at twice the
+    resolution (so a step is half a pixel of the 28x28 image), then brought back to size."""
+    if p <= 0:
+        return x
+    n = x.shape[0]
+    up = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    thick1 = F.max_pool2d(up, 3, stride=1, padding=1)
+    variants = torch.stack([
+        up,
+        -F.max_pool2d(-up, 3, stride=1, padding=1),  # erode: thinner
+        thick1,  # dilate: thicker
+        F.max_pool2d(thick1, 3, stride=1, padding=1),  # dilate twice: a broad pen
+    ])
+    u = torch.rand(n, generator=generator)  # random numbers come from the CPU generator on every device
+    kind = torch.where(u < p, 1 + (torch.rand(n, generator=generator) * 3).long().clamp(max=2), torch.zeros(n, dtype=torch.long))
+    picked = variants[kind.to(x.device), torch.arange(n, device=x.device)]
+    return F.avg_pool2d(picked, 2)
+
+
+def random_warp(
     x: torch.Tensor,
     generator: torch.Generator,
     *,
     max_shift: float = 2.0,
     max_rotate_deg: float = 10.0,
     max_scale: float = 0.1,
+    elastic_px: float = 0.0,
 ) -> torch.Tensor:
-    """Apply a random small affine transform to each image of a normalized (N, 1, H, W) batch.
-
-    Shifts up to `max_shift` pixels, rotations up to `max_rotate_deg`, scales within
-    1 +- `max_scale`. The background is filled with the normalized value of a 0 pixel.
-    """
+    """A random small affine transform of each image of a [0, 1] (N, 1, H, W) batch (shifts up to
+    `max_shift` pixels, rotations up to `max_rotate_deg`, scales within 1 +- `max_scale`), plus, with
+    `elastic_px` > 0, a smooth elastic distortion of up to about that many pixels (a random 4x4
+    displacement field, upsampled): the wobble of a hand-drawn line. One grid_sample for both."""
     n, _, h, w = x.shape
     u = torch.rand(n, 4, generator=generator) * 2 - 1  # uniform in [-1, 1]
     angle = u[:, 0] * math.radians(max_rotate_deg)
@@ -115,9 +193,11 @@ def random_affine(
         dim=1,
     ).to(x.device)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    background = -MNIST_MEAN / MNIST_STD
-    out = F.grid_sample(x - background, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out + background
+    if elastic_px > 0:
+        coarse = torch.randn(n, 2, 4, 4, generator=generator) * (elastic_px / 2)
+        field = F.interpolate(coarse.to(x.device), size=(h, w), mode="bicubic", align_corners=False)
+        grid = grid + field.permute(0, 2, 3, 1) * torch.tensor([2 / w, 2 / h], device=x.device)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def batches(
@@ -130,12 +210,16 @@ def batches(
     drop_last: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (uint8 images, labels) mini-batches, shuffled with `generator` when asked."""
-    n = x.shape[0]
+    for idx in batch_indices(x.shape[0], batch_size=batch_size, generator=generator, shuffle=shuffle, drop_last=drop_last):
+        yield x[idx], y[idx]
+
+
+def batch_indices(n: int, *, batch_size: int, generator: torch.Generator | None = None, shuffle: bool = False,
+                  drop_last: bool = False) -> Iterator[torch.Tensor]:
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     stop = n - n % batch_size if drop_last else n
     for i in range(0, stop, batch_size):
-        idx = order[i : i + batch_size]
-        yield x[idx], y[idx]
+        yield order[i : i + batch_size]
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:

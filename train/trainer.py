@@ -120,7 +120,7 @@ def train_one_epoch(
     model.train()
     running, seen = 0.0, 0
     bar = tqdm(
-        data.batches(splits.train_x, splits.train_y, batch_size=cfg.batch_size, generator=gen, shuffle=True, drop_last=True),
+        data.batch_indices(splits.train_x.shape[0], batch_size=cfg.batch_size, generator=gen, shuffle=True, drop_last=True),
         total=n_steps,
         desc=f"epoch {epoch}/{cfg.epochs}",
         unit="batch",
@@ -128,14 +128,21 @@ def train_one_epoch(
         leave=False,
         file=sys.stderr,
     )
-    for i, (xb, yb) in enumerate(bar):
+    for i, idx in enumerate(bar):
+        xb, yb = splits.train_x[idx], splits.train_y[idx]
         step = (epoch - 1) * n_steps + i
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total_steps, peak=cfg.lr, warmup=cfg.warmup)
-        xb = data.normalize(xb)
+        xb = data.to_unit(xb.to(device, non_blocking=True))  # uint8 to the device, augmented there
         if cfg.augment:
-            xb = data.random_affine(xb, gen)
-        xb = xb.to(device, memory_format=torch.channels_last, non_blocking=True)
+            if cfg.redraw > 0 and splits.train_skel is not None:
+                pick = torch.nonzero(torch.rand(len(idx), generator=gen) < cfg.redraw).squeeze(1)
+                if len(pick):
+                    skel = splits.train_skel[idx[pick]].to(device).float().unsqueeze(1)
+                    xb[pick.to(device)] = data.redraw_with_pen(skel, gen)
+            xb = data.stroke_width_jitter(xb, gen, p=cfg.stroke_jitter)
+            xb = data.random_warp(xb, gen, elastic_px=cfg.elastic)
+        xb = data.standardize(xb).contiguous(memory_format=torch.channels_last)
         yb = yb.to(device, non_blocking=True)
         with _autocast(device):
             logits = model(xb)
@@ -253,6 +260,8 @@ def train(
     if splits is None:
         train_x, train_y, test_x, test_y = data.load_mnist_arrays(cfg.data_dir, download=True)
         splits = data.split(train_x, train_y, test_x, test_y, val_size=cfg.val_size, train_limit=cfg.train_limit)
+    if cfg.augment and cfg.redraw > 0 and splits.train_skel is None:
+        splits = dataclasses.replace(splits, train_skel=data.skeletons(splits.train_x))
     if dry_run:
         splits = dataclasses.replace(splits, val_x=splits.val_x[:1000], val_y=splits.val_y[:1000],
                                      test_x=splits.test_x[:1000], test_y=splits.test_y[:1000])

@@ -3,8 +3,9 @@
   ferry draw [--model models/mnist-cnn.onnx] [--provider auto|cpu|cuda|tensorrt]
 
 Drag on the canvas to draw; the prediction updates when a stroke ends (or press Predict).
-Clear starts again. The drawing goes through the runtime's MNIST-style normalization (crop to
-the ink, fit 20x20, centre by mass in 28x28), so size and position do not matter."""
+Clear starts again; the slider (or [ and ]) sets the pen's width. The model reads the strokes
+redrawn with an MNIST-like pen and then the runtime's MNIST-style normalization (crop to the ink,
+fit 20x20, centre by mass in 28x28), so pen width, size and position do not matter."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"the exported digit model (default: {DEFAULT_MODEL}, written by `make demo`)")
     parser.add_argument("--provider", choices=CHOICES, default="auto", help="execution provider (default: auto)")
+    parser.add_argument("--pen-width", type=int, default=None,
+                        help="pen width in pixels to start with, 6-36 (default: 18; the slider and [ ] change it)")
 
 
 class DrawApp:
@@ -30,13 +33,15 @@ class DrawApp:
 
     BAR_W = 180
 
-    def __init__(self, root, clf) -> None:
+    def __init__(self, root, clf, pen_width: int | None = None) -> None:
         import tkinter as tk
 
-        from ferry.app.canvas import CANVAS_SIZE, PEN_WIDTH, Stroke
+        from ferry.app.canvas import CANVAS_SIZE, PEN_RANGE, PEN_WIDTH, Stroke
 
         self.tk, self.root, self.clf = tk, root, clf
-        self.Stroke, self.pen = Stroke, PEN_WIDTH
+        self.Stroke = Stroke
+        self.pen_var = tk.IntVar(value=pen_width or PEN_WIDTH)
+        self.pen_range = PEN_RANGE
         self.strokes: list = []
         root.title("ferry draw")
         root.resizable(False, False)
@@ -52,6 +57,8 @@ class DrawApp:
         self.predict_button.pack(side="left")
         self.clear_button = tk.Button(buttons, text="Clear", width=10, command=self.clear)
         self.clear_button.pack(side="right")
+        tk.Scale(left, label="pen width  ([ and ] change it)", from_=PEN_RANGE[0], to=PEN_RANGE[1], orient="horizontal",
+                 variable=self.pen_var, length=CANVAS_SIZE).pack(fill="x")
 
         right = tk.Frame(root, padx=10, pady=10)
         right.grid(row=0, column=1, sticky="n")
@@ -71,6 +78,16 @@ class DrawApp:
         self.canvas.bind("<ButtonRelease-1>", self._end)
         root.bind("<Return>", lambda _e: self.predict())
         root.bind("<Escape>", lambda _e: self.clear())
+        root.bind("<bracketleft>", lambda _e: self.set_pen(self.pen - 4))
+        root.bind("<bracketright>", lambda _e: self.set_pen(self.pen + 4))
+
+    @property
+    def pen(self) -> int:
+        return int(self.pen_var.get())
+
+    def set_pen(self, width: int) -> None:
+        self.pen_var.set(max(self.pen_range[0], min(self.pen_range[1], width)))
+        print(f"pen: {self.pen}", flush=True)
 
     # --- strokes ------------------------------------------------------------------------------
 
@@ -155,7 +172,9 @@ def run(args: argparse.Namespace) -> int:
         raise FerryError("Tkinter is not available in this Python (install python3-tk / tk-dev)") from exc
     except Exception as exc:  # noqa: BLE001 - TclError: no display
         raise FerryError(f"cannot open a window: {exc} (is $DISPLAY set?)") from exc
-    DrawApp(root, clf)
+    if args.pen_width is not None and not 6 <= args.pen_width <= 36:
+        raise FerryError(f"--pen-width must be 6-36 (got {args.pen_width})")
+    DrawApp(root, clf, pen_width=args.pen_width)
     print(f"ferry draw: {clf.name} on {clf.provider.describe()}", flush=True)
     root.mainloop()
     return 0

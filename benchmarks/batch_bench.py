@@ -1,0 +1,118 @@
+"""`ferry batch` (Ray Data) against `ferry predict` (one process) on the same folder, in one run:
+images/s of each, the fixed cost of starting Ray reported separately, and throughput with 1 and 2
+workers. The folders are written here from real images: MNIST test digits as PNG files for the digit
+CNN, and the sample photos (random crops, as JPEG files) for ResNet-50 int8.
+
+  python -m ferry.bench.batch_bench --models-dir models --data-dir DATA --out runs/batch-bench [--images 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def digit_folder(data_dir: str, folder: Path, n: int) -> Path:
+    from PIL import Image
+
+    from ferry.core.idx import read_mnist
+
+    folder.mkdir(parents=True, exist_ok=True)
+    x, _ = read_mnist(data_dir, "t10k")
+    for i in range(n):
+        Image.fromarray(x[i % len(x)]).save(folder / f"digit_{i:05d}.png")
+    return folder
+
+
+def photo_folder(folder: Path, n: int, seed: int = 0) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = [Image.open(p).convert("RGB") for p in sorted((REPO / "samples" / "photos").glob("*.jpg"))]
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        img = photos[i % len(photos)]
+        w, h = img.size
+        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+        left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        img.crop((left, top, left + cw, top + ch)).save(folder / f"photo_{i:05d}.jpg", quality=90)
+    return folder
+
+
+def time_predict(model: Path, folder: Path, batch_size: int = 32) -> dict[str, Any]:
+    """What `ferry predict MODEL FOLDER` does, timed from the model load to the last prediction."""
+    from ferry.runtime import Classifier
+    from ferry.runtime.cli import expand_inputs
+
+    t0 = time.perf_counter()
+    clf = Classifier.from_onnx(model, provider="cpu")
+    load = time.perf_counter() - t0
+    files = expand_inputs([str(folder)])
+    t1 = time.perf_counter()
+    ok = sum(o.ok for o in clf.predict_many(files, batch_size=batch_size))
+    seconds = time.perf_counter() - t1
+    return {"images": len(files), "ok": ok, "seconds": seconds, "load_seconds": load,
+            "images_per_second": len(files) / seconds, "threads": clf.provider.threads}
+
+
+def time_batch(model: Path, folder: Path, out: Path, workers: int) -> dict[str, Any]:
+    from ferry.batch.job import BatchOptions, run_batch
+
+    s = run_batch(BatchOptions(model=str(model), input=str(folder), out=str(out), workers=workers, batch_size=32),
+                  log=lambda _m: None)
+    return {"images": s.images, "failures": s.failures, "seconds": s.seconds, "ray_start_seconds": s.ray_start_seconds,
+            "images_per_second": s.images_per_second, "workers": s.workers, "cpus_per_worker": s.cpus_per_worker,
+            "threads_per_worker": s.threads_per_worker}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models-dir", default="models")
+    parser.add_argument("--data-dir", default="data", help="MNIST (for the digit folder)")
+    parser.add_argument("--images", type=int, default=3000, help="digit images (default: 3000)")
+    parser.add_argument("--photos", type=int, default=300, help="photo images for ResNet-50 int8 (default: 300)")
+    parser.add_argument("--out", default="runs/batch-bench")
+    args = parser.parse_args(argv)
+
+    from ferry.core.fileio import write_json_atomic
+    from ferry.core.machine import machine_info
+
+    models = Path(args.models_dir)
+    cases = [("mnist-cnn", models / "mnist-cnn.onnx", "digits", args.images),
+             ("resnet50.int8", models / "resnet50.int8.onnx", "photos", args.photos)]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ferry-batch-bench-") as tmp:
+        tmp = Path(tmp)
+        for name, model, kind, n in cases:
+            if not model.is_file():
+                print(f"skipping {name}: {model} not found", file=sys.stderr)
+                continue
+            folder = digit_folder(args.data_dir, tmp / kind, n) if kind == "digits" else photo_folder(tmp / kind, n)
+            row: dict[str, Any] = {"model": name, "images": n, "predict": time_predict(model, folder)}
+            for workers in (1, 2):
+                row[f"batch_{workers}"] = time_batch(model, folder, tmp / f"out-{name}-{workers}", workers)
+            p, b1, b2 = row["predict"]["images_per_second"], row["batch_1"]["images_per_second"], row["batch_2"]["images_per_second"]
+            row["batch_2_vs_predict"] = b2 / p
+            row["batch_2_vs_batch_1"] = b2 / b1
+            rows.append(row)
+            print(f"{name}: predict {p:.1f} img/s; batch 1 worker {b1:.1f} img/s, 2 workers {b2:.1f} img/s "
+                  f"(x{b2 / p:.2f} of predict; Ray start {row['batch_2']['ray_start_seconds']:.1f} s, not included)", flush=True)
+    result = {"schema": "ferry.batch-bench/1", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "machine": machine_info(), "rows": rows,
+              "notes": ["images/s count from the first image read to the last result written (batch: Parquet written and "
+                        "verified); model load (predict) and Ray start (batch) are reported separately",
+                        "batch workers share the CPUs left after Ray Data's read tasks (0.25 CPU each)"]}
+    write_json_atomic(Path(args.out) / "batch_bench.json", result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
