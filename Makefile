@@ -74,7 +74,7 @@ int8-portability: $(STAMP)
 
 finetune: $(STAMP)
 	$(BIN)/python -m ferry.bench.datasets fashion-mnist --idx-dir $(FASHION_IDX) --out $(FASHION_DIR) --train 5000 --test 2000
-	$(BIN)/ferry train --arch resnet18 --weights none --image-size 64 --epochs 4 --data-dir $(FASHION_DIR) \
+	$(BIN)/ferry train --arch resnet18 --weights none --image-size 64 --data-dir $(FASHION_DIR) \
 		--out $(RUNS)/fashion-resnet18
 	$(BIN)/ferry export resnet18 --checkpoint $(RUNS)/fashion-resnet18/checkpoint.pt --name fashion-resnet18 \
 		--out $(MODELS) --int8

@@ -216,14 +216,26 @@ def create_session(
                     return session, info(session, provider, note, placement)
                 # ORT quietly drops a provider that fails to initialise: the read-back catches it.
                 if provider == "tensorrt" and used and used[0] == PROVIDERS["cuda"]:
-                    reason = ("TensorRT did not start (TensorRT libraries missing, or unsupported model); the session "
-                              "fell back to CUDAExecutionProvider, which is not what was asked for")
+                    why = "TensorRT's libnvinfer cannot be loaded" if not _loadable("libnvinfer.so.10") \
+                        else "TensorRT rejected the model"
+                    reason = (f"TensorRT did not start ({why}); the session fell back to CUDAExecutionProvider, "
+                              "which is not what was asked for")
                 else:
                     reason = _gpu_failure_reason(ort, target, preload_note)
     if provider != "auto":
         raise ProviderError(f"--provider {provider} cannot run: {reason}")
     session = make([PROVIDERS["cpu"]])
     return session, info(session, "auto", note=f"CUDA not used: {reason}")
+
+
+def _loadable(library: str) -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL(library)
+    except OSError:
+        return False
+    return True
 
 
 def _threads_of(session) -> int:

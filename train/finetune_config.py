@@ -43,8 +43,8 @@ class FinetuneConfig:
         problems = []
         if self.epochs < 1:
             problems.append(f"--epochs must be >= 1 (got {self.epochs})")
-        if not 0 <= self.frozen_epochs < self.epochs:
-            problems.append(f"--frozen-epochs must be in [0, --epochs) (got {self.frozen_epochs})")
+        if not 0 <= self.frozen_epochs <= self.epochs:
+            problems.append(f"--frozen-epochs must be in [0, --epochs] (got {self.frozen_epochs}; = --epochs trains the head only)")
         if self.batch_size < 2:
             problems.append(f"--batch-size must be >= 2 (got {self.batch_size})")
         if not self.lr > 0:
