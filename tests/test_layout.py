@@ -21,7 +21,7 @@ ROOMS: dict[str, tuple[str, set[str], set[str]]] = {
     "ferry.core": ("ferry/core", set(), {"numpy"}),
     "ferry.runtime": ("runtime", {"ferry.core"}, {"numpy", "PIL", "onnxruntime"}),
     "ferry.app": ("ferry/app", {"ferry.core", "ferry.runtime"}, {"numpy", "PIL"}),
-    "ferry.train": ("train", {"ferry.core", "ferry.runtime"}, {"numpy", "PIL", "torch", "torchvision", "tqdm", "matplotlib"}),
+    "ferry.train": ("train", {"ferry.core", "ferry.runtime"}, {"numpy", "PIL", "torch", "torchvision", "tqdm", "matplotlib", "skimage"}),
     "ferry.export": ("export", {"ferry.core", "ferry.runtime", "ferry.train"},
                      {"numpy", "PIL", "torch", "torchvision", "onnx", "onnxruntime", "google", "tritonclient"}),
     "ferry.cluster": ("ferry/cluster.py", {"ferry.core"}, {"ray"}),
