@@ -1,6 +1,6 @@
 """Calibration images for int8 from a folder (`--calib-dir`), preprocessed like deployment. One image
-in five is held out: the int8 model's agreement with fp32 is measured on images it was not
-calibrated on."""
+in five (at least one, given two) is held out: the int8 model's agreement with fp32 is measured on
+images it was not calibrated on."""
 
 from __future__ import annotations
 
@@ -37,7 +37,11 @@ def load_calibration_folder(folder: str | Path, spec: dict[str, Any], *, limit: 
         detail = f"; unreadable: {'; '.join(bad[:3])}" if bad else ""
         raise FerryError(f"--calib-dir {folder} holds no usable images ({', '.join(sorted(IMAGE_SUFFIXES))}){detail}")
     x = np.stack(arrays)
-    held = np.arange(len(x)) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1 if len(x) > 1 else np.zeros(len(x), bool)
+    idx = np.arange(len(x))
+    if len(x) >= HOLDOUT_EVERY:
+        held = idx % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+    else:  # a handful of images: still keep one out of calibration, if there are two
+        held = idx == len(x) - 1 if len(x) >= 2 else np.zeros(len(x), bool)
     calib, holdout = x[~held], x[held]
     notes = []
     if bad:

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ferry.runtime.metadata import sha256_file
 from ferry.runtime.presets import MNIST_LABELS, mnist_spec
-from ferry.train.tvmodels import WeightsUnavailable, sha256  # noqa: F401 - WeightsUnavailable re-exported
+from ferry.train.tvmodels import WeightsUnavailable  # noqa: F401 - re-exported: the export stage raises it
 
 CNN = "mnist-cnn"
 
@@ -35,7 +36,7 @@ def load_mnist_cnn(checkpoint: str | Path) -> LoadedModel:
         module=model,
         labels=list(MNIST_LABELS),
         preprocess=mnist_spec(),
-        weights=f"checkpoint {Path(checkpoint).name} (epoch {state['epoch']}, sha256 {sha256(checkpoint)[:16]})",
+        weights=f"checkpoint {Path(checkpoint).name} (epoch {state['epoch']}, sha256 {sha256_file(checkpoint)[:16]})",
         extra={"arch": CNN, "architecture": f"DigitCNN{list(cfg.channels)}", "train_config": cfg.to_dict()},
     )
 
@@ -75,7 +76,7 @@ def load_finetuned(checkpoint: str | Path, *, arch: str | None = None, name: str
         module=model,
         labels=list(state["classes"]),
         preprocess=state["preprocess"],
-        weights=f"checkpoint {Path(checkpoint).name} (epoch {state['epoch']}, sha256 {sha256(checkpoint)[:16]}), "
+        weights=f"checkpoint {Path(checkpoint).name} (epoch {state['epoch']}, sha256 {sha256_file(checkpoint)[:16]}), "
                 f"fine-tuned from {state.get('weights_source', '?')}",
         extra={"arch": state["arch"], "num_classes": len(state["classes"]), "fine_tuned": True,
                "data": {"root": state["data"]["root"], "val_source": state["data"]["val_source"]},

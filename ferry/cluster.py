@@ -26,8 +26,9 @@ def check_reachable(address: str, timeout: float = 3.0) -> None:
 
 
 def quiet_ray_data() -> None:
-    for name in ("ray.data", "ray.data._internal.execution.streaming_executor", "ray.data.dataset", "ray.serve"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    """Ray Data's and Serve's progress chatter (and its notice that progress bars are off) stay quiet."""
+    for name in ("ray.data", "ray.serve"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def start_ray(address: str | None, *, object_store_mb: int = 256, num_cpus: float | None = None) -> tuple[bool, float]:

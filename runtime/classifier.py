@@ -195,14 +195,18 @@ class Classifier:
         return self.predict_batch(self.prepare(image)[None], top_k)[0]
 
     def predict_many(self, images: Sequence[ImageInput] | Iterable[ImageInput], *, top_k: int = 1,
-                     batch_size: int = 32) -> Iterator[Outcome]:
-        """Predict many inputs in batches. A bad input yields an Outcome with its error; the
-        others are still predicted."""
+                     batch_size: int = 32, names: Sequence[str] | None = None) -> Iterator[Outcome]:
+        """Predict many inputs in batches, yielding one Outcome per input, in order. A bad input
+        yields an Outcome with its error; the others are still predicted. `names` label the inputs
+        (default: the path, or "#i (type)")."""
         pending: list[tuple[int, str, np.ndarray]] = []
         results: dict[int, Outcome] = {}
         next_out = 0
         for i, image in enumerate(images):
-            source = str(image) if isinstance(image, (str, Path)) else f"#{i} ({type(image).__name__})"
+            if names is not None:
+                source = names[i]
+            else:
+                source = str(image) if isinstance(image, (str, Path)) else f"#{i} ({type(image).__name__})"
             try:
                 pending.append((i, source, self.prepare(image, source)))
             except FerryError as exc:

@@ -12,8 +12,27 @@ def _doc(text: str):
     return {"help": text}
 
 
+class Recipe:
+    """What the training configs share: dict round trips (checkpoints store the config as plain
+    data) and the recipe key that --resume compares."""
+
+    NOT_RECIPE = ("out", "device", "threads", "data_dir", "workers")  # where and how, not what
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(fields[k].default, tuple) else v for k, v in d.items() if k in fields})
+
+    def recipe_key(self) -> dict:
+        """The fields that must match for --resume to continue a run."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.NOT_RECIPE}
+
+
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Recipe):
     """The default values are the recommended recipe (README: "Training recipe")."""
 
     data_dir: str = field(default="data", metadata=_doc("folder holding MNIST/raw/*-ubyte (torchvision layout)"))
@@ -74,23 +93,3 @@ class TrainConfig:
             problems.append(f"--device must be one of auto, cpu, cuda (got {self.device!r})")
         if problems:
             raise FerryError("; ".join(problems))
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["channels"] = list(self.channels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in known}
-        if "channels" in kwargs:
-            kwargs["channels"] = tuple(kwargs["channels"])
-        return cls(**kwargs)
-
-    def recipe_key(self) -> dict:
-        """The fields that must match for --resume to continue a run (all but out, device, threads, data_dir)."""
-        d = self.to_dict()
-        for k in ("out", "device", "threads", "data_dir"):
-            d.pop(k)
-        return d

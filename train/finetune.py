@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from ferry.core.errors import FerryError
-from ferry.core.fileio import atomic_path, write_json_atomic
+from ferry.core.fileio import write_json_atomic
 from ferry.core.machine import cpu_info
 from ferry.runtime.presets import preprocess
-from ferry.train import imagefolder, tvmodels
+from ferry.train import checkpoint, imagefolder, tvmodels
 from ferry.train.finetune_config import FinetuneConfig
 from ferry.train.imagefolder import FolderData, Sample
 
@@ -192,7 +192,7 @@ def evaluate(model, loader, device: torch.device, num_classes: int) -> dict[str,
 
 def save_checkpoint(path: Path, *, built: Built, optimizer, cfg: FinetuneConfig, data: FolderData, epoch: int,
                     history: list[dict]) -> None:
-    state = {
+    checkpoint.save(path, {
         "format": CHECKPOINT_FORMAT,
         "arch": cfg.arch,
         "classes": list(data.classes),
@@ -206,27 +206,13 @@ def save_checkpoint(path: Path, *, built: Built, optimizer, cfg: FinetuneConfig,
                  "val_files": [[s.path, s.label] for s in data.val]},
         "epoch": epoch,
         "history": history,
-        "torch_version": str(torch.__version__),
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    })
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a fine-tuned classifier's checkpoint safely (weights_only=True)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FerryError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        raise FerryError(f"checkpoint {path} is corrupt or unreadable: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise FerryError(f"{path} is not a ferry fine-tuned classifier checkpoint (format {CHECKPOINT_FORMAT} expected)")
-    for key in ("arch", "classes", "preprocess", "head", "model", "config", "data", "epoch", "history"):
-        if key not in state:
-            raise FerryError(f"checkpoint {path} is incomplete: no {key!r}")
-    return state
+    return checkpoint.load(path, fmt=CHECKPOINT_FORMAT, kind="fine-tuned classifier",
+                           required=("arch", "classes", "preprocess", "head", "model", "config", "data", "epoch", "history"))
 
 
 def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -3,18 +3,14 @@ where it is declared (the docs become --help). No torch here: `ferry --help` mus
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from ferry.core.errors import FerryError
-
-
-def _doc(text: str):
-    return {"help": text}
+from ferry.train.config import Recipe, _doc
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(Recipe):
     """The defaults are the recommended transfer-learning recipe."""
 
     arch: str = field(default="resnet18", metadata=_doc("torchvision classification architecture"))
@@ -68,18 +64,3 @@ class FinetuneConfig:
             problems.append(f"--device must be one of auto, cpu, cuda (got {self.device!r})")
         if problems:
             raise FerryError("; ".join(problems))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> FinetuneConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def recipe_key(self) -> dict:
-        """What must match for --resume to continue a run."""
-        d = self.to_dict()
-        for k in ("out", "device", "threads", "workers", "data_dir"):
-            d.pop(k)
-        return d

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from ferry.core.errors import FerryError
-from ferry.core.fileio import atomic_path, write_json_atomic
+from ferry.core.fileio import write_json_atomic
 from ferry.core.machine import cpu_info
-from ferry.train import data
+from ferry.train import checkpoint, data
 from ferry.train.config import TrainConfig
 from ferry.train.model import DigitCNN
 
@@ -165,34 +165,19 @@ def train_one_epoch(
 
 
 def save_checkpoint(path: Path, *, model, optimizer, cfg: TrainConfig, epoch: int, history: list[dict]) -> None:
-    state = {
+    checkpoint.save(path, {
         "format": CHECKPOINT_FORMAT,
         "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "config": cfg.to_dict(),
         "epoch": epoch,
         "history": history,
-        "torch_version": str(torch.__version__),
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    })
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a ferry checkpoint safely (weights_only=True); a bad file is a FerryError."""
-    path = Path(path)
-    if not path.is_file():
-        raise FerryError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        raise FerryError(f"checkpoint {path} is corrupt or unreadable: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise FerryError(f"{path} is not a ferry mnist-cnn checkpoint (format {CHECKPOINT_FORMAT} expected)")
-    for key in ("model", "config", "epoch", "history"):
-        if key not in state:
-            raise FerryError(f"checkpoint {path} is incomplete: no {key!r}")
-    return state
+    return checkpoint.load(path, fmt=CHECKPOINT_FORMAT, kind="mnist-cnn", required=("model", "config", "epoch", "history"))
 
 
 def load_model(path: str | Path) -> tuple[DigitCNN, TrainConfig]:

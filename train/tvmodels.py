@@ -5,12 +5,12 @@ training, export and the runtime share, taken from the weights' own transforms."
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ferry.core.errors import FerryError
+from ferry.runtime.metadata import sha256_file
 from ferry.runtime.presets import imagenet_spec
 
 
@@ -65,7 +65,7 @@ def resolve_weights(arch: str, weights: str) -> Weights:
         return Weights(member.name if weights.upper() != "DEFAULT" else f"DEFAULT ({member.name})", enum=member)
     path = Path(weights)
     if path.is_file():
-        return Weights(f"file {path.name} (sha256 {sha256(path)[:16]})", path=path)
+        return Weights(f"file {path.name} (sha256 {sha256_file(path)[:16]})", path=path)
     raise FerryError(f"--weights {weights!r} is not a file, nor one of {arch}'s weights: {', '.join(names)}, or none")
 
 
@@ -164,11 +164,3 @@ def load_state_dict(path: Path) -> dict:
     if not isinstance(obj, dict):
         raise FerryError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return obj
-
-
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

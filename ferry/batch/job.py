@@ -119,38 +119,24 @@ class PredictBatch:
         self.top_k, self.throttle = top_k, throttle_ms / 1000.0
 
     def __call__(self, batch: dict[str, Any]):
-        import numpy as np
-
-        from ferry.runtime.classifier import _one_line
+        """Rows of (path, bytes) -> result rows, through the runtime's own `predict_many`."""
+        import pyarrow as pa
 
         paths = [str(p) for p in batch["path"]]
-        errors: list[str | None] = [None] * len(paths)
-        prepared, good = [], []
-        for i, (path, data) in enumerate(zip(paths, batch["bytes"])):
-            try:
-                prepared.append(self.clf.prepare(bytes(data), name=path))
-                good.append(i)
-            except FerryError as exc:
-                errors[i] = _one_line(exc, path)
-            except Exception as exc:  # noqa: BLE001 - one undecodable file must not fail the job
-                errors[i] = _one_line(ValueError(f"{type(exc).__name__}: {exc}"), path)
-        preds = self.clf.predict_batch(np.stack(prepared), self.top_k) if prepared else []
-        by_row = dict(zip(good, preds))
-        if self.throttle:
-            time.sleep(self.throttle)
+        outcomes = self.clf.predict_many([bytes(d) for d in batch["bytes"]], names=paths, top_k=self.top_k,
+                                         batch_size=max(1, len(paths)))
         out: dict[str, list] = {k: [] for k in ("path", "index", "label", "probability", "top_k", "provider", "error")}
-        for i, path in enumerate(paths):
-            p = by_row.get(i)
-            out["path"].append(path)
+        for o in outcomes:
+            p = o.prediction
+            out["path"].append(o.source)
             out["index"].append(p.index if p else None)
             out["label"].append(p.label if p else None)
             out["probability"].append(p.probability if p else None)
-            out["top_k"].append([{"index": c.index, "label": c.label, "probability": c.probability} for c in p.top_k]
-                                if p else [])
+            out["top_k"].append([c.__dict__ for c in p.top_k] if p else [])
             out["provider"].append(self.clf.provider.used)
-            out["error"].append(errors[i])
-        import pyarrow as pa
-
+            out["error"].append(o.error)
+        if self.throttle:
+            time.sleep(self.throttle)
         return pa.Table.from_pydict(out, schema=_schema())  # one schema for every file, null columns included
 
 
@@ -158,7 +144,8 @@ class PredictBatch:
 
 
 def plan_workers(opts: BatchOptions, cluster_cpus: float, cluster_gpus: float) -> tuple[int, float, int]:
-    """(actors, CPUs per actor, onnxruntime threads per actor). Actors never reserve every CPU:
+    """(actors, CPUs per actor, onnxruntime threads per actor: the CPUs it reserves, rounded, at
+    least 1). Actors never reserve every CPU:
     Ray Data's read tasks need some, or the job hangs (seen: 2 actors x 1 CPU on a 2-CPU node)."""
     spare = READ_CPUS * 2
     if opts.gpus_per_worker > 0:
@@ -169,7 +156,7 @@ def plan_workers(opts: BatchOptions, cluster_cpus: float, cluster_gpus: float) -
     if workers * cpus > cluster_cpus - READ_CPUS + 1e-9:
         raise FerryError(f"{workers} workers x {cpus:g} CPUs would reserve all {cluster_cpus:g} CPUs and starve Ray "
                          f"Data's read tasks (the job would hang); use fewer --workers or a smaller --cpus-per-worker")
-    return workers, cpus, max(1, int(cpus))
+    return workers, cpus, max(1, round(cpus))
 
 
 def run_batch(opts: BatchOptions, *, log: Callable[[str], None] = print) -> BatchSummary:
@@ -236,7 +223,10 @@ def _run_dataset(ray, opts: BatchOptions, paths: list[str], tmp: Path, *, worker
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     ctx.print_on_execution_start = False
-    ds = ray.data.read_binary_files(paths, include_paths=True, num_cpus=READ_CPUS, ignore_missing_paths=True)
+    # a few hundred files a read task: fewer, larger blocks cost less scheduling than one task a file
+    blocks = min(200, max(2 * workers, len(paths) // 300))
+    ds = ray.data.read_binary_files(paths, include_paths=True, num_cpus=READ_CPUS, ignore_missing_paths=True,
+                                    override_num_blocks=blocks)
     model = str(Path(opts.model).resolve()) if not opts.address else ray.put(Path(opts.model).read_bytes())
     ds = ds.map_batches(
         PredictBatch,

@@ -7,7 +7,7 @@ import json
 import os
 import signal
 import socket
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from ferry.core.errors import FerryError
 
@@ -29,7 +29,6 @@ class ServeOptions:
     max_body_mb: float = 16.0
     address: str | None = None  # Ray Serve: a cluster address (or "local" for a local Ray)
     replicas: int = 1
-    extra: dict = field(default_factory=dict)
 
 
 def is_loopback(host: str) -> bool:
