@@ -5,7 +5,9 @@ minimal uvicorn + onnxruntime baseline (ferry.bench.minimal_server).
 For each server and model: a closed loop at concurrency 1, 4, 16 and 64 (each client sends its next
 request when the last one is answered; a bounded number of requests per level), then an open loop
 with Poisson arrivals at a target rate (MLPerf's server scenario; latency counts from the scheduled
-arrival, so queueing shows). Reported: throughput, p50/p99 latency, errors, and the mean batch size
+arrival, so queueing shows). The one-process servers run side by side and take turns, level by
+level, for three rounds; each figure is the median of its rounds (a single pass on a 2-core machine
+moves by +-10%). Ray Serve runs alone, after them. Reported: throughput, p50/p99 latency, errors, and the mean batch size
 the server formed (from its /v1/stats). The client runs in this process, the server in another;
 on a 2-core machine they share the cores, as the issue's own measurement did.
 
@@ -175,43 +177,94 @@ def bodies_for(model: str) -> list[bytes]:
     return [p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix.lower() in (".png", ".jpg", ".jpeg")]
 
 
-def measure_server(kind: str, model_paths: dict[str, str], levels: dict[str, list[Level]], log) -> dict[str, Any]:
+@dataclass
+class Running:
+    kind: str
+    proc: subprocess.Popen
+    url: str
+    ready_s: float
+    rss_before: float
+
+
+def _start(kind: str, model_paths: dict[str, str]) -> Running:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start_server(kind, list(model_paths.values()), port)
     try:
-        ready_s = wait_ready(url, proc)
-        rss_before = rss_mb(proc.pid)
-        results = []
+        ready = wait_ready(url, proc)
+    except BaseException:
+        stop_server(proc)
+        raise
+    return Running(kind, proc, url, ready, rss_mb(proc.pid))
+
+
+def _one_level(srv: Running, model: str, bodies: list[bytes], level: Level) -> tuple[dict[str, Any], tuple[int, int]]:
+    """One level against one server; returns the result and (requests, batches) the server counted
+    (0, 0 behind Ray Serve: /v1/stats counts one replica, and two reads may reach two replicas)."""
+    endpoint = f"{srv.url}/v1/models/{model}/predict"
+    before = server_stats(srv.url) if srv.kind != "ray-serve" else None
+    r = asyncio.run(run_level(endpoint, bodies, level))
+    after = server_stats(srv.url) if srv.kind != "ray-serve" else None
+    counted = (0, 0)
+    if before and after and model in after:
+        counted = (after[model]["requests"] - before[model]["requests"], after[model]["batches"] - before[model]["batches"])
+    return r, counted
+
+
+def measure_servers(kinds: list[str], model_paths: dict[str, str], levels: dict[str, list[Level]], log,
+                    rounds: int = 1) -> list[dict[str, Any]]:
+    """Start `kinds` together and measure each level on each server in turn, `rounds` times, so that
+    drift on a shared machine hits all alike; report medians over the rounds."""
+    servers = []
+    try:
+        for kind in kinds:
+            servers.append(_start(kind, model_paths))
+        per_server: dict[str, list[dict[str, Any]]] = {s.kind: [] for s in servers}
         for model, model_levels in levels.items():
             bodies = bodies_for(model)
-            endpoint = f"{url}/v1/models/{model}/predict"
-            asyncio.run(run_level(endpoint, bodies, Level("closed", 4, 20)))  # warm-up
+            for srv in servers:  # warm-up
+                asyncio.run(run_level(f"{srv.url}/v1/models/{model}/predict", bodies, Level("closed", 4, 20)))
             for level in model_levels:
-                if level.mode == "open" and level.rate <= 0:
-                    best = max(r["throughput_rps"] for r in results if r["model"] == model and r["mode"] == "closed")
-                    level = Level("open", level.concurrency, level.requests, rate=round(0.7 * best, 1))
-                before = server_stats(url)
-                r = asyncio.run(run_level(endpoint, bodies, level))
-                after = server_stats(url)
-                if before and after and model in after:
-                    dr = after[model]["requests"] - before[model]["requests"]
-                    db = after[model]["batches"] - before[model]["batches"]
-                    r["mean_batch_size"] = dr / db if db else None
-                results.append({"server": kind, "model": model, **r})
-                log(f"  {kind:<14} {model:<10} {r['mode']:<6} c={r['concurrency']:<3} {r['throughput_rps']:8.1f} req/s  "
-                    f"p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}"
-                    + (f"  mean batch {r['mean_batch_size']:.2f}" if r.get("mean_batch_size") else ""))
-        return {"server": kind, "ready_seconds": ready_s, "rss_mb_before": rss_before, "rss_mb_after": rss_mb(proc.pid),
-                "levels": results}
+                tries: dict[str, list] = {s.kind: [] for s in servers}
+                for _ in range(rounds):
+                    for srv in servers:
+                        lv = level
+                        if level.mode == "open" and level.rate <= 0:  # 70% of this server's best closed-loop rate
+                            best = max(r["throughput_rps"] for r in per_server[srv.kind] if r["model"] == model
+                                       and r["mode"] == "closed")
+                            lv = Level("open", level.concurrency, level.requests, rate=round(0.7 * best, 1))
+                        tries[srv.kind].append(_one_level(srv, model, bodies, lv))
+                for kind, runs in tries.items():
+                    r = _median_of(runs)
+                    per_server[kind].append({"server": kind, "model": model, **r})
+                    log(f"  {kind:<14} {model:<10} {r['mode']:<6} c={r['concurrency']:<3} {r['throughput_rps']:8.1f} req/s  "
+                        f"p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}"
+                        + (f"  mean batch {r['mean_batch_size']:.2f}" if r.get("mean_batch_size") else "")
+                        + (f"  (median of {len(runs)})" if len(runs) > 1 else ""))
+        return [{"server": s.kind, "ready_seconds": s.ready_s, "rss_mb_before": s.rss_before,
+                 "rss_mb_after": rss_mb(s.proc.pid), "rounds": rounds, "levels": per_server[s.kind]} for s in servers]
     finally:
-        stop_server(proc)
+        for srv in servers:
+            stop_server(srv.proc)
+
+
+def _median_of(runs: list[tuple[dict[str, Any], tuple[int, int]]]) -> dict[str, Any]:
+    results = [r for r, _ in runs]
+    out = dict(results[0])
+    for key in ("throughput_rps", "p50_ms", "p99_ms", "seconds"):
+        out[key] = float(np.median([r[key] for r in results]))
+    out["errors"] = sum(r["errors"] for r in results)
+    out["requests"] = sum(r["requests"] for r in results)
+    out["rounds"] = len(results)
+    requests, batches = (sum(c[i] for _, c in runs) for i in (0, 1))
+    out["mean_batch_size"] = requests / batches if batches else None
+    return out
 
 
 def plan(models: list[str], quick: bool) -> dict[str, list[Level]]:
     out = {}
     for model in models:
-        per = (200 if model == "mnist-cnn" else 24) if quick else (3000 if model == "mnist-cnn" else 240)
+        per = (200 if model == "mnist-cnn" else 24) if quick else (1500 if model == "mnist-cnn" else 120)
         out[model] = [Level("closed", c, max(per, 2 * c)) for c in ((1, 16) if quick else (1, 4, 16, 64))]
         out[model].append(Level("open", 64, per))
     return out
@@ -224,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
     parser.add_argument("--out", default="runs/serve-bench")
     parser.add_argument("--quick", action="store_true", help="few requests, two levels (a smoke test)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds over the one-process servers, interleaved; medians are reported (default: 3)")
     args = parser.parse_args(argv)
 
     from ferry.core.fileio import write_json_atomic
@@ -236,13 +291,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     levels = plan(args.models, args.quick)
     runs = []
-    for kind in args.servers:
-        print(f"{kind}:", flush=True)
+    one_process = [k for k in args.servers if k != "ray-serve"]
+    # the one-process servers side by side, interleaved over rounds; Ray Serve alone (its Ray
+    # processes would load the machine under the others)
+    groups = [(one_process, args.rounds)] + ([(["ray-serve"], 1)] if "ray-serve" in args.servers else [])
+    for kinds, rounds in groups:
+        if not kinds:
+            continue
+        print(f"{', '.join(kinds)}:", flush=True)
         try:
-            runs.append(measure_server(kind, paths, levels, lambda m: print(m, flush=True)))
+            runs.extend(measure_servers(kinds, paths, levels, lambda m: print(m, flush=True), rounds=rounds))
         except (RuntimeError, OSError) as exc:
-            runs.append({"server": kind, "error": str(exc)[:500], "levels": []})
-            print(f"  {kind}: not measured: {str(exc)[:300]}", flush=True)
+            runs.extend({"server": k, "error": str(exc)[:500], "levels": []} for k in kinds)
+            print(f"  {', '.join(kinds)}: not measured: {str(exc)[:300]}", flush=True)
     result = {"schema": "ferry.loadtest/1", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "machine": machine_info(), "runs": runs, "summary": summarize(runs)}
     out = Path(args.out)

@@ -143,7 +143,9 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[str]:
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3, which="both")
         ax_tp.legend(fontsize=8)
-        fig.suptitle(f"{model}: {results['machine']['cpu']}" + (f" / {results['machine']['gpu']}" if results["machine"]["gpu"] else ""))
+        m = results["machine"]
+        fig.suptitle(f"{model}: {m['cpu']} ({m.get('cpu_class', '?')}, {m.get('logical_cpus', '?')} cores)"
+                     + (f" / {m['gpu']}" if m["gpu"] else ""))
         fig.tight_layout()
         name = f"{model}.png"
         with atomic_path(out_dir / name) as tmp:
