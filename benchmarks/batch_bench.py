@@ -1,6 +1,8 @@
 """`ferry batch` (Ray Data) against `ferry predict` (one process) on the same folder, in one run:
-images/s of each, the fixed cost of starting Ray reported separately, and throughput with 1 and 2
-workers. The folders are written here from real images: MNIST test digits as PNG files for the digit
+images/s of each, with 1 and 2 workers. A batch job has a fixed cost (starting Ray; then, inside
+the job, starting the actors and loading the model in each, writing and checking the Parquet) and a
+per-image rate: each job also runs on the folder's first 32 images, which take the fixed cost and
+little else, and the difference gives the steady rate (images/s) and the fixed cost (s) apart. The folders are written here from real images: MNIST test digits as PNG files for the digit
 CNN, and the sample photos (random crops, as JPEG files) for ResNet-50 int8.
 
   python -m ferry.bench.batch_bench --models-dir models --data-dir DATA --out runs/batch-bench [--images 3000]
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+FEW = 32  # images in the job that measures the fixed cost
 
 
 def digit_folder(data_dir: str, folder: Path, n: int) -> Path:
@@ -63,10 +66,10 @@ def time_predict(model: Path, folder: Path, batch_size: int = 32) -> dict[str, A
             "images_per_second": len(files) / seconds, "threads": clf.provider.threads}
 
 
-def time_batch(model: Path, folder: Path, out: Path, workers: int) -> dict[str, Any]:
+def time_batch(model: Path, inputs: Path, out: Path, workers: int) -> dict[str, Any]:
     from ferry.batch.job import BatchOptions, run_batch
 
-    s = run_batch(BatchOptions(model=str(model), input=str(folder), out=str(out), workers=workers, batch_size=32),
+    s = run_batch(BatchOptions(model=str(model), input=str(inputs), out=str(out), workers=workers, batch_size=32),
                   log=lambda _m: None)
     return {"images": s.images, "failures": s.failures, "seconds": s.seconds, "ray_start_seconds": s.ray_start_seconds,
             "images_per_second": s.images_per_second, "workers": s.workers, "cpus_per_worker": s.cpus_per_worker,
@@ -77,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-dir", default="models")
     parser.add_argument("--data-dir", default="data", help="MNIST (for the digit folder)")
-    parser.add_argument("--images", type=int, default=3000, help="digit images (default: 3000)")
-    parser.add_argument("--photos", type=int, default=300, help="photo images for ResNet-50 int8 (default: 300)")
+    parser.add_argument("--images", type=int, default=40000, help="digit images (default: 40000)")
+    parser.add_argument("--photos", type=int, default=600, help="photo images for ResNet-50 int8 (default: 600)")
     parser.add_argument("--out", default="runs/batch-bench")
     args = parser.parse_args(argv)
 
@@ -96,19 +99,31 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"skipping {name}: {model} not found", file=sys.stderr)
                 continue
             folder = digit_folder(args.data_dir, tmp / kind, n) if kind == "digits" else photo_folder(tmp / kind, n)
+            few = folder.parent / f"{kind}-few.txt"
+            few.write_text("\n".join(str(p) for p in sorted(folder.iterdir())[:FEW]) + "\n")
             row: dict[str, Any] = {"model": name, "images": n, "predict": time_predict(model, folder)}
             for workers in (1, 2):
-                row[f"batch_{workers}"] = time_batch(model, folder, tmp / f"out-{name}-{workers}", workers)
-            p, b1, b2 = row["predict"]["images_per_second"], row["batch_1"]["images_per_second"], row["batch_2"]["images_per_second"]
-            row["batch_2_vs_predict"] = b2 / p
-            row["batch_2_vs_batch_1"] = b2 / b1
+                full = time_batch(model, folder, tmp / f"out-{name}-{workers}", workers)
+                part = time_batch(model, few, tmp / f"out-{name}-{workers}-few", workers)
+                steady = (full["images"] - part["images"]) / max(1e-9, full["seconds"] - part["seconds"])
+                row[f"batch_{workers}"] = {**full, "few": part, "steady_images_per_second": steady,
+                                           "fixed_seconds": full["seconds"] - full["images"] / steady}
+            p = row["predict"]["images_per_second"]
+            b1, b2 = row["batch_1"], row["batch_2"]
+            row["batch_2_vs_predict"] = b2["images_per_second"] / p
+            row["batch_2_steady_vs_predict"] = b2["steady_images_per_second"] / p
             rows.append(row)
-            print(f"{name}: predict {p:.1f} img/s; batch 1 worker {b1:.1f} img/s, 2 workers {b2:.1f} img/s "
-                  f"(x{b2 / p:.2f} of predict; Ray start {row['batch_2']['ray_start_seconds']:.1f} s, not included)", flush=True)
+            print(f"{name} ({n} images): predict {p:.1f} img/s; batch, whole job: 1 worker {b1['images_per_second']:.1f}, "
+                  f"2 workers {b2['images_per_second']:.1f} img/s (x{row['batch_2_vs_predict']:.2f} of predict); steady: "
+                  f"1 worker {b1['steady_images_per_second']:.1f}, 2 workers {b2['steady_images_per_second']:.1f} img/s "
+                  f"(x{row['batch_2_steady_vs_predict']:.2f}), fixed cost {b2['fixed_seconds']:.1f} s a job; "
+                  f"Ray start {b2['ray_start_seconds']:.1f} s, not included", flush=True)
     result = {"schema": "ferry.batch-bench/1", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "machine": machine_info(), "rows": rows,
               "notes": ["images/s count from the first image read to the last result written (batch: Parquet written and "
                         "verified); model load (predict) and Ray start (batch) are reported separately",
+                        "steady = (images of the whole folder - 32) / (its job's seconds - the seconds of a job of its first "
+                        "32 images); fixed cost = a job's seconds - its images / steady",
                         "batch workers share the CPUs left after Ray Data's read tasks (0.25 CPU each)"]}
     write_json_atomic(Path(args.out) / "batch_bench.json", result)
     return 0

@@ -76,6 +76,25 @@ def test_a_list_file_with_a_missing_path_and_a_glob(ray_local, cnn_export, tmp_p
     run_batch(BatchOptions(model=str(cnn_export[0]), input=str(tmp_path / "in" / "digit_000[0-2].png"),
                            out=str(tmp_path / "out2")), log=lambda _m: None)
     assert len(read_rows(tmp_path / "out2")) == 3
+    # a folder given as a URI is listed and read through pyarrow's filesystem for its scheme
+    summary = run_batch(BatchOptions(model=str(cnn_export[0]), input=(tmp_path / "in").as_uri(), out=str(tmp_path / "out3")),
+                        log=lambda _m: None)
+    rows = {r["path"]: r for r in read_rows(tmp_path / "out3")}
+    assert sorted(rows) == sorted(p.as_uri() for p in (tmp_path / "in").iterdir())
+    assert summary.failures == 1 and rows[(tmp_path / "in" / "paths.txt").as_uri()]["error"]  # the list is no image
+    assert all(r["error"] is None and r["index"] is not None for u, r in rows.items() if u.endswith(".png"))
+
+
+def test_read_files_reads_paths_and_uris_and_names_what_it_cannot_read(tmp_path):
+    from ferry.batch.job import read_files
+
+    a, b = tmp_path / "a.bin", tmp_path / "sub" / "b.bin"
+    b.parent.mkdir()
+    a.write_bytes(b"aaa")
+    b.write_bytes(b"bbbb")
+    batch = read_files({"path": [str(a), b.as_uri(), a.as_uri(), str(tmp_path / "gone.png")]})
+    assert batch["bytes"][:3] == [b"aaa", b"bbbb", b"aaa"] and batch["read_error"][:3] == [""] * 3
+    assert batch["bytes"][3] == b"" and "gone.png: cannot read: FileNotFoundError" in batch["read_error"][3]
 
 
 def test_a_killed_actor_loses_and_doubles_nothing(ray_local, cnn_export, tmp_path):
