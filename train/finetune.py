@@ -29,9 +29,10 @@ from ferry.core.errors import FerryError
 from ferry.core.fileio import write_json_atomic
 from ferry.core.machine import cpu_info
 from ferry.runtime.presets import preprocess
-from ferry.train import checkpoint, imagefolder, tvmodels
+from ferry.train import checkpoint, imagefolder, loop, tvmodels
 from ferry.train.finetune_config import FinetuneConfig
 from ferry.train.imagefolder import FolderData, Sample
+from ferry.train.loop import autocast, device_name, resolve_device
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
@@ -156,16 +157,6 @@ def set_frozen(built: Built, frozen: bool) -> None:
 # --- the loop -----------------------------------------------------------------------------------
 
 
-def _device(requested: str) -> torch.device:
-    from ferry.train.trainer import resolve_device
-
-    return resolve_device(requested)
-
-
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def _loader(dataset, cfg: FinetuneConfig, *, shuffle: bool, seed: int, device: torch.device):
     gen = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
@@ -182,7 +173,7 @@ def evaluate(model, loader, device: torch.device, num_classes: int) -> dict[str,
     for xb, yb in loader:
         xb = xb.to(device, memory_format=torch.channels_last, non_blocking=True)
         yb = yb.to(device)
-        with _autocast(device):
+        with autocast(device):
             logits = model(xb)
         total_loss += F.cross_entropy(logits.float(), yb, reduction="sum").item()
         np.add.at(confusion, (yb.cpu().numpy(), logits.argmax(1).cpu().numpy()), 1)
@@ -244,15 +235,8 @@ def train_one_epoch(built: Built, optimizer, loader, cfg: FinetuneConfig, *, epo
             group["lr"] = group["base_lr"] * factor
         xb = xb.to(device, memory_format=torch.channels_last, non_blocking=True)
         yb = yb.to(device, non_blocking=True)
-        with _autocast(device):
-            logits = built.model(xb)
-        loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
-        if not torch.isfinite(loss):
-            raise FerryError(f"training diverged at epoch {epoch} step {i}: loss is {loss.item()} (try a lower --lr)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        running += loss.item() * yb.shape[0]
+        running += loop.step(built.model, optimizer, xb, yb, device=device, label_smoothing=cfg.label_smoothing,
+                             where=f"epoch {epoch} step {i}")
         seen += yb.shape[0]
         if i % 20 == 0:
             bar.set_postfix(loss=f"{running / seen:.4f}")
@@ -269,7 +253,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
         cfg = dataclasses.replace(cfg, epochs=min(cfg.epochs, 2), frozen_epochs=min(cfg.frozen_epochs, 1),
                                   train_limit=cfg.train_limit or 256)
     cfg.validate()
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -314,7 +298,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
     steps = len(train_samples) // cfg.batch_size
     mode = ("pretrained " + built.weights.source + f": head only for {cfg.frozen_epochs} epoch(s), then all layers "
             f"(backbone lr x{cfg.backbone_lr_factor})") if built.weights.pretrained else "random weights (--weights none): all layers from the start, one lr"
-    log(f"fine-tuning {cfg.arch} on {_device_name(device)} at {spec['crop'][0]}px: {len(train_samples)} train / "
+    log(f"fine-tuning {cfg.arch} on {device_name(device)} at {spec['crop'][0]}px: {len(train_samples)} train / "
         f"{len(data.val)} held-out images, {len(data.classes)} classes, {cfg.epochs} epochs; {mode}")
 
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -351,9 +335,9 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
         "config": cfg.to_dict(),
         "checkpoint": CHECKPOINT_NAME,
         "dry_run": dry_run,
-        "device": _device_name(device),
+        "device": device_name(device),
         "machine": {**cpu_info(), "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+                    "gpu": torch.cuda.getdevice_name(device) if device.type == "cuda" else None},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
     write_json_atomic(out / METRICS_NAME, metrics)
@@ -366,9 +350,3 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
         f"weakest classes: {', '.join(f'{c} {v:.1%}' for v, c in worst)}")
     log(f"wrote {ckpt_path}, {out / METRICS_NAME}, {out / CURVES_NAME}, {out / CONFUSION_NAME}")
     return metrics
-
-
-def _device_name(device: torch.device) -> str:
-    from ferry.train.trainer import device_name
-
-    return device_name(device)

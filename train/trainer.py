@@ -17,34 +17,15 @@ import torch.nn.functional as F
 from ferry.core.errors import FerryError
 from ferry.core.fileio import write_json_atomic
 from ferry.core.machine import cpu_info
-from ferry.train import checkpoint, data
+from ferry.train import checkpoint, data, loop
 from ferry.train.config import TrainConfig
+from ferry.train.loop import autocast, device_name, resolve_device
 from ferry.train.model import DigitCNN
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
 PLOT_NAME = "curves.png"
 CHECKPOINT_FORMAT = "ferry.mnist-cnn/1"
-
-
-def resolve_device(requested: str) -> torch.device:
-    """auto -> cuda when available else cpu; an explicit cuda without CUDA is an error."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise FerryError(
-            "--device cuda requested but CUDA is not available "
-            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}); use --device cpu or auto"
-        )
-    if requested not in ("cpu", "cuda"):
-        raise FerryError(f"unknown device {requested!r}; choose auto, cpu or cuda")
-    return torch.device(requested)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def build_model(cfg: TrainConfig) -> DigitCNN:
@@ -82,16 +63,11 @@ def evaluate(
     for xb, yb in data.batches(x, y, batch_size=batch_size):
         xb = data.normalize(xb.to(device)).contiguous(memory_format=torch.channels_last)
         yb = yb.to(device)
-        with _autocast(device):
+        with autocast(device):
             logits = model(xb)
         total_loss += F.cross_entropy(logits.float(), yb, reduction="sum").item()
         correct += (logits.argmax(1) == yb).sum().item()
     return total_loss / x.shape[0], correct / x.shape[0]
-
-
-def _autocast(device: torch.device):
-    # Mixed precision (bf16) where it helps: on CUDA. On the CPU float32 is faster for this model.
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -144,15 +120,8 @@ def train_one_epoch(
             xb = data.random_warp(xb, gen, elastic_px=cfg.elastic)
         xb = data.standardize(xb).contiguous(memory_format=torch.channels_last)
         yb = yb.to(device, non_blocking=True)
-        with _autocast(device):
-            logits = model(xb)
-        loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
-        if not torch.isfinite(loss):
-            raise FerryError(f"training diverged at epoch {epoch} step {i}: loss is {loss.item()} (try a lower --lr)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        running += loss.item() * yb.shape[0]
+        running += loop.step(model, optimizer, xb, yb, device=device, label_smoothing=cfg.label_smoothing,
+                             where=f"epoch {epoch} step {i}")
         seen += yb.shape[0]
         if i % 50 == 0:
             bar.set_postfix(loss=f"{running / seen:.4f}")
