@@ -313,6 +313,21 @@ def test_few_calibration_images_are_flagged_and_agreement_uses_held_out_ones(tmp
     assert any("skipped 1 unreadable" in n and "broken.jpg" in n for n in data.notes)
 
 
+@pytest.mark.parametrize("count, calibrated, held", [(1, 1, 0), (2, 1, 1), (3, 2, 1), (4, 3, 1), (5, 4, 1)])
+def test_a_handful_of_calibration_images_still_keeps_one_out(tmp_path, count, calibrated, held):
+    from PIL import Image
+
+    from ferry.export.images import load_calibration_folder
+    from ferry.runtime.presets import imagenet_spec
+
+    rng = np.random.default_rng(1)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    data = load_calibration_folder(tmp_path, imagenet_spec(resize=40, crop=32))
+    evaluated = 0 if data.evaluation is None else len(data.evaluation)  # None: nothing left to hold out
+    assert (len(data.calibration), evaluated) == (calibrated, held)
+
+
 @pytest.mark.slow
 @pytest.mark.mnist
 def test_int8_gives_the_same_answers_on_an_avx2_cpu_without_vnni(real_mnist_run, mnist_dir, tmp_path):
