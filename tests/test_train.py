@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ferry.core.errors import FerryError
 from ferry.train import data
@@ -45,6 +46,18 @@ def test_model_shapes():
     assert sum(isinstance(m, torch.nn.MaxPool2d) for m in model.modules()) == 3
     with pytest.raises(ValueError):
         DigitCNN(channels=(4, 8))
+
+
+def test_pooling_first_is_the_seeds_network_without_batch_norm():
+    """conv -> pool -> ReLU (the fast order) computes exactly the seed's conv -> ReLU -> pool."""
+    torch.manual_seed(0)
+    fast = DigitCNN(channels=(4, 8, 16), batch_norm=False, dropout=0.0).eval()
+    seed = DigitCNN(channels=(4, 8, 16), batch_norm=False, dropout=0.0, pool_first=False).eval()
+    seed.load_state_dict(fast.state_dict())
+    order = [type(m).__name__ for m in seed.features]
+    assert order[:3] == ["Conv2d", "ReLU", "MaxPool2d"] and [type(m).__name__ for m in fast.features][:3] == ["Conv2d", "MaxPool2d", "ReLU"]
+    x = torch.randn(5, 1, 28, 28)
+    assert torch.allclose(fast(x), seed(x), atol=1e-6)
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -159,6 +172,9 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(bad)
     torch.save({"some": "dict"}, bad)
     with pytest.raises(FerryError, match="not a ferry"):
+        load_checkpoint(bad)
+    torch.save({"format": "ferry.mnist-cnn/1", "model": {}, "config": {}, "epoch": 1, "history": []}, bad)
+    with pytest.raises(FerryError, match="another version of ferry.*train it again"):  # the old layer order
         load_checkpoint(bad)
 
 
@@ -310,8 +326,25 @@ def test_redrawn_digits_are_framed_like_mnist():
         com = (torch.stack(torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")) * img).sum((1, 2)) / img.sum()
         assert torch.allclose(com, torch.tensor([13.5, 13.5]), atol=0.75)
     skel = data.skeletons(x)
-    assert skel.shape == x.shape and skel.max() == 1 and skel.sum() < (x > 0).sum()
+    assert skel.shape == (3, 56, 56) and skel.max() == 1  # traced at twice the resolution
+    assert skel.sum() < (F.interpolate(x.float().unsqueeze(1), scale_factor=2) > 0).sum()  # thinner than the ink
     pens = data.redraw_with_pen(skel.float().unsqueeze(1).repeat(40, 1, 1, 1)[:40], torch.Generator().manual_seed(1))
+    assert pens.shape == (40, 1, 28, 28)
     ink = pens.sum(dim=(1, 2, 3))
-    assert pens.min() >= 0 and pens.max() <= 1 and ink.min() > 0
+    assert pens.min() >= 0 and torch.allclose(pens.amax(dim=(1, 2, 3)), torch.ones(40))  # peak at 1, as the runtime
     assert ink.max() > 1.5 * ink.min()  # several pen widths
+    for img in pens[:, 0]:  # framed like MNIST
+        ys, xs = torch.nonzero(img > 0.3, as_tuple=True)
+        assert 17 <= max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 <= 22
+
+
+def test_the_pen_is_round():
+    """A single skeleton dot drawn with the pen is a disc: as wide as it is tall and as wide diagonally."""
+    dot = torch.zeros(40, 1, 56, 56)
+    dot[:, :, 28, 28] = 1
+    reach = int(max(data.PEN_RADII))
+    tips = F.conv2d(dot[:1], data._pen_tips(reach, dot.device), padding=reach)[0]
+    for tip, r in zip(tips, data.PEN_RADII):
+        ys, xs = torch.nonzero(tip > 0.5, as_tuple=True)
+        assert ys.max() - ys.min() == xs.max() - xs.min() == 2 * int(r)  # widths 3 to 9 px at 2x
+        assert tip[28 + int(r), 28 + int(r)] == (2 * int(r) ** 2 <= r * r)  # the corner of the square is cut

@@ -27,7 +27,11 @@ def load(path: str | Path, *, fmt: str, kind: str, required: Sequence[str]) -> d
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
         raise FerryError(f"checkpoint {path} is corrupt or unreadable: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
-    if not isinstance(state, dict) or state.get("format") != fmt:
+    found = state.get("format") if isinstance(state, dict) else None
+    if isinstance(found, str) and found != fmt and found.split("/")[0] == fmt.split("/")[0]:
+        raise FerryError(f"{path} was written by another version of ferry (format {found}; this one reads {fmt}, "
+                         f"whose model differs): train it again with `ferry train`")
+    if found != fmt:
         raise FerryError(f"{path} is not a ferry {kind} checkpoint (format {fmt} expected)")
     missing = [k for k in required if k not in state]
     if missing:

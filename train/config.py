@@ -64,7 +64,7 @@ class TrainConfig(Recipe):
 
     data_dir: str = field(default="data", metadata=_doc("folder holding MNIST/raw/*-ubyte (torchvision layout)"))
     out: str = field(default="runs/mnist-cnn", metadata=_doc("output folder: checkpoint, metrics.json, curves.png"))
-    epochs: int = field(default=8, metadata=_doc("number of training epochs", valid=">= 1"))
+    epochs: int = field(default=10, metadata=_doc("number of training epochs", valid=">= 1"))
     batch_size: int = field(default=64, metadata=_doc("mini-batch size (shuffled, drop_last)", valid=">= 1"))
     lr: float = field(default=0.05, metadata=_doc("peak learning rate of the one-cycle schedule (SGD)", valid="> 0"))
     momentum: float = field(default=0.9, metadata=_doc("SGD momentum", valid="[0, 1)"))

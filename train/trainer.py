@@ -25,7 +25,7 @@ from ferry.train.model import DigitCNN
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
 PLOT_NAME = "curves.png"
-CHECKPOINT_FORMAT = "ferry.mnist-cnn/1"
+CHECKPOINT_FORMAT = "ferry.mnist-cnn/2"  # /2: pooling before BatchNorm (train/model.py)
 
 
 def build_model(cfg: TrainConfig) -> DigitCNN:
