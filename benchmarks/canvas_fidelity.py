@@ -7,7 +7,10 @@ random size and position, then read by `predict_strokes`, exactly what the app d
 ends. Accuracy is reported per pen width and overall; the bitmap row (upscaled MNIST pasted onto
 the canvas) is kept for comparison.
 
-  python -m ferry.bench.canvas_fidelity --model models/mnist-cnn.onnx --data-dir data [--limit N] [--out FILE]
+  python -m ferry.bench.canvas_fidelity --model models/mnist-cnn.onnx --data-dir data [--split test|val] [--limit N] [--out FILE]
+
+--split val reads the 5,000 digits `ferry train` holds out for validation instead of the test digits:
+compare recipes there, and read the test digits once, for the recipe chosen.
 """
 
 from __future__ import annotations
@@ -32,6 +35,18 @@ def read_mnist_test(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     from ferry.core.idx import read_mnist
 
     return read_mnist(data_dir, "t10k")
+
+
+def read_mnist_validation(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 training images `ferry train` holds out for validation (its fixed split): the digits
+    to compare recipes on, so that the test digits are read once, at the end."""
+    from ferry.core.idx import read_mnist
+    from ferry.train.config import TrainConfig
+    from ferry.train.data import split_indices
+
+    x, y = read_mnist(data_dir, "train")
+    val_idx, _ = split_indices(len(x), TrainConfig().val_size)
+    return x[val_idx.numpy()], y[val_idx.numpy()]
 
 
 def skeleton_segments(digit: np.ndarray, upscale: int = 4) -> np.ndarray:
@@ -137,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models/mnist-cnn.onnx")
     parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--limit", type=int, default=0, help="first N test images only (0: all 10,000)")
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="test: the 10,000 MNIST test digits; val: the 5,000 training digits ferry train holds out")
+    parser.add_argument("--limit", type=int, default=0, help="first N digits only (0: all)")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
 
@@ -147,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     from ferry.runtime.classifier import Classifier
 
     try:
-        images, labels = read_mnist_test(args.data_dir)
+        images, labels = (read_mnist_test if args.split == "test" else read_mnist_validation)(args.data_dir)
         clf = Classifier.from_onnx(args.model, provider="cpu")
     except (OSError, FerryError) as exc:
         print(f"canvas_fidelity: error: {exc}", file=sys.stderr)
@@ -155,10 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit:
         images, labels = images[: args.limit], labels[: args.limit]
     result = measure_fidelity(clf, images, labels, progress=lambda i: print(f"  {i}/{len(labels)}", file=sys.stderr))
-    result.update(model=str(args.model), machine=cpu_info())
+    result.update(model=str(args.model), split=args.split, machine=cpu_info())
     per_pen = ", ".join(f"{w} px {100 * a:.2f}%" for w, a in result["stroke_accuracy_per_pen_width"].items())
     per_pen_image = ", ".join(f"{w} px {100 * a:.2f}%" for w, a in result["image_accuracy_per_pen_width"].items())
-    print(f"canvas, {result['images']} MNIST test digits drawn as strokes at pen widths {list(PEN_WIDTHS)} px:\n"
+    print(f"canvas, {result['images']} MNIST {'test' if args.split == 'test' else 'validation'} digits drawn as strokes at pen widths {list(PEN_WIDTHS)} px:\n"
           f"  app path (strokes, normalized pen) {result['stroke_accuracy']:.2%} ({per_pen})\n"
           f"  as plain images (the person's pen)  {result['image_accuracy']:.2%} ({per_pen_image})\n"
           f"  bitmaps pasted on the canvas       {result['bitmap_accuracy']:.2%}; the original 28x28 images {result['direct_accuracy']:.2%}")

@@ -348,3 +348,16 @@ def test_the_pen_is_round():
         ys, xs = torch.nonzero(tip > 0.5, as_tuple=True)
         assert ys.max() - ys.min() == xs.max() - xs.min() == 2 * int(r)  # widths 3 to 9 px at 2x
         assert tip[28 + int(r), 28 + int(r)] == (2 * int(r) ** 2 <= r * r)  # the corner of the square is cut
+
+
+@pytest.mark.mnist
+def test_fidelity_validation_digits_are_the_trainers_validation_split(mnist_dir):
+    """`canvas_fidelity --split val` compares recipes on exactly the digits training held out."""
+    from ferry.bench.canvas_fidelity import read_mnist_validation
+
+    splits = data.split(*data.load_mnist_arrays(mnist_dir), val_size=TrainConfig().val_size)
+    images, labels = read_mnist_validation(mnist_dir)
+    assert images.shape == (5000, 28, 28)
+    assert np.array_equal(images, splits.val_x.numpy()) and np.array_equal(labels, splits.val_y.numpy())
+    test_images, _ = data.read_mnist(mnist_dir, "t10k")
+    assert not {d.tobytes() for d in images[:500]} & {d.tobytes() for d in test_images}  # never the test digits

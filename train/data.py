@@ -79,11 +79,16 @@ def split(
     n = train_x.shape[0]
     if val_size >= n:
         raise FerryError(f"--val-size {val_size} leaves no training images (the set has {n})")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
-    val_idx, tr_idx = perm[:val_size], perm[val_size:]
+    val_idx, tr_idx = split_indices(n, val_size)
     if train_limit:
         tr_idx = tr_idx[:train_limit]
     return MnistSplits(train_x[tr_idx], train_y[tr_idx], train_x[val_idx], train_y[val_idx], test_x, test_y)
+
+
+def split_indices(n: int, val_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(validation, training) indices into the `n` MNIST training images: the fixed split of `split`."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    return perm[:val_size], perm[val_size:]
 
 
 def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
