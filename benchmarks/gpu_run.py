@@ -119,7 +119,8 @@ def _run(argv: list[str] | None) -> int:
     metrics = train(cfg, progress=False, log=_log, dry_run=args.dry_run)
     summary["train"] = {"device": metrics["device"], "epochs": len(metrics["epochs"]),
                         "seconds_per_epoch": [round(r["seconds"], 2) for r in metrics["epochs"]],
-                        "train_seconds": round(metrics["train_seconds"], 1), "autocast": "bf16" if cuda else None,
+                        "train_seconds": round(metrics["train_seconds"], 1), "prepare_seconds": round(metrics["prepare_seconds"], 1),
+                        "autocast": "bf16" if cuda else None,
                         "test_accuracy": metrics["test_accuracy"], "test_images": metrics["test_images"]}
     _save(summary, out)
 

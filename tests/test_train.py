@@ -97,7 +97,8 @@ def test_training_learns_and_writes_outputs(tmp_path):
     out = Path(cfg.out)
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["test_accuracy"] == metrics["test_accuracy"]
-    assert {"train_seconds", "device", "epochs"} <= on_disk.keys() and len(on_disk["epochs"]) == 3
+    assert {"train_seconds", "prepare_seconds", "device", "epochs"} <= on_disk.keys() and len(on_disk["epochs"]) == 3
+    assert 0 <= on_disk["prepare_seconds"] < 60
     machine = on_disk["machine"]
     assert machine["cpu_class"] and isinstance(machine["cpu_flags"], list) and machine["torch_threads"] >= 1
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
