@@ -60,6 +60,28 @@ def test_pooling_first_is_the_seeds_network_without_batch_norm():
     assert torch.allclose(fast(x), seed(x), atol=1e-6)
 
 
+def test_inference_order_computes_what_was_trained():
+    """Export moves BatchNorm and ReLU before pooling (what onnxruntime fuses): exact for positive
+    BatchNorm scales; a negative scale does not commute with max-pooling, so the model stays as trained."""
+    torch.manual_seed(0)
+    model = DigitCNN(channels=(4, 8, 16))
+    norms = [m for m in model.features if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in norms:  # trained-looking statistics
+        bn.weight.data.uniform_(0.2, 2.0)
+        bn.bias.data.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    fused = model.inference_order()
+    assert [type(m).__name__ for m in fused.features[:4]] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]
+    assert not fused.training
+    x = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(fused(x), model(x), atol=1e-6)
+    norms[1].weight.data[0] = -0.5
+    assert model.inference_order() is model
+
+
 def test_lr_schedule_warms_up_then_decays():
     lrs = [lr_at(s, 100, peak=0.1, warmup=0.2) for s in range(100)]
     assert lrs[0] == pytest.approx(0.005)

@@ -30,6 +30,8 @@ class DigitCNN(nn.Module):
         pool_first: bool = True,
     ) -> None:
         super().__init__()
+        self.channels, self.batch_norm, self.dropout_p = tuple(channels), batch_norm, dropout
+        self.num_classes, self.pool_first = num_classes, pool_first
         if len(channels) != 3:
             raise ValueError(f"DigitCNN has exactly 3 conv layers; got channels={list(channels)}")
         layers: list[nn.Module] = []
@@ -48,3 +50,23 @@ class DigitCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, 1, 28, 28) normalized images -> (N, 10) logits."""
         return self.classifier(self.features(x))
+
+    def inference_order(self) -> DigitCNN:
+        """The same network with each BatchNorm and ReLU moved before its pooling (conv -> BatchNorm ->
+        ReLU -> pool): the layout onnxruntime folds into one fused convolution in fp32 and int8 (the
+        BatchNorm into the weights, the ReLU into the kernel), so the exported model runs as fast as
+        before the training-speed reorder. Exact when every BatchNorm scale is positive (weight /
+        sqrt(var + eps) > 0): a per-channel increasing affine map and ReLU commute with max-pooling.
+        Returns `self` when a scale is not positive, or when there is nothing to move."""
+        if not (self.pool_first and self.batch_norm):
+            return self
+        norms = [m for m in self.features if isinstance(m, nn.BatchNorm2d)]
+        if any(bool((bn.weight <= 0).any()) for bn in norms):
+            return self
+        other = DigitCNN(channels=self.channels, dropout=self.dropout_p, num_classes=self.num_classes, pool_first=False)
+        weighted = (nn.Conv2d, nn.BatchNorm2d)
+        for src, dst in zip([m for m in self.features if isinstance(m, weighted)],
+                            [m for m in other.features if isinstance(m, weighted)], strict=True):
+            dst.load_state_dict(src.state_dict())
+        other.classifier.load_state_dict(self.classifier.state_dict())
+        return other.train(self.training)
