@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ms = step_times(steps=args.steps, rounds=args.rounds)
     print(f"DigitCNN[32, 64, 128] training step, batch 64, {torch.get_num_threads()} threads, median ms:")
     for layout, v in ms.items():
-        print(f"  {layout:<14} {v:7.2f} ms")
+        print(f"  {layout:<26} {v:7.2f} ms")
     print(f"  channels-last speed-up: {ms['contiguous'] / ms['channels_last']:.2f}x (conv -> BatchNorm -> ReLU -> pool)")
     print(f"  pooling before BatchNorm and ReLU, channels-last: {ms['channels_last'] / ms['channels_last_pool_first']:.2f}x faster")
     return 0

@@ -15,7 +15,7 @@ class DigitCNN(nn.Module):
     Compared with the seed, `batch_norm` and `dropout` are additions; `channels` is the
     width of each conv layer. Pooling comes before BatchNorm and ReLU: ReLU and max-pooling
     commute, so without BatchNorm this is exactly the seed's conv -> ReLU -> pool, and BatchNorm
-    and ReLU (and their gradients) run on a quarter of the pixels: a 1.4x faster training step on
+    and ReLU (and their gradients) run on a quarter of the pixels: a 1.3x faster training step on
     a 2-core CPU (README: "Six minutes on either CPU class"). `pool_first=False` builds the earlier
     order (conv -> BatchNorm -> ReLU -> pool), kept for that comparison (`ferry.bench.train_step`).
     """
