@@ -351,7 +351,9 @@ def test_redrawn_digits_are_framed_like_mnist():
     skel = data.skeletons(x)
     assert skel.shape == (3, 56, 56) and skel.max() == 1  # traced at twice the resolution
     assert skel.sum() < (F.interpolate(x.float().unsqueeze(1), scale_factor=2) > 0).sum()  # thinner than the ink
-    pens = data.redraw_with_pen(skel.float().unsqueeze(1).repeat(40, 1, 1, 1)[:40], torch.Generator().manual_seed(1))
+    pen = data.pen_distances(x)
+    assert pen.shape == (3, 56, 56) and pen.dtype == torch.uint8 and torch.equal(pen == 0, skel == 1)
+    pens = data.redraw_with_pen(pen.unsqueeze(1).repeat(40, 1, 1, 1)[:40], torch.Generator().manual_seed(1))
     assert pens.shape == (40, 1, 28, 28)
     ink = pens.sum(dim=(1, 2, 3))
     assert pens.min() >= 0 and torch.allclose(pens.amax(dim=(1, 2, 3)), torch.ones(40))  # peak at 1, as the runtime
@@ -361,16 +363,26 @@ def test_redrawn_digits_are_framed_like_mnist():
         assert 17 <= max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 <= 22
 
 
-def test_the_pen_is_round():
-    """A single skeleton dot drawn with the pen is a disc: as wide as it is tall and as wide diagonally."""
-    dot = torch.zeros(40, 1, 56, 56)
-    dot[:, :, 28, 28] = 1
-    reach = int(max(data.PEN_RADII))
-    tips = F.conv2d(dot[:1], data._pen_tips(reach, dot.device), padding=reach)[0]
-    for tip, r in zip(tips, data.PEN_RADII):
-        ys, xs = torch.nonzero(tip > 0.5, as_tuple=True)
-        assert ys.max() - ys.min() == xs.max() - xs.min() == 2 * int(r)  # widths 3 to 9 px at 2x
-        assert tip[28 + int(r), 28 + int(r)] == (2 * int(r) ** 2 <= r * r)  # the corner of the square is cut
+def test_the_pen_is_round_and_the_distances_draw_it_exactly():
+    """A pen of radius r covers the pixels within r of the skeleton: a single dot becomes a disc, and
+    on real-looking strokes the precomputed distances give exactly a round pen stamped along the
+    skeleton (a convolution with a disc)."""
+    dot = torch.zeros(1, 56, 56, dtype=torch.uint8)
+    dot[0, 28, 28] = 1
+    d2 = data.squared_distances(dot)[0]
+    for r in data.PEN_RADII:
+        ys, xs = torch.nonzero(d2 <= r * r, as_tuple=True)
+        assert ys.max() - ys.min() == xs.max() - xs.min() == 2 * int(r)  # as wide as tall: 3 to 11 px at 2x
+        assert bool(d2[28 + int(r), 28 + int(r)] <= r * r) == (2 * int(r) ** 2 <= r * r)  # the square's corner is cut
+    assert int(data.squared_distances(torch.zeros(1, 56, 56, dtype=torch.uint8)).min()) == 255  # no skeleton, no ink
+
+    skel = data.skeletons(torch.from_numpy(synthetic_digits(8, seed=3)[0]))
+    d2 = data.squared_distances(skel).float()
+    off = torch.arange(-5, 6, dtype=torch.float32)
+    dist = torch.sqrt(off.view(-1, 1) ** 2 + off.view(1, -1) ** 2)
+    for r in data.PEN_RADII:
+        stamped = F.conv2d(skel.float().unsqueeze(1), (dist <= r).float().view(1, 1, 11, 11), padding=5)[:, 0] > 0.5
+        assert torch.equal(stamped, d2 <= r * r)
 
 
 @pytest.mark.mnist

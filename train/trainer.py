@@ -111,11 +111,11 @@ def train_one_epoch(
             group["lr"] = lr_at(step, total_steps, peak=cfg.lr, warmup=cfg.warmup)
         xb = data.to_unit(xb.to(device, non_blocking=True))  # uint8 to the device, augmented there
         if cfg.augment:
-            if cfg.redraw > 0 and splits.train_skel is not None:
+            if cfg.redraw > 0 and splits.train_pen is not None:
                 pick = torch.nonzero(torch.rand(len(idx), generator=gen) < cfg.redraw).squeeze(1)
                 if len(pick):
-                    skel = splits.train_skel[idx[pick]].to(device).float().unsqueeze(1)
-                    xb[pick.to(device)] = data.redraw_with_pen(skel, gen)
+                    pen = splits.train_pen[idx[pick]].to(device).unsqueeze(1)
+                    xb[pick.to(device)] = data.redraw_with_pen(pen, gen)
             xb = data.stroke_width_jitter(xb, gen, p=cfg.stroke_jitter)
             xb = data.random_warp(xb, gen, elastic_px=cfg.elastic)
         xb = data.standardize(xb).contiguous(memory_format=torch.channels_last)
@@ -215,8 +215,8 @@ def train(
     if splits is None:
         train_x, train_y, test_x, test_y = data.load_mnist_arrays(cfg.data_dir, download=True)
         splits = data.split(train_x, train_y, test_x, test_y, val_size=cfg.val_size, train_limit=cfg.train_limit)
-    if cfg.augment and cfg.redraw > 0 and splits.train_skel is None:
-        splits = dataclasses.replace(splits, train_skel=data.skeletons(splits.train_x))
+    if cfg.augment and cfg.redraw > 0 and splits.train_pen is None:
+        splits = dataclasses.replace(splits, train_pen=data.pen_distances(splits.train_x))
     prepare_seconds = time.perf_counter() - t_prepare
     if dry_run:
         splits = dataclasses.replace(splits, val_x=splits.val_x[:1000], val_y=splits.val_y[:1000],
