@@ -30,16 +30,16 @@ def load_mnist_cnn(checkpoint: str | Path) -> LoadedModel:
     import torch
 
     from ferry.core.errors import FerryError
-    from ferry.train.trainer import load_checkpoint, load_model
+    from ferry.train.trainer import load_checkpoint, model_from_checkpoint
 
-    trained, cfg = load_model(checkpoint)
+    state = load_checkpoint(checkpoint)  # read once: the weights and the epoch named in the metadata
+    trained, cfg = model_from_checkpoint(state, checkpoint)
     model = trained.inference_order()  # the same function in the layout onnxruntime fuses (DigitCNN.inference_order)
     if model is not trained:
         probe = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             if not torch.allclose(model(probe), trained(probe), atol=1e-5, rtol=1e-5):
                 raise FerryError(f"{checkpoint}: the inference layer order does not compute what was trained")
-    state = load_checkpoint(checkpoint)
     order = " -> ".join(type(m).__name__ for m in model.features[: len(model.features) // 3])  # one conv layer's
     return LoadedModel(
         name=CNN,

@@ -151,7 +151,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def load_model(path: str | Path) -> tuple[DigitCNN, TrainConfig]:
     """Load the trained DigitCNN (eval mode) and its config from a checkpoint."""
-    state = load_checkpoint(path)
+    return model_from_checkpoint(load_checkpoint(path), path)
+
+
+def model_from_checkpoint(state: dict, path: str | Path) -> tuple[DigitCNN, TrainConfig]:
+    """The trained DigitCNN (eval mode) and its config from a loaded checkpoint (`path` names it in errors)."""
     cfg = TrainConfig.from_dict(state["config"])
     model = build_model(cfg)
     try:
