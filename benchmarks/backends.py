@@ -96,10 +96,10 @@ def torch_model(model: str, checkpoint: str | None, models_dir: str | Path | Non
 
             return load_model(checkpoint)[0]
         from ferry.train.config import TrainConfig
-        from ferry.train.model import DigitCNN
+        from ferry.train.trainer import build_model
 
-        channels = source.get("train_config", {}).get("channels", TrainConfig().channels)
-        return DigitCNN(channels=channels).eval()
+        saved = source.get("train_config")  # the exported model's recipe; the default one without metadata
+        return build_model(TrainConfig.from_dict(saved) if saved else TrainConfig()).eval()
     from ferry.train import tvmodels
 
     try:

@@ -46,6 +46,10 @@ def test_model_shapes():
     assert sum(isinstance(m, torch.nn.MaxPool2d) for m in model.modules()) == 3
     with pytest.raises(ValueError):
         DigitCNN(channels=(4, 8))
+    linears = [m for m in model.classifier if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(16 * 3 * 3, 256), (256, 10)]  # the recipe's hidden layer
+    plain = DigitCNN(channels=(4, 8, 16), hidden=0)
+    assert [(m.in_features, m.out_features) for m in plain.classifier if isinstance(m, torch.nn.Linear)] == [(16 * 3 * 3, 10)]
 
 
 def test_pooling_first_is_the_seeds_network_without_batch_norm():
@@ -134,10 +138,23 @@ def test_checkpoint_round_trip(tmp_path):
     assert loaded_cfg == cfg
     x = data.normalize(tiny_splits().test_x[:16])
     state = load_checkpoint(Path(cfg.out) / CHECKPOINT_NAME)
-    reference = DigitCNN(channels=cfg.channels).eval()
+    reference = DigitCNN(channels=cfg.channels, hidden=cfg.hidden).eval()
     reference.load_state_dict(state["model"])
     assert torch.equal(model(x), reference(x))
     assert state["epoch"] == 1 and len(state["history"]) == 1
+
+
+def test_checkpoint_from_before_the_hidden_layer_loads_without_one(tmp_path):
+    """Checkpoints written before `hidden` existed have no such key: they were trained without the layer."""
+    cfg = tiny_config(tmp_path, epochs=1, hidden=0)
+    train(cfg, splits=tiny_splits(), progress=False, log=quiet)
+    path = Path(cfg.out) / CHECKPOINT_NAME
+    state = load_checkpoint(path)
+    del state["config"]["hidden"]
+    torch.save(state, path)
+    model, loaded_cfg = load_model(path)
+    assert loaded_cfg.hidden == 0 and model.hidden == 0
+    assert TrainConfig.from_dict(dataclasses.replace(cfg, hidden=256).to_dict()).hidden == 256  # a saved value wins
 
 
 def _state(cfg: TrainConfig) -> dict:

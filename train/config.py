@@ -27,6 +27,7 @@ class Recipe:
     (checkpoints store the config as plain data) and the recipe key that --resume compares."""
 
     NOT_RECIPE = ("out", "device", "threads", "data_dir", "workers")  # where and how, not what
+    ABSENT_MEANS: dict = {}  # fields added later: the value a saved config without them was trained with
 
     def validate(self) -> None:
         """Raise one FerryError listing every nonsensical value."""
@@ -51,6 +52,7 @@ class Recipe:
     @classmethod
     def from_dict(cls, d: dict):
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        d = {**cls.ABSENT_MEANS, **d}
         return cls(**{k: tuple(v) if isinstance(fields[k].default, tuple) else v for k, v in d.items() if k in fields})
 
     def recipe_key(self) -> dict:
@@ -61,6 +63,8 @@ class Recipe:
 @dataclass(frozen=True)
 class TrainConfig(Recipe):
     """The default values are the recommended recipe (README: "Training recipe")."""
+
+    ABSENT_MEANS = {"hidden": 0}  # checkpoints written before the hidden layer existed had none
 
     data_dir: str = field(default="data", metadata=_doc("folder holding MNIST/raw/*-ubyte (torchvision layout)"))
     out: str = field(default="runs/mnist-cnn", metadata=_doc("output folder: checkpoint, metrics.json, curves.png"))
@@ -76,7 +80,8 @@ class TrainConfig(Recipe):
     stroke_jitter: float = field(default=0.0, metadata=_doc("with --augment: share of images whose strokes are thickened or thinned", valid="[0, 1]"))
     elastic: float = field(default=0.0, metadata=_doc("with --augment: elastic distortion in pixels (0: none)", valid="[0, 5]"))
     channels: tuple[int, int, int] = field(default=(32, 64, 128), metadata=_doc("widths of the 3 conv layers"))
-    dropout: float = field(default=0.25, metadata=_doc("dropout before the classifier", valid="[0, 1)"))
+    hidden: int = field(default=256, metadata=_doc("width of the hidden fully connected layer before the classifier (0: none)", valid=">= 0"))
+    dropout: float = field(default=0.25, metadata=_doc("dropout before the last linear layer", valid="[0, 1)"))
     val_size: int = field(default=5000, metadata=_doc("training images held out for validation", valid=">= 0"))
     train_limit: int = field(default=0, metadata=_doc("use only the first N training images (0: all); for quick runs", valid=">= 0"))
     device: str = field(default="auto", metadata=_doc("auto (CUDA when present, else CPU), cpu or cuda"))

@@ -1,4 +1,4 @@
-"""DigitCNN: the seed's three-conv MNIST classifier, with batch norm and dropout added."""
+"""DigitCNN: the seed's three-conv MNIST classifier, with batch norm, a hidden layer and dropout added."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from torch import nn
 
 class DigitCNN(nn.Module):
     """Three 3x3 conv layers (1 input channel), each followed by 2x2 max-pooling (28 -> 14 -> 7 -> 3),
-    BatchNorm and ReLU, then dropout and a linear classifier to 10 logits.
+    BatchNorm and ReLU, then a hidden fully connected layer (`hidden` units and ReLU; 0: none),
+    dropout and a linear classifier to 10 logits.
 
-    Compared with the seed, `batch_norm` and `dropout` are additions; `channels` is the
-    width of each conv layer. Pooling comes before BatchNorm and ReLU: ReLU and max-pooling
+    Compared with the seed, `batch_norm`, `hidden` and `dropout` are additions; `channels` is the
+    width of each conv layer. The hidden layer reads pen-drawn digits better on validation
+    (README: "Draw") for about 4% more arithmetic. Pooling comes before BatchNorm and ReLU: ReLU and max-pooling
     commute, so without BatchNorm this is exactly the seed's conv -> ReLU -> pool, and BatchNorm
     and ReLU (and their gradients) run on a quarter of the pixels: a 1.3x faster training step on
     a 2-core CPU (README: "Six minutes on either CPU class"). `pool_first=False` builds the earlier
@@ -28,10 +30,11 @@ class DigitCNN(nn.Module):
         dropout: float = 0.25,
         num_classes: int = 10,
         pool_first: bool = True,
+        hidden: int = 256,
     ) -> None:
         super().__init__()
         self.channels, self.batch_norm, self.dropout_p = tuple(channels), batch_norm, dropout
-        self.num_classes, self.pool_first = num_classes, pool_first
+        self.num_classes, self.pool_first, self.hidden = num_classes, pool_first, hidden
         if len(channels) != 3:
             raise ValueError(f"DigitCNN has exactly 3 conv layers; got channels={list(channels)}")
         layers: list[nn.Module] = []
@@ -43,9 +46,11 @@ class DigitCNN(nn.Module):
             layers += [conv, nn.MaxPool2d(2), *norm_relu] if pool_first else [conv, *norm_relu, nn.MaxPool2d(2)]
             c_in = c_out
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in * 3 * 3, num_classes)
-        )
+        head: list[nn.Module] = [nn.Flatten()]
+        if hidden:
+            head += [nn.Linear(c_in * 3 * 3, hidden), nn.ReLU(inplace=True)]
+        head += [nn.Dropout(dropout), nn.Linear(hidden or c_in * 3 * 3, num_classes)]
+        self.classifier = nn.Sequential(*head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, 1, 28, 28) normalized images -> (N, 10) logits."""
@@ -63,7 +68,8 @@ class DigitCNN(nn.Module):
         norms = [m for m in self.features if isinstance(m, nn.BatchNorm2d)]
         if any(bool((bn.weight <= 0).any()) for bn in norms):
             return self
-        other = DigitCNN(channels=self.channels, dropout=self.dropout_p, num_classes=self.num_classes, pool_first=False)
+        other = DigitCNN(channels=self.channels, dropout=self.dropout_p, num_classes=self.num_classes,
+                         pool_first=False, hidden=self.hidden)
         weighted = (nn.Conv2d, nn.BatchNorm2d)
         for src, dst in zip([m for m in self.features if isinstance(m, weighted)],
                             [m for m in other.features if isinstance(m, weighted)], strict=True):

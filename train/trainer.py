@@ -29,7 +29,7 @@ CHECKPOINT_FORMAT = "ferry.mnist-cnn/2"  # /2: pooling before BatchNorm (train/m
 
 
 def build_model(cfg: TrainConfig) -> DigitCNN:
-    return DigitCNN(channels=cfg.channels, dropout=cfg.dropout)
+    return DigitCNN(channels=cfg.channels, dropout=cfg.dropout, hidden=cfg.hidden)
 
 
 def lr_at(step: int, total_steps: int, *, peak: float, warmup: float) -> float:
@@ -226,7 +226,7 @@ def train(
         splits = dataclasses.replace(splits, val_x=splits.val_x[:1000], val_y=splits.val_y[:1000],
                                      test_x=splits.test_x[:1000], test_y=splits.test_y[:1000])
     log(
-        f"training DigitCNN{list(cfg.channels)} on {device_name(device)}: {splits.train_x.shape[0]} train / "
+        f"training DigitCNN{list(cfg.channels)} (hidden {cfg.hidden}) on {device_name(device)}: {splits.train_x.shape[0]} train / "
         f"{splits.val_x.shape[0]} val / {splits.test_x.shape[0]} test images, {cfg.epochs} epochs"
     )
 
