@@ -1,6 +1,7 @@
 """Seconds per training step of DigitCNN (batch 64, SGD) on the CPU, measured in alternating rounds in
-one process: contiguous (NCHW) against channels-last memory layout, and the earlier layer order
-(conv -> BatchNorm -> ReLU -> pool) against the recipe's (conv -> pool -> BatchNorm -> ReLU).
+one process: contiguous (NCHW) against channels-last memory layout, the earlier layer order
+(conv -> BatchNorm -> ReLU -> pool) against the recipe's (conv -> pool -> BatchNorm -> ReLU), and
+the recipe with and without its hidden layer.
 
   python -m ferry.bench.train_step [--steps 40] [--rounds 5]
 """
@@ -23,10 +24,11 @@ def step_times(*, steps: int, rounds: int, batch_size: int = 64) -> dict[str, fl
     x = torch.randn(batch_size, 1, 28, 28)
     y = torch.randint(0, 10, (batch_size,))
     setups = {}
-    for layout, fmt, pool_first in (("contiguous", torch.contiguous_format, False),
-                                    ("channels_last", torch.channels_last, False),
-                                    ("channels_last_pool_first", torch.channels_last, True)):
-        model = DigitCNN(pool_first=pool_first).to(memory_format=fmt)
+    for layout, fmt, pool_first, hidden in (("contiguous", torch.contiguous_format, False, 256),
+                                            ("channels_last", torch.channels_last, False, 256),
+                                            ("channels_last_pool_first", torch.channels_last, True, 256),
+                                            ("channels_last_pool_first_no_hidden", torch.channels_last, True, 0)):
+        model = DigitCNN(pool_first=pool_first, hidden=hidden).to(memory_format=fmt)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         setups[layout] = (model, opt, x.contiguous(memory_format=fmt))
     times: dict[str, list[float]] = {k: [] for k in setups}
@@ -60,9 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     ms = step_times(steps=args.steps, rounds=args.rounds)
     print(f"DigitCNN[32, 64, 128] training step, batch 64, {torch.get_num_threads()} threads, median ms:")
     for layout, v in ms.items():
-        print(f"  {layout:<26} {v:7.2f} ms")
+        print(f"  {layout:<34} {v:7.2f} ms")
     print(f"  channels-last speed-up: {ms['contiguous'] / ms['channels_last']:.2f}x (conv -> BatchNorm -> ReLU -> pool)")
     print(f"  pooling before BatchNorm and ReLU, channels-last: {ms['channels_last'] / ms['channels_last_pool_first']:.2f}x faster")
+    print(f"  the hidden layer (256 units) costs {ms['channels_last_pool_first'] / ms['channels_last_pool_first_no_hidden']:.2f}x "
+          "(the recipe against the same without it)")
     return 0
 
 

@@ -185,7 +185,8 @@ def test_train_step_benchmark_runs():
     from ferry.bench.train_step import step_times
 
     ms = step_times(steps=2, rounds=1)
-    assert set(ms) == {"contiguous", "channels_last", "channels_last_pool_first"} and all(v > 0 for v in ms.values())
+    assert set(ms) == {"contiguous", "channels_last", "channels_last_pool_first", "channels_last_pool_first_no_hidden"}
+    assert all(v > 0 for v in ms.values())
 
 
 @pytest.mark.slow
