@@ -18,8 +18,9 @@ class DigitCNN(nn.Module):
     (README: "Draw") for 4% more multiply-adds (a training step takes 1.01x as long, measured).
     Pooling comes before BatchNorm and ReLU: ReLU and max-pooling commute, so without BatchNorm
     this is exactly the seed's conv -> ReLU -> pool, and BatchNorm and ReLU (and their gradients)
-    run on a quarter of the pixels: a 1.3x faster training step on a 2-core CPU (README: "Six minutes on either CPU class"). `pool_first=False` builds the earlier
-    order (conv -> BatchNorm -> ReLU -> pool), kept for that comparison (`ferry.bench.train_step`).
+    run on a quarter of the pixels: a 1.3x faster training step on a 2-core CPU (README: "Six
+    minutes on either CPU class"). `pool_first=False` builds the earlier order (conv -> BatchNorm ->
+    ReLU -> pool), kept for that comparison (`ferry.bench.train_step`).
     """
 
     def __init__(
