@@ -59,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
+    from ferry.train.model import DigitCNN
+
     ms = step_times(steps=args.steps, rounds=args.rounds)
-    print(f"DigitCNN[32, 64, 128] training step, batch 64, {torch.get_num_threads()} threads, median ms:")
+    print(f"{DigitCNN().architecture()} training step, batch 64, {torch.get_num_threads()} threads, median ms:")
     for layout, v in ms.items():
         print(f"  {layout:<34} {v:7.2f} ms")
     print(f"  channels-last speed-up: {ms['contiguous'] / ms['channels_last']:.2f}x (conv -> BatchNorm -> ReLU -> pool)")

@@ -47,7 +47,7 @@ def load_mnist_cnn(checkpoint: str | Path) -> LoadedModel:
         labels=list(MNIST_LABELS),
         preprocess=mnist_spec(),
         weights=f"checkpoint {Path(checkpoint).name} (epoch {state['epoch']}, sha256 {sha256_file(checkpoint)[:16]})",
-        extra={"arch": CNN, "architecture": f"DigitCNN{list(cfg.channels)}", "layer_order": order,
+        extra={"arch": CNN, "architecture": model.architecture(), "layer_order": order,
                "train_config": cfg.to_dict()},
     )
 

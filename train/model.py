@@ -53,6 +53,10 @@ class DigitCNN(nn.Module):
         head += [nn.Dropout(dropout), nn.Linear(hidden or c_in * 3 * 3, num_classes)]
         self.classifier = nn.Sequential(*head)
 
+    def architecture(self) -> str:
+        """A one-line name of this network's shape, e.g. "DigitCNN[32, 64, 128], hidden 256" (logs, metadata)."""
+        return f"DigitCNN{list(self.channels)}" + (f", hidden {self.hidden}" if self.hidden else ", no hidden layer")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, 1, 28, 28) normalized images -> (N, 10) logits."""
         return self.classifier(self.features(x))

@@ -161,7 +161,7 @@ def model_from_checkpoint(state: dict, path: str | Path) -> tuple[DigitCNN, Trai
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
-        raise FerryError(f"checkpoint {path} does not match DigitCNN{list(cfg.channels)}: {str(exc).splitlines()[0]}") from exc
+        raise FerryError(f"checkpoint {path} does not match {model.architecture()}: {str(exc).splitlines()[0]}") from exc
     return model.eval(), cfg
 
 
@@ -226,7 +226,7 @@ def train(
         splits = dataclasses.replace(splits, val_x=splits.val_x[:1000], val_y=splits.val_y[:1000],
                                      test_x=splits.test_x[:1000], test_y=splits.test_y[:1000])
     log(
-        f"training DigitCNN{list(cfg.channels)} (hidden {cfg.hidden}) on {device_name(device)}: {splits.train_x.shape[0]} train / "
+        f"training {model.architecture()} on {device_name(device)}: {splits.train_x.shape[0]} train / "
         f"{splits.val_x.shape[0]} val / {splits.test_x.shape[0]} test images, {cfg.epochs} epochs"
     )
 
