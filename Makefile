@@ -6,7 +6,7 @@ DATA_DIR ?= data
 RUNS ?= runs
 MODELS ?= models
 RESNET_WEIGHTS ?= IMAGENET1K_V1
-CALIB_DIR ?= samples/photos
+CALIB_DIR ?= ferry/samples/photos
 BENCH_OUT ?= $(RUNS)/bench
 # torch/torchvision are installed first, pinned: the releases ferry is tested with.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
@@ -16,20 +16,21 @@ STAMP := $(VENV)/.ferry-installed
 FASHION_DIR ?= data/fashion
 FASHION_IDX ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: help demo train export predict fidelity bench test clean fidelity-full train-avx2 int8-portability \
+.PHONY: help demo train export predict fidelity bench test docs clean fidelity-full train-avx2 int8-portability \
 	finetune bench-batch bench-serve
 
 help:
 	@echo "make demo  [DATA_DIR=data]  train, export both models, predict samples, canvas fidelity, benchmark"
 	@echo "make test  [DATA_DIR=data]  the test suite (real-MNIST tests skip when DATA_DIR lacks MNIST)"
 	@echo "make bench [BENCH_OUT=...]  only the CPU/GPU benchmark of the models in $(MODELS)/"
-	@echo "more figures of the README (after make demo): fidelity-full train-avx2 int8-portability finetune bench-batch bench-serve"
+	@echo "make docs                   the documentation site (mkdocs build --strict) into build/site/"
+	@echo "more figures of the docs (after make demo): fidelity-full train-avx2 int8-portability finetune bench-batch bench-serve"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e '.[train,cpu,dev,serve,scale,triton]'
+	$(BIN)/python -m pip install --quiet -e '.[train,cpu,dev,serve,scale,triton,docs]'
 	touch $(STAMP)
 
 demo: $(STAMP) train export predict fidelity bench
@@ -48,8 +49,8 @@ export: $(STAMP)
 	elif [ $$rc -ne 0 ]; then exit $$rc; fi
 
 predict: $(STAMP)
-	$(BIN)/ferry predict $(MODELS)/mnist-cnn.onnx samples/digits
-	$(BIN)/ferry predict $(MODELS)/resnet50.onnx samples/photos --top-k 3
+	$(BIN)/ferry predict $(MODELS)/mnist-cnn.onnx ferry/samples/digits
+	$(BIN)/ferry predict $(MODELS)/resnet50.onnx ferry/samples/photos --top-k 3
 
 fidelity: $(STAMP)
 	$(BIN)/python -m ferry.bench.canvas_fidelity --model $(MODELS)/mnist-cnn.onnx --data-dir $(DATA_DIR) \
@@ -58,7 +59,7 @@ fidelity: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/ferry bench --models-dir $(MODELS) --checkpoint $(RUNS)/mnist-cnn/checkpoint.pt --out $(BENCH_OUT)
 
-# --- the README's other figures (each writes into $(RUNS)/; see the README for the machine they came from) ---
+# --- the docs' other figures (each writes into $(RUNS)/; the docs name the machine they came from) ---
 
 fidelity-full: $(STAMP)
 	$(BIN)/python -m ferry.bench.canvas_fidelity --model $(MODELS)/mnist-cnn.onnx --data-dir $(DATA_DIR) \
@@ -88,6 +89,9 @@ bench-serve: $(STAMP)
 
 test: $(STAMP)
 	FERRY_MNIST_DIR=$(DATA_DIR) $(BIN)/python -m pytest -q
+
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf $(RUNS) $(MODELS) .pytest_cache

@@ -82,25 +82,24 @@ def torch_model(model: str, checkpoint: str | None, models_dir: str | Path | Non
     not depend on the weights) and the exported number of classes."""
     import torch
 
-    from ferry.runtime.metadata import read_metadata_file
+    from ferry.runtime import contract
 
     source: dict = {}
-    if models_dir is not None and (Path(models_dir) / f"{model}.onnx").is_file():
-        meta = read_metadata_file(Path(models_dir) / f"{model}.onnx")
-        source = {**meta.get("source", {}), "num_classes": len(meta["labels"])}
+    fp32 = onnx_path(models_dir, model, "fp32") if models_dir is not None else None
+    if fp32 is not None and fp32.is_file():
+        meta = contract.read(fp32)
+        source = {**meta.info.get("source", {}), "num_classes": meta.num_classes}
     arch = source.get("arch") or model
     torch.manual_seed(0)
     if arch == "mnist-cnn":
+        from ferry.models import checkpoint as ckpt
+        from ferry.models.digit_cnn import DigitCNN
+
         if checkpoint:
-            from ferry.train.trainer import load_model
-
-            return load_model(checkpoint)[0]
-        from ferry.train.config import TrainConfig
-        from ferry.train.trainer import build_model
-
-        saved = source.get("train_config")  # the exported model's recipe; the default one without metadata
-        return build_model(TrainConfig.from_dict(saved) if saved else TrainConfig()).eval()
-    from ferry.train import tvmodels
+            return ckpt.digit_cnn_from_state(ckpt.load_digit_cnn_state(checkpoint), checkpoint)
+        # the exported model's recipe; the default network without metadata
+        return DigitCNN.from_config(source.get("train_config") or {"hidden": DigitCNN().hidden}).eval()
+    from ferry.models import tvmodels
 
     try:
         tvmodels.check_arch(arch)

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
 FEW = 32  # images in the job that measures the fixed cost
 
 
@@ -39,7 +38,9 @@ def photo_folder(folder: Path, n: int, seed: int = 0) -> Path:
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    photos = [Image.open(p).convert("RGB") for p in sorted((REPO / "samples" / "photos").glob("*.jpg"))]
+    from ferry.core.samples import sample_photos
+
+    photos = [Image.open(p).convert("RGB") for p in sample_photos()]
     rng = np.random.default_rng(seed)
     for i in range(n):
         img = photos[i % len(photos)]
@@ -53,7 +54,7 @@ def photo_folder(folder: Path, n: int, seed: int = 0) -> Path:
 def time_predict(model: Path, folder: Path, batch_size: int = 32) -> dict[str, Any]:
     """What `ferry predict MODEL FOLDER` does, timed from the model load to the last prediction."""
     from ferry.runtime import Classifier
-    from ferry.runtime.cli import expand_inputs
+    from ferry.runtime.inputs import expand_inputs
 
     t0 = time.perf_counter()
     clf = Classifier.from_onnx(model, provider="cpu")

@@ -37,13 +37,14 @@ def _log(msg: str) -> None:
 
 
 def _sample_images(folder: Path, n: int = 16) -> Path:
-    """Calibration images for ResNet-50 int8 (random weights: only speed matters here): the repo's
-    sample photos, else seeded noise."""
+    """Calibration images for ResNet-50 int8 (random weights: only speed matters here): the shipped
+    sample photos and seeded noise."""
     from PIL import Image
 
+    from ferry.core.samples import sample_photos
+
     folder.mkdir(parents=True, exist_ok=True)
-    samples = Path(__file__).resolve().parents[1] / "samples" / "photos"
-    photos = sorted(samples.glob("*.jpg")) if samples.is_dir() else []
+    photos = sample_photos()
     for p in photos:
         (folder / p.name).write_bytes(p.read_bytes())
     rng = np.random.default_rng(0)
@@ -129,7 +130,7 @@ def _run(argv: list[str] | None) -> int:
     ckpt = Path(cfg.out) / "checkpoint.pt"
     cnn = export_model(ExportOptions(model="mnist-cnn", out=str(models), checkpoint=str(ckpt), data_dir=args.data_dir,
                                      int8=True, fp16=True, int8_max_drop_pp=100.0 if args.dry_run else 0.1), log=_log)
-    summary["export_cnn"] = {k: v.get("validation", v.get("accuracy_vs_fp32")) for k, v in cnn.metadata.items()}
+    summary["export_cnn"] = {k: v.info.get("validation", v.info.get("accuracy_vs_fp32")) for k, v in cnn.metadata.items()}
     export_model(ExportOptions(model="resnet50", weights="none", out=str(models), int8=True, fp16=True,
                                calib_dir=str(_sample_images(out / "calib", 5 if args.dry_run else 20))), log=_log)
 

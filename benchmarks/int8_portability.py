@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         here = cpu_info()
         runs = [{"cpu": here["cpu"], "cpu_class": here["cpu_class"], "accuracy": accuracies(models, args.data_dir)}]
         if args.emulate:
-            # fp32 convolutions are ~30x slower than int8 ones under QEMU's emulation (hours for 10,000
+            # fp32 convolutions are far slower than int8 ones under QEMU's emulation (hours for 10,000
             # images), and fp32 does not depend on VNNI: the emulated run measures the int8 files only
             int8 = {k: v for k, v in models.items() if k != "fp32"}
             runs.append({**_emulated(int8, args.data_dir, args.emulate), "cpu": f"{args.emulate} (QEMU CPU model)",

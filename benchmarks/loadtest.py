@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
 SERVERS = ("ferry", "ferry-nobatch", "baseline", "ray-serve")
 
 
@@ -78,7 +77,7 @@ def start_server(kind: str, models: list[str], port: int) -> subprocess.Popen:
             cmd += ["--max-batch-size", "1"]
         if kind == "ray-serve":
             cmd += ["--address", "local", "--replicas", "2", "--max-batch-size", "16", "--batch-wait-ms", "5"]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
 
@@ -173,8 +172,9 @@ def server_stats(url: str) -> dict[str, Any] | None:
 
 
 def bodies_for(model: str) -> list[bytes]:
-    folder = REPO / "samples" / ("digits" if model == "mnist-cnn" else "photos")
-    return [p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix.lower() in (".png", ".jpg", ".jpeg")]
+    from ferry.core.samples import sample_digits, sample_photos
+
+    return [p.read_bytes() for p in (sample_digits() if model == "mnist-cnn" else sample_photos())]
 
 
 @dataclass

@@ -61,12 +61,11 @@ def input_shape(model: str, models_dir: str | Path | None = None) -> tuple[int, 
     """(C, H, W) of one input: from the exported model's metadata when it is there, else the known
     shape (the digit CNN) or ImageNet's 3x224x224."""
     if models_dir is not None:
-        path = Path(models_dir) / f"{model}.onnx"
+        path = onnx_path(models_dir, model, "fp32")
         if path.is_file():
-            from ferry.runtime.metadata import read_metadata_file
-            from ferry.runtime.presets import input_shape as spec_shape
+            from ferry.runtime import contract
 
-            return tuple(spec_shape(read_metadata_file(path)["preprocess"]))
+            return contract.read(path).input_shape
     return KNOWN_INPUT_SHAPES.get(model, IMAGENET_INPUT_SHAPE)
 
 
@@ -79,4 +78,7 @@ def batch_sizes(model: str, plan: str = "default", shape: tuple[int, ...] | None
 
 
 def onnx_path(models_dir: str | Path, model: str, precision: str) -> Path:
-    return Path(models_dir) / (f"{model}.onnx" if precision == "fp32" else f"{model}.{precision}.onnx")
+    """The model set's file for `precision` (the contract's file names)."""
+    from ferry.runtime.contract import variant_path
+
+    return variant_path(models_dir, model, precision)

@@ -16,8 +16,8 @@ def build_random_models(root: str | Path, *, log: Callable[[str], None] = lambda
 
     from ferry.core.idx import synthetic_digits, write_mnist
     from ferry.export.pipeline import ExportOptions, export_model
+    from ferry.models.digit_cnn import DigitCNN
     from ferry.train.config import TrainConfig
-    from ferry.train.model import DigitCNN
     from ferry.train.trainer import make_optimizer, save_checkpoint
 
     root = Path(root)

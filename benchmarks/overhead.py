@@ -16,14 +16,11 @@ from ferry.bench.harness import percentile
 
 
 def _sample_photo() -> Image.Image:
-    """A real photo: the repo's sample if present, else scikit-image's coffee (400x600)."""
-    sample = Path(__file__).resolve().parents[1] / "samples" / "photos" / "coffee.jpg"
-    if sample.exists():
-        with Image.open(sample) as img:
-            return img.convert("RGB")
-    import skimage.data
+    """A real photo shipped with ferry (coffee.jpg, 400x267)."""
+    from ferry.core.samples import samples_dir
 
-    return Image.fromarray(skimage.data.coffee())
+    with Image.open(samples_dir() / "photos" / "coffee.jpg") as img:
+        return img.convert("RGB")
 
 
 def _sample_digit() -> np.ndarray:

@@ -2,9 +2,8 @@
 
 Rows that cannot run are recorded as skipped with the reason. One backend is alive at a time: its
 session is released before the next is created, because idle onnxruntime sessions in one process
-keep their intra-op threads spinning and slow the session being timed (measured on 2 cores: four
-int8 sessions alive, ~53 ms per ResNet-50 call; one alive, ~28 ms). Spinning stays at onnxruntime's
-default, as users get it. A noisy measurement is repeated; one that stays noisy is kept, marked
+keep their intra-op threads spinning and slow the session being timed (on a 2-core machine by
+nearly 2x; docs: "Benchmarks"). Spinning stays at onnxruntime's default, as users get it. A noisy measurement is repeated; one that stays noisy is kept, marked
 unstable and left out of the speed-up ratios. Ratios come only from rows of the same run.
 """
 

@@ -35,7 +35,7 @@ def test_inference(benchmark, models_dir, model, backend, batch):
     except bk.Unavailable as exc:
         pytest.skip(f"{backend}: {exc}")
     shape = matrix.input_shape(model, models_dir)
-    x = prepared.to_input(np.random.default_rng(batch).standard_normal((batch, *shape), dtype=np.float32))
+    x = np.random.default_rng(batch).standard_normal((batch, *shape), dtype=np.float32)
     benchmark.extra_info.update(model=model, backend=backend, provider=prepared.provider_used, precision=spec.precision,
                                 device=prepared.device_name, batch_size=batch)
 

@@ -18,7 +18,7 @@ def step_times(*, steps: int, rounds: int, batch_size: int = 64) -> dict[str, fl
     import torch.nn.functional as F
 
     from ferry.bench.harness import percentile
-    from ferry.train.model import DigitCNN
+    from ferry.models.digit_cnn import DigitCNN
 
     torch.manual_seed(0)
     x = torch.randn(batch_size, 1, 28, 28)
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from ferry.train.model import DigitCNN
+    from ferry.models.digit_cnn import DigitCNN
 
     ms = step_times(steps=args.steps, rounds=args.rounds)
     print(f"{DigitCNN().architecture()} training step, batch 64, {torch.get_num_threads()} threads, median ms:")

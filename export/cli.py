@@ -68,6 +68,6 @@ def run(args: argparse.Namespace) -> int:
                                   args.triton_repo, max_batch_size=args.triton_max_batch, tensorrt_fp16=args.triton_trt_fp16)
         print(f"triton: {folder} (config.pbtxt checked against Triton's model-config schema); serve it with:\n  "
               + DOCKER_RUN.format(repo=Path(args.triton_repo).resolve()))
-    if result.metadata["fp32"].get("untrained"):
+    if result.metadata["fp32"].untrained:
         print("note: random weights (untrained); predictions are meaningless, fine for speed work")
     return 0

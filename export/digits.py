@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ferry.core.idx import read_mnist
+from ferry.core.errors import FerryError
+from ferry.core.idx import missing_mnist_files, read_mnist
 from ferry.export.evalset import EvalSet, ExportData
 from ferry.runtime.presets import mnist_spec, preprocess_mnist
 
@@ -19,9 +20,10 @@ def prepare_digits(images_uint8: np.ndarray) -> np.ndarray:
 
 
 def load_mnist_for_export(data_dir: str | Path, *, calib_images: int, seed: int = 0) -> ExportData:
-    from ferry.train.data import load_mnist_arrays
-
-    load_mnist_arrays(data_dir)  # the training stage's checks and its error message for a missing folder
+    missing = missing_mnist_files(data_dir)
+    if missing:
+        raise FerryError(f"MNIST not found in {data_dir}/MNIST/raw: missing {', '.join(missing)}; point --data-dir at "
+                         "the folder `ferry train` read (it holds MNIST/raw/*-ubyte)")
     train_x, _ = read_mnist(data_dir, "train")
     test_x, test_y = read_mnist(data_dir, "t10k")
     idx = np.random.default_rng(seed).choice(train_x.shape[0], size=min(calib_images, train_x.shape[0]), replace=False)

@@ -5,37 +5,26 @@ images it was not calibrated on."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ferry.core.errors import FerryError
 from ferry.export.evalset import EvalSet, ExportData
-from ferry.runtime.images import IMAGE_SUFFIXES, load_image
-from ferry.runtime.presets import preprocess
+from ferry.runtime.inputs import describe_skipped, list_files, read_images
+from ferry.runtime.presets import Preprocess, preprocess
 
 RECOMMENDED_CALIBRATION_IMAGES = 100
 HOLDOUT_EVERY = 5  # every 5th image (sorted by path) is held out for the agreement check
 
 
-def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-
-
-def load_calibration_folder(folder: str | Path, spec: dict[str, Any], *, limit: int = 1000) -> ExportData:
+def load_calibration_folder(folder: str | Path, spec: Preprocess, *, limit: int = 1000) -> ExportData:
     folder = Path(folder)
     if not folder.is_dir():
         raise FerryError(f"--calib-dir {folder} is not a folder")
-    arrays, bad = [], []
-    for p in image_files(folder)[:limit]:
-        try:
-            arrays.append(preprocess(load_image(p), spec))
-        except FerryError as exc:  # a bad image is skipped and named
-            bad.append(str(exc))
+    arrays, _, skipped = read_images(list_files(folder)[:limit], lambda img: preprocess(img, spec), root=folder)
     if not arrays:
-        detail = f"; unreadable: {'; '.join(bad[:3])}" if bad else ""
-        raise FerryError(f"--calib-dir {folder} holds no usable images ({', '.join(sorted(IMAGE_SUFFIXES))}){detail}")
+        detail = f"; {describe_skipped(skipped, limit=3)}" if skipped else ""
+        raise FerryError(f"--calib-dir {folder} holds no usable images{detail}")
     x = np.stack(arrays)
     idx = np.arange(len(x))
     if len(x) >= HOLDOUT_EVERY:
@@ -44,8 +33,8 @@ def load_calibration_folder(folder: str | Path, spec: dict[str, Any], *, limit: 
         held = idx == len(x) - 1 if len(x) >= 2 else np.zeros(len(x), bool)
     calib, holdout = x[~held], x[held]
     notes = []
-    if bad:
-        notes.append(f"skipped {len(bad)} unreadable image(s) in {folder}: {'; '.join(bad[:3])}")
+    if skipped:
+        notes.append(f"{describe_skipped(skipped)} in {folder}")
     if len(calib) < RECOMMENDED_CALIBRATION_IMAGES:
         notes.append(f"only {len(calib)} calibration image(s) from {folder}: int8 scales from so few images may not "
                      f"fit real inputs; give --calib-dir a few hundred images like those the model will see "

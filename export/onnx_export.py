@@ -1,4 +1,5 @@
-"""Export a torch model to ONNX, stamp it with ferry's metadata and validate it against PyTorch.
+"""Export a torch model to ONNX and validate it against PyTorch (the metadata is stamped by the
+model contract, `ferry.runtime.contract`).
 
 Validation, after optimum's exporters: `onnx.checker` (full check) and shape inference, then
 onnxruntime on the CPU against PyTorch on the same inputs: output names, then shapes, then
@@ -7,7 +8,6 @@ values within `atol`. Each failure is a named error carrying the numbers.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,8 +16,6 @@ import numpy as np
 
 from ferry.core.errors import FerryError
 
-METADATA_KEY = "ferry"  # metadata_props key holding the JSON description (README: "Model metadata")
-METADATA_SCHEMA = 1
 DEFAULT_OPSET = 18
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -77,32 +75,6 @@ def _forward_arg(model) -> str:
 
     params = [p for p in inspect.signature(model.forward).parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD]
     return params[0].name
-
-
-def write_metadata(path: str | Path, metadata: dict[str, Any]) -> None:
-    """Store `metadata` as JSON under metadata_props["ferry"] (and a few plain keys) in place."""
-    import onnx
-
-    proto = onnx.load(str(path))
-    props = {p.key: p.value for p in proto.metadata_props}
-    props[METADATA_KEY] = json.dumps({"schema": METADATA_SCHEMA, **metadata}, sort_keys=True)
-    props["ferry.model"] = str(metadata.get("model", ""))
-    del proto.metadata_props[:]
-    for key, value in props.items():
-        proto.metadata_props.add(key=key, value=value)
-    proto.producer_name = "ferry"
-    proto.doc_string = f"ferry export of {metadata.get('model')}; metadata JSON under metadata_props['{METADATA_KEY}']"
-    onnx.save(proto, str(path))
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    for p in proto.metadata_props:
-        if p.key == METADATA_KEY:
-            return json.loads(p.value)
-    raise FerryError(f"{path} carries no ferry metadata")
 
 
 def check_model(path: str | Path, *, name: str | None = None) -> None:

@@ -20,12 +20,13 @@ from typing import Any
 import numpy as np
 
 from ferry.core.errors import FerryError
+from ferry.core.fileio import sha256_file
 from ferry.core.machine import cpu_info
 from ferry.export import onnx_export as ox
 from ferry.export.evalset import ExportData, check_top1_against_torch
 from ferry.export.models import CNN, LoadedModel, load_finetuned, load_mnist_cnn, load_torchvision
-from ferry.runtime.metadata import sha256_file
-from ferry.runtime.presets import input_shape
+from ferry.runtime import contract
+from ferry.runtime.contract import PRECISIONS, DerivedFrom, ModelMetadata, variant_filename
 
 
 @dataclass
@@ -54,12 +55,12 @@ DEFAULT_MAX_DROP_PP = {"mnist-cnn": 0.1, "fine-tuned": 0.5}
 @dataclass
 class ExportResult:
     paths: dict[str, Path] = field(default_factory=dict)
-    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metadata: dict[str, ModelMetadata] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
 def _check_options(opts: ExportOptions) -> None:
-    from ferry.train.tvmodels import check_arch
+    from ferry.models.tvmodels import check_arch
 
     if opts.model != CNN:
         check_arch(opts.model)
@@ -77,13 +78,6 @@ def _check_options(opts: ExportOptions) -> None:
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise FerryError(f"--out {out} exists and is not a folder")
-
-
-PRECISIONS = ("fp32", "int8", "fp16")
-
-
-def variant_name(model: str, precision: str) -> str:
-    return f"{model}.onnx" if precision == "fp32" else f"{model}.{precision}.onnx"
 
 
 @contextlib.contextmanager
@@ -111,8 +105,8 @@ def _load(opts: ExportOptions, log: Callable[[str], None]) -> tuple[LoadedModel,
         from ferry.export.folder import load_folder_for_export
 
         loaded, state = load_finetuned(opts.checkpoint, arch=opts.model, name=opts.name)
-        data = load_folder_for_export(opts.data_dir or state["data"]["root"], state, calib_images=min(opts.calib_images, 500),
-                                      seed=opts.seed, log=log)
+        data = load_folder_for_export(opts.data_dir or state["data"]["root"], state, loaded.preprocess,
+                                      calib_images=min(opts.calib_images, 500), seed=opts.seed, log=log)
         return loaded, data, _gate(opts, "fine-tuned")
     loaded = load_torchvision(opts.model, opts.weights, name=opts.name)
     if opts.calib_dir:
@@ -143,13 +137,13 @@ def export_model(opts: ExportOptions, *, log: Callable[[str], None] = print) -> 
 
     result = ExportResult(notes=list(data.notes))
     rng = np.random.default_rng(opts.seed)
-    chw = input_shape(loaded.preprocess)
+    chw = loaded.preprocess.input_shape
     sizes = (1, 3, 16) if opts.model == CNN else (1, 2, 4)
     random_batches = [rng.standard_normal((n, *chw), dtype=np.float32) for n in sizes]
     base_meta = _base_metadata(loaded, opts)
 
     with _staging(out) as stage:
-        fp32 = stage / variant_name(loaded.name, "fp32")
+        fp32 = stage / variant_filename(loaded.name, "fp32")
         log(f"exporting {loaded.name} ({loaded.weights}) to {out / fp32.name} (opset {opts.opset})")
         import torch
 
@@ -161,31 +155,31 @@ def export_model(opts: ExportOptions, *, log: Callable[[str], None] = print) -> 
         }
         if data.evaluation is not None:
             validation["held_out"] = check_top1_against_torch(fp32, loaded.module, data.evaluation)
-        meta = {**base_meta, "precision": "fp32", "validation": validation}
-        ox.write_metadata(fp32, meta)  # metadata_props only: the graph checked above is unchanged
+        meta = base_meta.replace(precision="fp32", info={**base_meta.info, "validation": validation})
+        contract.write(fp32, meta)  # metadata_props only: the graph checked above is unchanged
         result.metadata["fp32"] = meta
         held = validation.get("held_out")
         log(f"  fp32 ok: max |ORT - PyTorch| {validation['random_inputs']['max_abs_diff']:.2e} (atol {opts.atol:g})"
             + (f"; top-1 identical to PyTorch on {held['dataset']}" if held else "")
             + (f", accuracy {held['onnx_accuracy']:.4%}" if held and "onnx_accuracy" in held else ""))
 
-        derived = {"file": fp32.name, "sha256": sha256_file(fp32)}
+        derived = DerivedFrom(fp32.name, sha256_file(fp32))
         if opts.int8:
             from ferry.export.variants import make_int8
 
             if data.calibration is None:
                 raise FerryError(f"{loaded.name} --int8 needs calibration images (--calib-dir DIR)")
             result.metadata["int8"] = make_int8(
-                fp32, stage / variant_name(loaded.name, "int8"), base_meta, data.calibration, derived_from=derived,
+                fp32, stage / variant_filename(loaded.name, "int8"), base_meta, data.calibration, derived_from=derived,
                 evaluation=data.evaluation, max_drop_pp=max_drop, eval_batches=random_batches, log=log)
         if opts.fp16:
             from ferry.export.variants import make_fp16
 
             result.metadata["fp16"] = make_fp16(
-                fp32, stage / variant_name(loaded.name, "fp16"), base_meta, derived_from=derived,
+                fp32, stage / variant_filename(loaded.name, "fp16"), base_meta, derived_from=derived,
                 evaluation=data.evaluation, eval_batches=random_batches, log=log)
         _commit(stage, out, loaded.name, list(result.metadata), log)
-    result.paths = {p: out / variant_name(loaded.name, p) for p in result.metadata}
+    result.paths = {p: out / variant_filename(loaded.name, p) for p in result.metadata}
     return result
 
 
@@ -193,28 +187,30 @@ def _commit(stage: Path, out: Path, model: str, produced: list[str], log: Callab
     """Move the checked files into place (variants first, the fp32 file they name last) and remove
     variants of an earlier export that this set does not replace."""
     for precision in sorted(produced, key=lambda p: p == "fp32"):
-        os.replace(stage / variant_name(model, precision), out / variant_name(model, precision))
+        os.replace(stage / variant_filename(model, precision), out / variant_filename(model, precision))
     for precision in PRECISIONS:
-        stale = out / variant_name(model, precision)
+        stale = out / variant_filename(model, precision)
         if precision not in produced and stale.exists():
             stale.unlink()
-            log(f"  removed {stale} (made from the previous {variant_name(model, 'fp32')}, now replaced)")
+            log(f"  removed {stale} (made from the previous {variant_filename(model, 'fp32')}, now replaced)")
 
 
-def _base_metadata(loaded: LoadedModel, opts: ExportOptions) -> dict[str, Any]:
+def _base_metadata(loaded: LoadedModel, opts: ExportOptions) -> ModelMetadata:
     import onnx
     import onnxruntime
     import torch
 
-    return {
-        "model": loaded.name,
-        "labels": loaded.labels,
-        "preprocess": loaded.preprocess,
-        "weights": loaded.weights,
-        "untrained": loaded.untrained,
-        "input": {"name": ox.INPUT_NAME, "shape": ["batch", *input_shape(loaded.preprocess)], "dtype": "float32"},
-        "output": {"name": ox.OUTPUT_NAME, "shape": ["batch", len(loaded.labels)], "kind": "logits"},
-        "exported": {
+    return contract.new_metadata(
+        model=loaded.name,
+        labels=loaded.labels,
+        preprocess=loaded.preprocess,
+        original_labels=tuple(loaded.original_labels) if loaded.original_labels else None,
+        labels_source=loaded.labels_source,
+        weights=loaded.weights,
+        untrained=loaded.untrained,
+        input_name=ox.INPUT_NAME,
+        output_name=ox.OUTPUT_NAME,
+        exported={
             "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "opset": opts.opset,
             "exporter": "torch.onnx.export(dynamo=True)",
@@ -222,9 +218,15 @@ def _base_metadata(loaded: LoadedModel, opts: ExportOptions) -> dict[str, Any]:
             "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__,
             "python": platform.python_version(),
+            "ferry": _ferry_version(),
         },
         # the machine the checks ran on: its instruction set decides which int8 kernels ran
-        "validated_on": {**cpu_info(), "onnxruntime_threads": ox.validation_threads()},
+        validated_on={**cpu_info(), "onnxruntime_threads": ox.validation_threads()},
         **({"source": loaded.extra} if loaded.extra else {}),
-    }
+    )
 
+
+def _ferry_version() -> str:
+    from ferry import __version__
+
+    return __version__

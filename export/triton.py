@@ -16,30 +16,30 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 from ferry.core.errors import FerryError
 from ferry.core.fileio import atomic_path, write_bytes_atomic
+from ferry.runtime.contract import ModelMetadata
 
 DOCKER_RUN = ("docker run --gpus all --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 -v {repo}:/models "
               "nvcr.io/nvidia/tritonserver:25.01-py3 tritonserver --model-repository=/models")
 
 
-def config_pbtxt(meta: dict[str, Any], *, name: str, max_batch_size: int = 64, preferred: tuple[int, ...] = (8, 16, 32),
+def config_pbtxt(meta: ModelMetadata, *, name: str, max_batch_size: int = 64, preferred: tuple[int, ...] = (8, 16, 32),
                  queue_delay_us: int = 1000, instances: int = 1, tensorrt_fp16: bool = False) -> str:
     """config.pbtxt text for an ONNX classifier whose metadata is `meta` (first dimension: batch)."""
     if max_batch_size < 1:
         raise FerryError(f"--triton-max-batch must be >= 1 (got {max_batch_size})")
-    inp, out = meta["input"], meta["output"]
-    in_dims = ", ".join(str(d) for d in inp["shape"][1:])
-    out_dims = ", ".join(str(d) for d in out["shape"][1:])
+    inp, out = meta.input, meta.output
+    in_dims = ", ".join(str(d) for d in inp.shape[1:])
+    out_dims = ", ".join(str(d) for d in out.shape[1:])
     pref = ", ".join(str(p) for p in preferred if p <= max_batch_size) or str(max_batch_size)
     lines = [
         f'name: "{name}"',
         'backend: "onnxruntime"',
         f"max_batch_size: {max_batch_size}",
-        f'input [ {{ name: "{inp["name"]}" data_type: TYPE_FP32 dims: [ {in_dims} ] }} ]',
-        f'output [ {{ name: "{out["name"]}" data_type: TYPE_FP32 dims: [ {out_dims} ] }} ]',
+        f'input [ {{ name: "{inp.name}" data_type: TYPE_FP32 dims: [ {in_dims} ] }} ]',
+        f'output [ {{ name: "{out.name}" data_type: TYPE_FP32 dims: [ {out_dims} ] }} ]',
         f"dynamic_batching {{ preferred_batch_size: [ {pref} ] max_queue_delay_microseconds: {queue_delay_us} }}",
         f"instance_group [ {{ count: {instances} kind: KIND_GPU }} ]",
     ]
@@ -64,10 +64,10 @@ def validate_config(text: str):
         raise FerryError(f"the Triton config does not fit Triton's model-config schema: {exc}") from exc
 
 
-def write_repository(onnx_path: Path, meta: dict[str, Any], repo: str | Path, *, name: str | None = None,
+def write_repository(onnx_path: Path, meta: ModelMetadata, repo: str | Path, *, name: str | None = None,
                      max_batch_size: int = 64, tensorrt_fp16: bool = False) -> Path:
     """Write (or replace) DIR/<name>/ for `onnx_path`; returns the model's folder."""
-    name = name or meta["model"]
+    name = name or meta.model
     text = config_pbtxt(meta, name=name, max_batch_size=max_batch_size, tensorrt_fp16=tensorrt_fp16)
     validate_config(text)
     folder = Path(repo) / name

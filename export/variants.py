@@ -7,7 +7,7 @@ kernels multiply uint8 activations by int8 weights; without VNNI (AVX2-only CPUs
 or AVX-512 without VNNI) they use VPMADDUBSW, whose 16-bit intermediate sums can saturate and lose
 accuracy, while VNNI CPUs (VPDPBUSD) never saturate. onnxruntime's quantization guide gives the
 remedy: quantize weights to 7 bits (`reduce_range=True`), which keeps every pairwise sum inside
-int16. The same file then computes the same thing with or without VNNI (README: "Portable int8").
+int16. The same file then computes the same thing with or without VNNI (docs: "Export", "Portable int8").
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import numpy as np
 from ferry.core.errors import FerryError
 from ferry.export import onnx_export as ox
 from ferry.export.evalset import EvalSet, compare_variant
+from ferry.runtime import contract
+from ferry.runtime.contract import DerivedFrom, ModelMetadata
 
 INT8_SETTINGS = {
     "format": "QDQ",
@@ -96,15 +98,15 @@ def quantize_int8(fp32_path: Path, target: Path, calibration: np.ndarray, *,
 def make_int8(
     fp32_path: Path,
     target: Path,
-    base_meta: dict[str, Any],
+    base_meta: ModelMetadata,
     calibration: np.ndarray,
     *,
-    derived_from: dict[str, str],
+    derived_from: DerivedFrom,
     evaluation: EvalSet | None,
     max_drop_pp: float | None,
     eval_batches: list[np.ndarray],
     log: Callable[[str], None] = print,
-) -> dict[str, Any]:
+) -> ModelMetadata:
     """Write the int8 variant of `fp32_path` to `target`; gate it on labelled held-out images
     (`max_drop_pp`, None: report only). Returns its metadata."""
     log(f"quantizing to int8 (static QDQ, per-channel, reduce_range, calibrated on {len(calibration)} images)")
@@ -117,14 +119,12 @@ def make_int8(
             f"int8 accuracy {vs_fp32['accuracy']:.4%} is {vs_fp32['drop_pp']:.3f} pp below fp32 "
             f"{vs_fp32['fp32_accuracy']:.4%} on {held_out.name} (allowed {max_drop_pp} pp)"
         )
-    meta = {
-        **base_meta,
-        "precision": "int8",
-        "derived_from": derived_from,
+    meta = base_meta.replace(precision="int8", derived_from=derived_from, info={
+        **base_meta.info,
         "quantization": {**INT8_SETTINGS, "calibration_images": int(len(calibration)), "max_drop_pp": max_drop_pp},
         "accuracy_vs_fp32": vs_fp32,
-    }
-    ox.write_metadata(target, meta)
+    })
+    contract.write(target, meta)
     log(f"  int8 ok: {summary(vs_fp32)}")
     return meta
 
@@ -132,13 +132,13 @@ def make_int8(
 def make_fp16(
     fp32_path: Path,
     target: Path,
-    base_meta: dict[str, Any],
+    base_meta: ModelMetadata,
     *,
-    derived_from: dict[str, str],
+    derived_from: DerivedFrom,
     evaluation: EvalSet | None,
     eval_batches: list[np.ndarray],
     log: Callable[[str], None] = print,
-) -> dict[str, Any]:
+) -> ModelMetadata:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -152,9 +152,9 @@ def make_fp16(
     ox.check_model(target, name=target.name)
     vs_fp32 = compare_variant(ox.cpu_session(target), ox.cpu_session(fp32_path), _held_out(evaluation, eval_batches))
     vs_fp32["measured_on"] = "onnxruntime CPUExecutionProvider"
-    meta = {**base_meta, "precision": "fp16", "derived_from": derived_from, "intended_provider": "CUDAExecutionProvider",
-            "io_dtype": "float32", "accuracy_vs_fp32": vs_fp32}
-    ox.write_metadata(target, meta)
+    meta = base_meta.replace(precision="fp16", derived_from=derived_from, info={
+        **base_meta.info, "intended_provider": "CUDAExecutionProvider", "io_dtype": "float32", "accuracy_vs_fp32": vs_fp32})
+    contract.write(target, meta)
     log(f"  fp16 ok: {summary(vs_fp32)}")
     return meta
 

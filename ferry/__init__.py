@@ -1,3 +1,3 @@
 """ferry: take a PyTorch image classifier to fast, trustworthy ONNX inference."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -20,9 +20,10 @@ import numpy as np
 from PIL import Image
 
 from ferry.core.errors import FerryError
+from ferry.runtime import contract
+from ferry.runtime.contract import ModelMetadata
 from ferry.runtime.images import ImageError, check_image, decode_image, load_image
-from ferry.runtime.metadata import METADATA_KEY, check_coherent, parse_metadata
-from ferry.runtime.presets import input_shape, preprocess
+from ferry.runtime.presets import Preprocess, preprocess
 from ferry.runtime.providers import ProviderInfo, create_session
 
 ImageInput = str | Path | bytes | Image.Image | np.ndarray
@@ -79,17 +80,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class Classifier:
     session: Any
     provider: ProviderInfo
-    metadata: dict[str, Any]
+    metadata: ModelMetadata
     path: Path
-    labels: list[str] = field(init=False)
-    spec: dict[str, Any] = field(init=False)
+    labels: tuple[str, ...] = field(init=False)
+    spec: Preprocess = field(init=False)
     input_name: str = field(init=False)
     output_name: str = field(init=False)
     load_seconds: float = 0.0
 
     def __post_init__(self) -> None:
-        self.labels = list(self.metadata["labels"])
-        self.spec = self.metadata["preprocess"]
+        self.labels = self.metadata.labels
+        self.spec = self.metadata.preprocess
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self._check_model_matches_metadata()
@@ -99,20 +100,21 @@ class Classifier:
     @classmethod
     def from_onnx(cls, path: str | Path, provider: str = "auto", *, threads: int | None = None, **session_kwargs) -> Classifier:
         """Load an exported model. `threads`: onnxruntime intra-op threads (default: the physical
-        cores); other keywords go to `create_session`. A variant (int8/fp16) whose fp32 sibling has
-        changed since it was made is refused (IncoherentModelSet)."""
+        cores); other keywords go to `create_session`. The model's metadata is read and checked
+        first (`contract.read`: a MetadataError names the file and the field); a variant (int8/fp16)
+        whose fp32 sibling has changed since it was made is refused (IncoherentModelSet)."""
         t0 = time.perf_counter()
         path = Path(path)
+        meta = contract.read(path)  # before the session: a foreign or broken file is named as such
+        contract.check_coherent(path, meta)
         session, info = create_session(path, provider, threads=threads, **session_kwargs)
-        meta = read_metadata(session, path)
-        check_coherent(path, meta)
         return cls(session=session, provider=info, metadata=meta, path=path, load_seconds=time.perf_counter() - t0)
 
     def _check_model_matches_metadata(self) -> None:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(outputs) < 1:
             raise FerryError(f"{self.path}: expected one input and one output, found {len(inputs)} and {len(outputs)}")
-        want = list(input_shape(self.spec))
+        want = list(self.spec.input_shape)
         got = list(inputs[0].shape[1:])
         if len(inputs[0].shape) != 4 or any(isinstance(g, int) and g != w for g, w in zip(got, want)):
             raise FerryError(f"{self.path}: model input {inputs[0].shape} does not match its metadata (batch, {', '.join(map(str, want))})")
@@ -122,11 +124,11 @@ class Classifier:
 
     @property
     def untrained(self) -> bool:
-        return bool(self.metadata.get("untrained"))
+        return self.metadata.untrained
 
     @property
     def name(self) -> str:
-        return str(self.metadata.get("model", self.path.stem))
+        return self.metadata.model
 
     # --- preprocessing ----------------------------------------------------------------------
 
@@ -140,7 +142,7 @@ class Classifier:
         elif isinstance(image, Image.Image):
             check_image(image)
         elif isinstance(image, np.ndarray):
-            image = _check_array(image, self.spec["kind"])
+            image = _check_array(image, self.spec.kind)
         else:
             raise ImageError(f"unsupported input type {type(image).__name__}; pass a path, bytes, a PIL image or a numpy array")
         return preprocess(image, self.spec)
@@ -150,7 +152,7 @@ class Classifier:
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Raw logits for a prepared (N, C, H, W) float32 batch."""
         batch = np.asarray(batch)
-        want = input_shape(self.spec)
+        want = self.spec.input_shape
         if batch.ndim != 4 or tuple(batch.shape[1:]) != want or batch.shape[0] < 1:
             raise FerryError(f"batch has shape {batch.shape}; expected (N, {', '.join(map(str, want))})")
         if batch.dtype != np.float32:
@@ -261,6 +263,3 @@ def _check_array(arr: np.ndarray, kind: str) -> np.ndarray:
         arr = arr.astype(np.float32) / (255.0 if arr.max(initial=0) <= 255 else float(np.iinfo(arr.dtype).max))
     return arr
 
-
-def read_metadata(session: Any, path: str | Path) -> dict[str, Any]:
-    return parse_metadata(session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), path)

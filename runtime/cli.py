@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from ferry.core.errors import FerryError
 
@@ -31,24 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write machine-readable results to FILE (or stdout with no FILE)")
 
 
-def expand_inputs(inputs: list[str]) -> list[str]:
-    """Files as given; folders expanded to their files (recursively, sorted, hidden ones skipped)."""
-    out: list[str] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            out.extend(str(f) for f in files)
-        else:
-            out.append(item)
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     from ferry.core.fileio import write_json_atomic
     from ferry.core.progress import Progress
     from ferry.runtime.classifier import Classifier
     from ferry.runtime.images import quiet_bomb_warnings
+    from ferry.runtime.inputs import expand_inputs
 
     quiet_bomb_warnings()  # a bomb is reported as an error of its own; Pillow's warning would repeat it
     if args.top_k < 1:

@@ -8,6 +8,8 @@ Training (`train/`) normalizes with the MNIST constants below; export writes `mn
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,53 +32,135 @@ class EmptyImageError(FerryError):
     """The image holds no ink (a blank canvas, a single dot): there is no digit to classify."""
 
 
-def mnist_spec() -> dict[str, Any]:
-    """Preprocessing of the digit CNN, as stored in the ONNX metadata."""
-    return {
-        "kind": "mnist",
-        "layout": "NCHW",
-        "color": "L",
-        "size": [MNIST_SIZE, MNIST_SIZE],
-        "scale": "1/255",
-        "mean": [MNIST_MEAN],
-        "std": [MNIST_STD],
-        "digit_normalization": {
-            "applies_to": "any image that is not already a 28x28 light-on-dark digit",
-            "steps": ["grayscale", "invert dark-on-light", "crop to ink", f"fit {MNIST_BOX}x{MNIST_BOX} keeping aspect",
-                      "centre by mass in 28x28"],
-        },
-    }
+class SpecError(FerryError):
+    """A preprocessing spec that cannot be used; `field` names the bad field."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"preprocessing field {field!r} {problem}")
+        self.field, self.problem = field, problem
 
 
 INTERPOLATIONS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
                   "bicubic": Image.Resampling.BICUBIC}
+KINDS = ("mnist", "imagenet")
+DIGIT_NORMALIZATION = {
+    "applies_to": "any image that is not already a 28x28 light-on-dark digit",
+    "steps": ["grayscale", "invert dark-on-light", "crop to ink", f"fit {MNIST_BOX}x{MNIST_BOX} keeping aspect",
+              "centre by mass in 28x28"],
+}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a model's input is prepared, stored in its metadata (`preprocess`).
+
+    `mnist`: the digit CNN's MNIST-style normalization to (1, 28, 28). `imagenet`: torchvision's
+    ImageClassification preset (resize the shorter side to `resize`, centre-crop `crop`), to
+    (3, H, W). Both scale pixels by 1/255, then subtract `mean` and divide by `std` per channel."""
+
+    kind: str  # mnist | imagenet
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    size: tuple[int, int] | None = None  # mnist: (28, 28)
+    resize: int | None = None  # imagenet: the shorter side after resizing
+    crop: tuple[int, int] | None = None  # imagenet: (H, W) of the centre crop
+    interpolation: str | None = None  # imagenet: nearest | bilinear | bicubic
+    layout: str = "NCHW"
+    scale: str = "1/255"
+
+    @property
+    def color(self) -> str:
+        return "L" if self.kind == "mnist" else "RGB"
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one preprocessed image."""
+        if self.kind == "mnist":
+            return (1, *self.size)
+        return (3, *self.crop)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": self.kind, "layout": self.layout, "color": self.color, "scale": self.scale,
+                             "mean": list(self.mean), "std": list(self.std)}
+        if self.kind == "mnist":
+            d.update(size=list(self.size), digit_normalization=DIGIT_NORMALIZATION)
+        else:
+            d.update(resize=self.resize, crop=list(self.crop), interpolation=self.interpolation)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Preprocess:
+        """Checked field by field: a SpecError names the first bad one."""
+        if not isinstance(d, dict):
+            raise SpecError("", f"must be an object (got {type(d).__name__})")
+
+        def get(key: str, default: Any = ...) -> Any:
+            if key not in d:
+                if default is ...:
+                    raise SpecError(key, "is missing")
+                return default
+            return d[key]
+
+        kind = get("kind")
+        if kind not in KINDS:
+            raise SpecError("kind", f"must be one of {', '.join(KINDS)} (got {kind!r})")
+        if get("layout", "NCHW") != "NCHW":
+            raise SpecError("layout", f"must be NCHW (got {d['layout']!r})")
+        if get("scale", "1/255") != "1/255":
+            raise SpecError("scale", f"must be 1/255 (got {d['scale']!r})")
+        channels = 1 if kind == "mnist" else 3
+        color = "L" if kind == "mnist" else "RGB"
+        if get("color", color) != color:
+            raise SpecError("color", f"must be {color} for kind {kind} (got {d['color']!r})")
+        mean, std = _numbers(get("mean"), "mean", channels), _numbers(get("std"), "std", channels)
+        if min(std) <= 0:
+            raise SpecError("std", f"must be positive (got {list(std)})")
+        if kind == "mnist":
+            size = _ints(get("size"), "size", 2)
+            if size != (MNIST_SIZE, MNIST_SIZE):
+                raise SpecError("size", f"must be [{MNIST_SIZE}, {MNIST_SIZE}] (got {list(size)})")
+            return cls("mnist", mean, std, size=size)
+        resize = _ints([get("resize")], "resize", 1)[0]
+        crop = _ints(get("crop"), "crop", 2)
+        if max(crop) > resize:
+            raise SpecError("crop", f"{list(crop)} is larger than the resized shorter side {resize}")
+        interpolation = get("interpolation")
+        if interpolation not in INTERPOLATIONS:
+            raise SpecError("interpolation", f"must be one of {', '.join(INTERPOLATIONS)} (got {interpolation!r})")
+        return cls("imagenet", mean, std, resize=resize, crop=crop, interpolation=interpolation)
+
+
+def _numbers(value: Any, key: str, n: int) -> tuple[float, ...]:
+    ok = isinstance(value, list) and len(value) == n and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    if not ok:
+        raise SpecError(key, f"must be a list of {n} number(s) (got {value!r})"[:160])
+    return tuple(float(v) for v in value)
+
+
+def _ints(value: Any, key: str, n: int) -> tuple[int, ...]:
+    ok = isinstance(value, list) and len(value) == n and all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    if not ok:
+        shown = value[0] if key == "resize" and isinstance(value, list) else value
+        raise SpecError(key, f"must be {'a positive integer' if n == 1 else f'{n} positive integers'} (got {shown!r})"[:160])
+    return tuple(value)
+
+
+def mnist_spec() -> Preprocess:
+    """Preprocessing of the digit CNN, as stored in the ONNX metadata."""
+    return Preprocess("mnist", (MNIST_MEAN,), (MNIST_STD,), size=(MNIST_SIZE, MNIST_SIZE))
 
 
 def imagenet_spec(*, resize: int = 256, crop: int = 224, interpolation: str = "bilinear",
-                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> dict[str, Any]:
+                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> Preprocess:
     """Preprocessing of a torchvision classifier (ImageNet-pretrained or fine-tuned from one), as
     stored in the ONNX metadata: torchvision's ImageClassification preset (resize the shorter
-    side, centre crop, scale, normalize)."""
+    side, centre crop, scale, normalize). Checked like a model file's."""
     if interpolation not in INTERPOLATIONS:
         raise FerryError(f"interpolation {interpolation!r} is not supported; choose one of {', '.join(INTERPOLATIONS)}")
-    return {
-        "kind": "imagenet",
-        "layout": "NCHW",
-        "color": "RGB",
-        "resize": resize,
-        "crop": [crop, crop],
-        "interpolation": interpolation,
-        "scale": "1/255",
-        "mean": list(mean),
-        "std": list(std),
-    }
-
-
-def input_shape(spec: dict[str, Any]) -> tuple[int, int, int]:
-    """(C, H, W) of one preprocessed image."""
-    if spec["kind"] == "mnist":
-        return (1, *spec["size"])
-    return (3, *spec["crop"])
+    return Preprocess.from_dict({"kind": "imagenet", "resize": resize, "crop": [crop, crop], "interpolation": interpolation,
+                                 "mean": list(mean), "std": list(std)})
 
 
 # --- decoding helpers -----------------------------------------------------------------------
@@ -122,20 +206,20 @@ def to_gray(img: Image.Image) -> Image.Image:
 
 # --- ImageNet -------------------------------------------------------------------------------
 
-def preprocess_imagenet(img: Image.Image, spec: dict[str, Any]) -> np.ndarray:
+def preprocess_imagenet(img: Image.Image, spec: Preprocess) -> np.ndarray:
     """Return a (3, crop, crop) float32 array, equal to torchvision's ImageClassification preset
     on the same PIL image: resize the shorter side (bilinear, antialiased), centre crop, /255,
     normalize."""
     img = to_rgb(img)
     w, h = img.size
     short, long = (w, h) if w <= h else (h, w)
-    size = int(spec["resize"])
+    size = spec.resize
     new_short, new_long = size, int(size * long / short)
     new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
     if (new_w, new_h) != (w, h):
-        resample = INTERPOLATIONS[spec["interpolation"]]
+        resample = INTERPOLATIONS[spec.interpolation]
         img = img.resize((new_w, new_h), resample)
-    ch, cw = spec["crop"]
+    ch, cw = spec.crop
     if new_w < cw or new_h < ch:
         raise FerryError(f"image resized to {new_w}x{new_h} is smaller than the {cw}x{ch} crop")
     top = int(round((new_h - ch) / 2.0))
@@ -144,8 +228,8 @@ def preprocess_imagenet(img: Image.Image, spec: dict[str, Any]) -> np.ndarray:
     # The same float32 operations as torchvision (x / 255, then (x - mean) / std), done in place.
     arr = np.array(img, dtype=np.float32)
     arr /= np.float32(255)
-    arr -= np.asarray(spec["mean"], dtype=np.float32)
-    arr /= np.asarray(spec["std"], dtype=np.float32)
+    arr -= np.asarray(spec.mean, dtype=np.float32)
+    arr /= np.asarray(spec.std, dtype=np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
@@ -215,19 +299,16 @@ def normalize_digit(image: Image.Image | np.ndarray) -> np.ndarray:
     return out
 
 
-def preprocess_mnist(image: Image.Image | np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+def preprocess_mnist(image: Image.Image | np.ndarray, spec: Preprocess) -> np.ndarray:
     """(1, 28, 28) float32 input for the digit CNN."""
     digit = normalize_digit(image)
-    return ((digit - np.float32(spec["mean"][0])) / np.float32(spec["std"][0]))[None].astype(np.float32)
+    return ((digit - np.float32(spec.mean[0])) / np.float32(spec.std[0]))[None].astype(np.float32)
 
 
-def preprocess(image: Image.Image | np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+def preprocess(image: Image.Image | np.ndarray, spec: Preprocess) -> np.ndarray:
     """Preprocess one image for the model described by `spec` (from the model's metadata)."""
-    kind = spec.get("kind")
-    if kind == "mnist":
+    if spec.kind == "mnist":
         return preprocess_mnist(image, spec)
-    if kind == "imagenet":
-        if not isinstance(image, Image.Image):
-            image = Image.fromarray(np.asarray(image))
-        return preprocess_imagenet(image, spec)
-    raise FerryError(f"unknown preprocessing kind {kind!r} in model metadata (expected mnist or imagenet)")
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image))
+    return preprocess_imagenet(image, spec)

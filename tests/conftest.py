@@ -95,7 +95,7 @@ def run_ferry(*args: str, env: dict | None = None, timeout: float = 300) -> subp
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str, code: int = 2) -> None:
-    """A clear error as the README promises: exit code `code` (2), nothing on stderr but one line
+    """A clear error as the docs promise: exit code `code` (2), nothing on stderr but one line
     "ferry COMMAND: error: ..." (no traceback), containing each needle."""
     assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -177,6 +177,13 @@ def ray_local():
     except Exception:  # noqa: BLE001 - Serve was never started
         pass
     ray.shutdown()
+
+
+def read_meta(path) -> dict:
+    """A model file's ferry metadata as the JSON object it holds (through the model contract)."""
+    from ferry.runtime import contract
+
+    return contract.read(path).to_dict()
 
 
 def free_port() -> int:

@@ -166,15 +166,10 @@ def test_cpu_fallback_cannot_be_recorded_as_cuda(cnn_export, tmp_path):
         assert "cannot run" in results["skipped"][0]["reason"]
 
 
-def test_cli_quick_run(cnn_export, tmp_path):
+def test_cli_bad_arguments(tmp_path):
+    """(A quick run of the CLI itself: tests/test_layout.py runs it from the installed wheel.)"""
     from tests.conftest import assert_clean_error, run_ferry
 
-    path, _ = cnn_export
-    proc = run_ferry("bench", "--models-dir", str(path.parent), "--models", "mnist-cnn", "--backends", "ort-cpu-fp32",
-                     "ort-cuda-fp32", "--quick", "--out", str(tmp_path / "b"))
-    assert proc.returncode == 0, proc.stderr
-    assert "ort-cpu-fp32" in proc.stdout and "skipped" in proc.stdout
-    assert (tmp_path / "b" / "results.json").exists() and (tmp_path / "b" / "report.md").exists()
     bad = run_ferry("bench", "--cnn-batches", "0", "--out", str(tmp_path / "c"))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     missing = run_ferry("bench", "--models-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "d"))

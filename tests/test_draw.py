@@ -57,7 +57,7 @@ def real_digit_model(real_mnist_run, tmp_path_factory, mnist_dir):
 @pytest.mark.mnist
 def test_canvas_fidelity_on_real_mnist(real_digit_model, mnist_dir):
     """MNIST digits drawn on the canvas at random sizes/positions are classified (almost) as well as
-    the originals. (The 10,000-image figure for the trained model is in the README.)"""
+    the originals. (The 10,000-image figure for the trained model is in the docs: "Draw".)"""
     from ferry.bench.canvas_fidelity import measure_fidelity, read_mnist_test
 
     images, labels = read_mnist_test(mnist_dir)

@@ -16,7 +16,7 @@ from ferry.core.errors import FerryError
 from ferry.export import onnx_export as ox
 from ferry.export.models import load_torchvision
 from ferry.export.pipeline import ExportOptions, export_model
-from tests.conftest import assert_clean_error, run_ferry
+from tests.conftest import assert_clean_error, read_meta, run_ferry
 
 
 def quiet(_msg: str) -> None:
@@ -53,7 +53,7 @@ def test_cnn_export_validates_and_describes_itself(tmp_path, tiny_checkpoint, fa
     assert proto.opset_import[0].version >= 17
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 28, 28]
-    meta = ox.read_metadata(result.paths["fp32"])
+    meta = read_meta(result.paths["fp32"])
     assert meta["labels"] == [str(d) for d in range(10)]
     assert meta["preprocess"]["kind"] == "mnist" and meta["preprocess"]["mean"] == [0.1307]
     assert meta["untrained"] is False and meta["precision"] == "fp32"
@@ -74,13 +74,13 @@ def test_cnn_export_validates_and_describes_itself(tmp_path, tiny_checkpoint, fa
 
     fp32_sha = hashlib.sha256(result.paths["fp32"].read_bytes()).hexdigest()
     for precision in ("int8", "fp16"):
-        vmeta = ox.read_metadata(result.paths[precision])
+        vmeta = read_meta(result.paths[precision])
         assert vmeta["precision"] == precision
         assert vmeta["derived_from"] == {"file": "mnist-cnn.onnx", "sha256": fp32_sha}
         vs = vmeta["accuracy_vs_fp32"]
         assert vs["fp32_accuracy"] == check["onnx_accuracy"]
         assert vs["drop_pp"] <= 1.0 and vs["top1_agreement"] >= 0.97, vs
-    assert ox.read_metadata(result.paths["int8"])["quantization"]["weights"].endswith("(reduce_range)")
+    assert read_meta(result.paths["int8"])["quantization"]["weights"].endswith("(reduce_range)")
     int8 = onnx.load(str(result.paths["int8"]))
     assert any(n.op_type == "QuantizeLinear" for n in int8.graph.node)
     fp16 = onnx.load(str(result.paths["fp16"]))
@@ -164,7 +164,7 @@ def test_resnet_local_weights_file(tmp_path):
     loaded = load_torchvision("resnet50", str(good))
     assert len(loaded.labels) == 1000 and loaded.labels[0] == "tench"
     # a file does not say which weights it holds: the architecture's DEFAULT weights' preprocessing
-    assert loaded.preprocess["resize"] == 232 and loaded.preprocess["crop"] == [224, 224] and not loaded.untrained
+    assert loaded.preprocess.resize == 232 and loaded.preprocess.crop == (224, 224) and not loaded.untrained
     assert loaded.weights.startswith("file r50.pth (sha256 ")
     state = torch.load(good, weights_only=True)["state_dict"]
     assert all(torch.equal(loaded.module.state_dict()[k], v) for k, v in state.items())
@@ -179,14 +179,19 @@ def test_resnet_local_weights_file(tmp_path):
 @pytest.mark.slow
 def test_resnet50_random_weights_export_int8_runs(resnet_export):
     result = resnet_export
-    meta = ox.read_metadata(result.paths["fp32"])
+    meta = read_meta(result.paths["fp32"])
     assert meta["untrained"] is True and meta["weights"] == "none"
-    assert len(meta["labels"]) == 1000 and meta["labels"][281] == "tabby"
+    # ImageNet's classes as people say them (imagenet-simple-labels, as the seed printed them), with
+    # torchvision's own names kept beside them
+    assert len(meta["labels"]) == 1000 and meta["labels"][281] == "tabby cat"
+    assert meta["labels"][268] == "Mexican hairless dog" and meta["labels"][340] == "zebra"
+    assert meta["original_labels"][268] == "Mexican hairless" and meta["original_labels"][281] == "tabby"
+    assert meta["labels_source"].startswith("imagenet-simple-labels")
     assert meta["preprocess"]["crop"] == [224, 224] and meta["preprocess"]["resize"] == 232  # DEFAULT = V2
     assert meta["validation"]["random_inputs"]["max_abs_diff"] <= 1e-4
     session = ort.InferenceSession(str(result.paths["int8"]), providers=["CPUExecutionProvider"])
     assert session.run(None, {"input": np.zeros((2, 3, 224, 224), np.float32)})[0].shape == (2, 1000)
-    assert ox.read_metadata(result.paths["int8"])["accuracy_vs_fp32"]["images"] > 0
+    assert read_meta(result.paths["int8"])["accuracy_vs_fp32"]["images"] > 0
 
 
 @pytest.mark.mnist
@@ -196,9 +201,9 @@ def test_real_mnist_export_keeps_accuracy(tmp_path, real_mnist_run, mnist_dir):
     ckpt, metrics = real_mnist_run
     result = export_model(ExportOptions(model="mnist-cnn", out=str(tmp_path), checkpoint=str(ckpt), data_dir=str(mnist_dir),
                                         int8=True), log=quiet)
-    fp32 = ox.read_metadata(result.paths["fp32"])["validation"]["held_out"]
+    fp32 = read_meta(result.paths["fp32"])["validation"]["held_out"]
     assert fp32["images"] == 10000 and fp32["onnx_accuracy"] == metrics["test_accuracy"]
-    int8 = ox.read_metadata(result.paths["int8"])["accuracy_vs_fp32"]
+    int8 = read_meta(result.paths["int8"])["accuracy_vs_fp32"]
     assert int8["drop_pp"] <= 0.1
 
 
@@ -250,7 +255,7 @@ def test_runtime_and_bench_refuse_a_variant_whose_fp32_changed(tmp_path, tiny_ch
     from ferry.bench import matrix
     from ferry.bench.backends import prepare_ort
     from ferry.runtime import Classifier
-    from ferry.runtime.metadata import IncoherentModelSet
+    from ferry.runtime.contract import IncoherentModelSet
 
     out = tmp_path / "models"
     opts = ExportOptions(model="mnist-cnn", out=str(out), checkpoint=str(tiny_checkpoint), data_dir=str(fake_mnist),

@@ -15,10 +15,11 @@ import torch
 from PIL import Image
 
 from ferry.core.errors import FerryError
-from ferry.train import imagefolder, tvmodels
+from ferry.models import tvmodels
+from ferry.runtime import inputs
 from ferry.train.finetune import CHECKPOINT_NAME, build, finetune, load_checkpoint, make_optimizer
 from ferry.train.finetune_config import FinetuneConfig
-from tests.conftest import assert_clean_error, run_ferry
+from tests.conftest import assert_clean_error, read_meta, run_ferry
 
 FASHION = Path(os.environ.get("FERRY_FASHION_DIR", "/usr/share/datasets/fashion-mnist"))
 
@@ -71,14 +72,15 @@ def test_scan_splits_stratified_and_skips_bad_files(tmp_path):
     _write(root / "ant", 10, 50)
     (root / "ant" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (root / "ant" / "empty.png").write_bytes(b"")
-    (root / "ant" / "notes.txt").write_text("not an image suffix: ignored")
+    (root / "ant" / "notes.txt").write_text("not an image: skipped and named like a damaged one")
     (root / ".hidden").mkdir()
-    data = imagefolder.scan(root, val_fraction=0.2)
+    data = inputs.scan_class_folders(root, val_fraction=0.2)
     assert data.classes == ["ant", "zebra"]  # sorted folder names
     assert data.balance() == {"ant": {"train": 8, "val": 2}, "zebra": {"train": 16, "val": 4}}
-    assert sorted(p for p, _ in data.skipped) == ["ant/broken.jpg", "ant/empty.png"]
-    assert "skipped 2 unreadable file(s)" in data.summary() and "ant/broken.jpg" in data.summary()
-    again = imagefolder.scan(root, val_fraction=0.2)
+    assert sorted(s.path for s in data.skipped) == ["ant/broken.jpg", "ant/empty.png", "ant/notes.txt"]
+    assert "skipped 3 unreadable file(s)" in data.summary() and "ant/broken.jpg" in data.summary()
+    assert "ant/notes.txt (not an image Pillow can read)" in data.summary()
+    again = inputs.scan_class_folders(root, val_fraction=0.2)
     assert [s.path for s in again.val] == [s.path for s in data.val]  # a fixed split
     assert not {s.path for s in data.val} & {s.path for s in data.train}
 
@@ -88,7 +90,7 @@ def test_scan_uses_a_val_folder_when_there_is_one(tmp_path):
     for c, v in (("cat", 30), ("dog", 220)):
         _write(root / "train" / c, 6, v)
         _write(root / "val" / c, 3, v + 1)
-    data = imagefolder.scan(root)
+    data = inputs.scan_class_folders(root)
     assert data.val_source == "the val/ folder" and len(data.train) == 12 and len(data.val) == 6
     assert all(s.path.startswith("val/") for s in data.val)
 
@@ -104,7 +106,7 @@ def test_bad_folders_are_clear_errors(tmp_path, make, needle):
     root = tmp_path / "data"
     make(root)
     with pytest.raises(FerryError, match=needle.replace("(", r"\(").replace(")", r"\)")):
-        imagefolder.scan(root)
+        inputs.scan_class_folders(root)
     assert_clean_error(run_ferry("train", "--arch", "resnet18", "--weights", "none", "--data-dir", str(root),
                                  "--out", str(tmp_path / "o")), needle)
 
@@ -133,9 +135,9 @@ def test_preprocessing_comes_from_the_weights_transforms():
     w = tvmodels.resolve_weights("efficientnet_b0", "IMAGENET1K_V1")  # resolving a name downloads nothing
     spec = tvmodels.preprocess_spec("efficientnet_b0", w)
     t = w.enum.transforms()
-    assert (spec["resize"], spec["crop"], spec["interpolation"]) == (t.resize_size[0], [t.crop_size[0]] * 2, "bicubic")
+    assert (spec.resize, spec.crop, spec.interpolation) == (t.resize_size[0], (t.crop_size[0],) * 2, "bicubic")
     small = tvmodels.preprocess_spec("efficientnet_b0", w, image_size=64)
-    assert small["crop"] == [64, 64] and small["resize"] == round(64 * t.resize_size[0] / t.crop_size[0])
+    assert small.crop == (64, 64) and small.resize == round(64 * t.resize_size[0] / t.crop_size[0])
 
 
 def test_saved_weights_frozen_warm_up_then_lower_backbone_lr(tmp_path, monkeypatch):
@@ -174,6 +176,38 @@ def test_saved_weights_frozen_warm_up_then_lower_backbone_lr(tmp_path, monkeypat
     assert not all(torch.equal(snapshots[2][k], original[k]) for k in backbone if k.endswith("weight"))
 
 
+@pytest.mark.slow
+def test_a_folder_with_a_damaged_file_and_a_non_image_trains_and_exports(tmp_path):
+    """One reader for every room: `ferry train` skips and names a truncated PNG and a text file, and
+    `ferry export` of that checkpoint (re-reading the same folder for its held-out check and int8
+    calibration) skips and names them the same way instead of stopping; `ferry predict` on the folder
+    reports the same reason for the same file and predicts the rest."""
+    root = tmp_path / "data"
+    _write(root / "dark", 24, 40, (32, 32))
+    _write(root / "light", 24, 210, (32, 32))
+    good = (root / "dark" / "000.png").read_bytes()
+    (root / "dark" / "damaged.png").write_bytes(good[: len(good) // 2])
+    (root / "light" / "notes.txt").write_text("a note, not an image")
+    out = tmp_path / "run"
+    trained = run_ferry("train", "--arch", "resnet18", "--weights", "none", "--image-size", "32", "--epochs", "1",
+                        "--batch-size", "8", "--workers", "0", "--quiet", "--data-dir", str(root), "--out", str(out))
+    assert trained.returncode == 0, trained.stderr
+    assert "skipped 2 unreadable file(s)" in trained.stdout
+    damaged = next(line for line in trained.stdout.splitlines() if "dark/damaged.png (" in line)
+    reason = damaged.split("dark/damaged.png (", 1)[1].split(")", 1)[0]
+    assert "truncated" in reason and "light/notes.txt (not an image Pillow can read)" in trained.stdout
+
+    exported = run_ferry("export", "resnet18", "--checkpoint", str(out / CHECKPOINT_NAME), "--out", str(tmp_path / "m"),
+                         "--int8", "--int8-max-drop", "100")
+    assert exported.returncode == 0, exported.stderr
+    assert f"dark/damaged.png ({reason}" in exported.stdout and "light/notes.txt (not an image Pillow can read)" in exported.stdout
+    assert (tmp_path / "m" / "resnet18.int8.onnx").is_file()
+
+    predicted = run_ferry("predict", str(tmp_path / "m" / "resnet18.onnx"), str(root / "dark"))
+    assert predicted.returncode == 1 and predicted.stdout.count("predicted") == 24
+    assert f"dark/damaged.png: {reason}" in predicted.stderr
+
+
 # --- the whole path on real images --------------------------------------------------------------
 
 @pytest.mark.slow
@@ -198,14 +232,12 @@ def test_fine_tune_export_predict_and_bench_on_real_digits(digit_folder, tmp_pat
     proc = run_ferry("export", "resnet18", "--checkpoint", str(out / CHECKPOINT_NAME), "--out", str(models),
                      "--int8", "--fp16", "--name", "digits-r18")
     assert proc.returncode == 0, proc.stderr
-    from ferry.export.onnx_export import read_metadata
-
-    meta = read_metadata(models / "digits-r18.onnx")
+    meta = read_meta(models / "digits-r18.onnx")
     held = meta["validation"]["held_out"]
     assert held["images"] == 200 and held["top1_identical"]  # ONNX top-1 == PyTorch on every held-out image
     assert held["onnx_accuracy"] == pytest.approx(metrics["top1"])
     assert meta["labels"] == state["classes"] and meta["source"]["fine_tuned"]
-    int8 = read_metadata(models / "digits-r18.int8.onnx")["accuracy_vs_fp32"]
+    int8 = read_meta(models / "digits-r18.int8.onnx")["accuracy_vs_fp32"]
     assert int8["images"] == 200 and int8["drop_pp"] <= 0.5
 
     some = sorted((digit_folder / "val" / "7").iterdir())[:3]
@@ -255,10 +287,9 @@ def test_fine_tune_on_fashion_mnist_and_resume(fashion_folder, tmp_path, monkeyp
 def test_export_any_torchvision_classifier_by_name(tmp_path):
     proc = run_ferry("export", "mobilenet_v3_small", "--weights", "none", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
-    from ferry.export.onnx_export import read_metadata
     from ferry.runtime import Classifier
 
-    meta = read_metadata(tmp_path / "mobilenet_v3_small.onnx")
+    meta = read_meta(tmp_path / "mobilenet_v3_small.onnx")
     assert meta["model"] == "mobilenet_v3_small" and len(meta["labels"]) == 1000 and meta["untrained"]
     assert meta["preprocess"]["resize"] == 256 and meta["source"]["arch"] == "mobilenet_v3_small"
     clf = Classifier.from_onnx(tmp_path / "mobilenet_v3_small.onnx", provider="cpu")

@@ -1,9 +1,11 @@
-"""The package layout: one import name (`ferry.*`), rooms that import only the rooms below them, a
-torch-free runtime, and `python -m ferry` working like the `ferry` command."""
+"""The package layout: one import name (`ferry.*`), rooms that import only the rooms below them
+(import-linter contracts in pyproject.toml), a torch-free runtime, an installed wheel that works
+on its own (`ferry bench` from an empty folder), and `python -m ferry` working like the `ferry` command."""
 
 from __future__ import annotations
 
 import ast
+import json
 import os
 import shutil
 import subprocess
@@ -15,25 +17,6 @@ import pytest
 
 from tests.conftest import REPO, run_ferry
 
-# room -> (folder, first-party rooms it may import, third-party top-level modules it may import)
-STDLIB = set(sys.stdlib_module_names)
-ROOMS: dict[str, tuple[str, set[str], set[str]]] = {
-    "ferry.core": ("ferry/core", set(), {"numpy"}),
-    "ferry.runtime": ("runtime", {"ferry.core"}, {"numpy", "PIL", "onnxruntime"}),
-    "ferry.app": ("ferry/app", {"ferry.core", "ferry.runtime"}, {"numpy", "PIL"}),
-    "ferry.train": ("train", {"ferry.core", "ferry.runtime"},
-                    {"numpy", "PIL", "torch", "torchvision", "tqdm", "matplotlib", "skimage", "scipy"}),
-    "ferry.export": ("export", {"ferry.core", "ferry.runtime", "ferry.train"},
-                     {"numpy", "PIL", "torch", "torchvision", "onnx", "onnxruntime", "google", "tritonclient"}),
-    "ferry.cluster": ("ferry/cluster.py", {"ferry.core"}, {"ray"}),
-    "ferry.batch": ("ferry/batch", {"ferry.core", "ferry.runtime", "ferry.cluster"}, {"numpy", "ray", "pyarrow"}),
-    "ferry.serve": ("ferry/serve", {"ferry.core", "ferry.runtime", "ferry.cluster"}, {"numpy", "starlette", "uvicorn", "ray"}),
-    "ferry.bench": ("benchmarks", {"ferry.core", "ferry.runtime", "ferry.app", "ferry.train", "ferry.export", "ferry.batch",
-                                   "ferry.serve", "ferry.cluster"},
-                    {"numpy", "PIL", "torch", "torchvision", "onnx", "onnxruntime", "matplotlib", "pytest", "skimage",
-                     "aiohttp", "starlette", "uvicorn", "ray", "pyarrow"}),
-}
-
 
 def _imports(path: Path) -> set[str]:
     """Absolute module names imported anywhere in a file (top level or inside functions)."""
@@ -44,30 +27,6 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module)
     return names
-
-
-def _room_of(module: str) -> str | None:
-    parts = module.split(".")
-    return ".".join(parts[:2]) if parts[0] == "ferry" and len(parts) > 1 else None
-
-
-@pytest.mark.parametrize("room", list(ROOMS))
-def test_each_room_imports_only_what_it_may(room):
-    folder, rooms, third_party = ROOMS[room]
-    problems = []
-    files = [REPO / folder] if folder.endswith(".py") else sorted((REPO / folder).glob("*.py"))
-    for path in files:
-        for module in _imports(path):
-            top = module.split(".")[0]
-            if top in ("runtime", "train", "export", "benchmarks", "tests"):
-                problems.append(f"{path.name}: imports {module!r} outside the ferry namespace")
-            elif top == "ferry":
-                other = _room_of(module)
-                if other and other != room and other not in rooms:
-                    problems.append(f"{path.name}: {room} may not import {module}")
-            elif top not in STDLIB and top != "__future__" and top not in third_party:
-                problems.append(f"{path.name}: {room} may not import the third-party module {module}")
-    assert not problems, "\n".join(problems)
 
 
 def test_no_bare_stage_imports_anywhere():
@@ -84,33 +43,48 @@ def _site_packages(python: Path) -> Path:
     return Path(out.stdout.strip())
 
 
-@pytest.mark.slow
-def test_non_editable_install_exposes_only_ferry(tmp_path):
-    """`pip install .` (not editable) into a fresh virtual environment: `import runtime` (and train,
-    export, benchmarks) fails, `from ferry.runtime import Classifier` works, every module imports."""
-    src = tmp_path / "src"
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory):
+    """ferry built as a wheel (from the files git knows, as a clean clone has them) and installed
+    into a fresh virtual environment, which borrows only the third-party packages of this one
+    (numpy, pillow, onnxruntime, torch): (its python, its site-packages, the wheel)."""
+    root = tmp_path_factory.mktemp("wheel")
+    src = root / "src"
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True,
                            check=True).stdout.split()
     for rel in files:
         if (REPO / rel).is_file():
             (src / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, src / rel)
-    venv = tmp_path / "venv"
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                           "--wheel-dir", str(root / "dist"), str(src)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    wheel = next((root / "dist").glob("ferry-*.whl"))
+    venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
     site = _site_packages(python)
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                           "--target", str(site), str(src)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(wheel)],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return python, site, wheel
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+@pytest.mark.slow
+def test_the_wheel_exposes_only_ferry_and_ships_its_data(installed_wheel, tmp_path):
+    """Not editable: `import runtime` (and train, export, benchmarks) fails, `from ferry.runtime import
+    Classifier` works, every module imports, and the package data (samples, labels) is inside."""
+    python, site, _ = installed_wheel
     installed = sorted(p.name for p in site.iterdir() if not p.name.endswith((".dist-info", ".pth")) and p.name not in ("__pycache__", "bin"))
     assert installed == ["ferry"], installed
-    # the test environment's third-party packages (numpy, pillow, onnxruntime, torch), not its ferry
-    deps = sysconfig.get_paths()["purelib"]
-    (site / "deps.pth").write_text(deps + "\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
     def run(code: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+        return subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=tmp_path, env=_clean_env())
 
     for name in ("runtime", "train", "export", "benchmarks"):
         proc = run(f"import {name}")
@@ -124,7 +98,62 @@ def test_non_editable_install_exposes_only_ferry(tmp_path):
             "print(len(names), sorted({n.split('.')[1] for n in names}))")
     proc = run(walk)
     assert proc.returncode == 0, proc.stderr
-    assert "'runtime'" in proc.stdout and "'bench'" in proc.stdout and "'app'" in proc.stdout
+    assert all(f"'{room}'" in proc.stdout for room in ("runtime", "bench", "app", "models"))
+    data = ("from ferry.core.samples import sample_photos, sample_digits\n"
+            "from ferry.models.tvmodels import simple_imagenet_labels\n"
+            "print(len(sample_photos()), len(sample_digits()), simple_imagenet_labels()[268])")
+    proc = run(data)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["4", "4", "Mexican", "hairless", "dog"]
+
+
+@pytest.mark.slow
+def test_import_contracts_hold_and_catch_a_broken_room(installed_wheel, tmp_path):
+    """import-linter's contracts (pyproject.toml) hold on the installed package, where every room is a
+    folder of ferry/; and they are not toothless: a runtime that imports torch and an export that
+    imports train, planted in a copy, break the contracts that forbid them."""
+    lint = Path(sys.executable).parent / "lint-imports"
+    if not lint.exists():
+        pytest.skip("import-linter is not installed (pip install 'ferry[dev]')")
+    _, site, _ = installed_wheel
+
+    def check(package_root: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([str(lint), str(REPO / "pyproject.toml"), "--no-cache"], capture_output=True, text=True,
+                              cwd=tmp_path, env={**_clean_env(), "PYTHONPATH": str(package_root)})
+
+    proc = check(site)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 broken" in proc.stdout
+    broken = tmp_path / "broken"
+    shutil.copytree(site / "ferry", broken / "ferry")
+    with open(broken / "ferry" / "runtime" / "images.py", "a") as f:
+        f.write("\nimport torch  # planted\n")
+    with open(broken / "ferry" / "export" / "triton.py", "a") as f:
+        f.write("\nfrom ferry.train import loop  # planted\n")
+    proc = check(broken)
+    assert proc.returncode != 0
+    assert "ferry.runtime is not allowed to import torch" in proc.stdout
+    assert "ferry.export.triton -> ferry.train.loop" in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_runs_from_the_installed_wheel_in_an_empty_folder(installed_wheel, cnn_export, tmp_path):
+    """`ferry bench` from the wheel, in a folder with nothing in it: no checkout, no samples/ beside it
+    (the runtime-overhead row reads the photo shipped in the package); a GPU backend is skipped with
+    its reason."""
+    python, _, _ = installed_wheel
+    path, _ = cnn_export
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.run([str(python), "-m", "ferry", "bench", "--models-dir", str(path.parent), "--models", "mnist-cnn",
+                           "--backends", "ort-cpu-fp32", "torch-eager-cpu", "ort-cuda-fp32", "--quick", "--out", "out"],
+                          capture_output=True, text=True, cwd=empty, env=_clean_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((empty / "out" / "results.json").read_text())
+    assert {r["backend"] for r in results["rows"]} == {"ort-cpu-fp32", "torch-eager-cpu"}
+    assert [s["backend"] for s in results["skipped"]] == ["ort-cuda-fp32"]
+    assert results["overhead"] and results["overhead"][0]["model"] == "mnist-cnn"
+    assert (empty / "out" / "report.md").exists()
 
 
 def test_python_m_ferry_works_like_the_command():

@@ -254,19 +254,20 @@ def test_missing_corrupt_and_mismatched_models(cnn_export, tmp_path):
         Classifier.from_onnx(tmp_path / "missing.onnx")
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(Path(path).read_bytes()[:500])
-    with pytest.raises(FerryError, match="cannot load model"):
+    with pytest.raises(FerryError, match="is not a readable ONNX file"):
         Classifier.from_onnx(corrupt, provider="cpu")
     proto = onnx.load(str(path))
     for prop in proto.metadata_props:
         if prop.key == "ferry":
             meta = json.loads(prop.value)
-            meta["preprocess"] = imagenet_spec()
+            meta["preprocess"] = imagenet_spec().to_dict()
+            meta["input"]["shape"] = ["batch", 3, 224, 224]
             prop.value = json.dumps(meta)
     mismatched = tmp_path / "mismatch.onnx"
     onnx.save(proto, str(mismatched))
     with pytest.raises(FerryError, match="does not match its metadata"):
         Classifier.from_onnx(mismatched, provider="cpu")
-    assert_clean_error(run_ferry("predict", str(corrupt), "x.png"), "cannot load model")
+    assert_clean_error(run_ferry("predict", str(corrupt), "x.png"), "is not a readable ONNX file")
 
 
 def test_untrained_model_warning(resnet_export, tmp_path):

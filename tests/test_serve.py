@@ -20,7 +20,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import BAD_IMAGES, REPO, assert_clean_error, free_port, run_ferry, write_bad_images, write_digit_pngs
+from tests.conftest import (
+    BAD_IMAGES,
+    REPO,
+    assert_clean_error,
+    free_port,
+    run_ferry,
+    write_bad_images,
+    write_digit_pngs,
+)
 
 pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
@@ -103,7 +111,7 @@ def test_the_api_lists_models_and_takes_multipart(server):
     status, body = http("GET", server.url + "/v1/models")
     by_name = {m["name"]: m for m in body["models"]}
     assert status == 200 and set(by_name) == {"mnist-cnn", "resnet50"}
-    assert by_name["resnet50"]["labels"][281] == "tabby" and by_name["mnist-cnn"]["preprocess"]["kind"] == "mnist"
+    assert by_name["resnet50"]["labels"][281] == "tabby cat" and by_name["mnist-cnn"]["preprocess"]["kind"] == "mnist"
     assert by_name["resnet50"]["precision"] == "fp32" and by_name["resnet50"]["untrained"] is True
     assert http("GET", server.url + "/readyz")[1]["models"] == ["mnist-cnn", "resnet50"]
     photo = io.BytesIO()
@@ -241,11 +249,11 @@ def test_triton_repository_fits_tritons_schema(cnn_export, tmp_path):
     from tritonclient.grpc import model_config_pb2
 
     from ferry.core.errors import FerryError
-    from ferry.export.onnx_export import read_metadata
     from ferry.export.triton import config_pbtxt, validate_config, write_repository
+    from ferry.runtime import contract
 
     path = cnn_export[0]
-    meta = read_metadata(path)
+    meta = contract.read(path)
     folder = write_repository(path, meta, tmp_path / "repo", max_batch_size=32, tensorrt_fp16=True)
     assert (folder / "1" / "model.onnx").read_bytes() == Path(path).read_bytes()
     cfg = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from ferry.core.errors import FerryError
+from ferry.models.digit_cnn import DigitCNN
 from ferry.train import data
 from ferry.train.config import TrainConfig
-from ferry.train.model import DigitCNN
 from ferry.train.trainer import CHECKPOINT_NAME, load_checkpoint, load_model, lr_at, train
 from tests.conftest import assert_clean_error, run_ferry, synthetic_digits
 

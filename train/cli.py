@@ -25,6 +25,12 @@ def _configs():
     return TrainConfig, FinetuneConfig
 
 
+def _base_type(annotation: str) -> str:
+    """`Annotated[int, Ge(1)]` -> "int" (the configs declare ranges in their types)."""
+    text = annotation.removeprefix("Annotated[")
+    return text.split("[", 1)[0].split(",", 1)[0].strip()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     TrainConfig, FinetuneConfig = _configs()
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -45,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if name in cnn and name in tv and tv[name].metadata.get("help") != text:
             text = f"{CNN}: {text}; torchvision: {tv[name].metadata.get('help', '')}"
         help_text = f"{text}{only} (default: {', '.join(defaults)})"
-        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        kind = _base_type(f.type)
         if kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif name == "channels":

@@ -110,8 +110,8 @@ SKELETON_SCALE = 2  # skeletons are traced at twice MNIST's resolution: smooth c
 
 def skeletons(x_uint8: torch.Tensor) -> torch.Tensor:
     """The one-pixel centre lines of (N, 28, 28) uint8 digits, traced on a bicubic 2x upscale (scikit-image's
-    skeletonize of the ink above 40%), as (N, 56, 56) uint8 0/1: the strokes a pen would trace. About
-    0.1 ms an image (5 s for the 55,000 training digits on a 2-core Xeon; `prepare_seconds` in metrics.json)."""
+    skeletonize of the ink above 40%), as (N, 56, 56) uint8 0/1: the strokes a pen would trace. Its
+    cost is part of `prepare_seconds` in metrics.json."""
     from skimage.morphology import skeletonize
 
     out = np.zeros((x_uint8.shape[0], 28 * SKELETON_SCALE, 28 * SKELETON_SCALE), dtype=np.uint8)
@@ -129,8 +129,8 @@ PEN_RADII = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)  # at 2x: pens 1.5 to 5 px 
 def pen_distances(x_uint8: torch.Tensor) -> torch.Tensor:
     """For each pixel of the 2x `skeletons` of (N, 28, 28) uint8 digits, its squared distance to the
     nearest skeleton pixel (in 2x pixels, capped at 255), as (N, 56, 56) uint8: a round pen of radius
-    r drawn along the skeleton covers exactly the pixels with a value <= r^2. Computed once per run
-    (about 0.2 ms an image with the skeleton), so drawing a batch is one comparison."""
+    r drawn along the skeleton covers exactly the pixels with a value <= r^2. Computed once per run, so
+    drawing a batch is one comparison."""
     return squared_distances(skeletons(x_uint8))
 
 

@@ -1,6 +1,6 @@
 """Fine-tune any torchvision classifier on a folder of images (`ferry train --arch ARCH`).
 
-The recipe (README: "Your own images"): a short warm-up that trains only the new head on a frozen
+The recipe (docs: "Your own images"): a short warm-up that trains only the new head on a frozen
 pretrained backbone, then the whole network with the backbone at a tenth of the head's learning
 rate; AdamW with a cosine schedule after a short linear warm-up; label smoothing; light augmentation
 (random resized crop, horizontal flip, TrivialAugment); bf16 autocast and channels-last on CUDA.
@@ -28,17 +28,18 @@ import torch.nn.functional as F
 from ferry.core.errors import FerryError
 from ferry.core.fileio import write_json_atomic
 from ferry.core.machine import cpu_info
-from ferry.runtime.presets import preprocess
-from ferry.train import checkpoint, imagefolder, loop, tvmodels
+from ferry.models import checkpoint, tvmodels
+from ferry.runtime import inputs
+from ferry.runtime.inputs import FolderData, Sample
+from ferry.runtime.presets import Preprocess, preprocess
+from ferry.train import loop
 from ferry.train.finetune_config import FinetuneConfig
-from ferry.train.imagefolder import FolderData, Sample
 from ferry.train.loop import autocast, device_name, resolve_device
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
 CURVES_NAME = "curves.png"
 CONFUSION_NAME = "confusion.png"
-CHECKPOINT_FORMAT = "ferry.classifier/1"
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -61,26 +62,26 @@ class FolderDataset(torch.utils.data.Dataset):
         return self.transform(to_rgb(load_image(self.root / s.path))), s.label
 
 
-def train_transform(spec: dict[str, Any], cfg: FinetuneConfig):
+def train_transform(spec: Preprocess, cfg: FinetuneConfig):
     """Light augmentation at the model's input size, normalized with the spec's mean and std."""
     import torchvision.transforms.v2 as T
 
-    crop = spec["crop"][0]
-    interp = T.InterpolationMode(spec["interpolation"])
+    crop = spec.crop[0]
+    interp = T.InterpolationMode(spec.interpolation)
     steps: list[Any] = [T.PILToTensor()]
     if cfg.augment:
         steps += [T.RandomResizedCrop(crop, scale=(0.35, 1.0), interpolation=interp, antialias=True)]
     else:
-        steps += [T.Resize(spec["resize"], interpolation=interp, antialias=True), T.CenterCrop(crop)]
+        steps += [T.Resize(spec.resize, interpolation=interp, antialias=True), T.CenterCrop(crop)]
     if cfg.hflip:
         steps.append(T.RandomHorizontalFlip())
     if cfg.augment:
         steps.append(T.TrivialAugmentWide(interpolation=interp))
-    steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(spec["mean"], spec["std"])]
+    steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(list(spec.mean), list(spec.std))]
     return T.Compose(steps)
 
 
-def eval_transform(spec: dict[str, Any]):
+def eval_transform(spec: Preprocess):
     """Exactly the runtime's preprocessing: what the exported model will be fed in deployment."""
     def transform(img) -> torch.Tensor:
         return torch.from_numpy(preprocess(img, spec))
@@ -88,7 +89,7 @@ def eval_transform(spec: dict[str, Any]):
     return transform
 
 
-def stratified_limit(samples: list[Sample], limit: int, seed: int = imagefolder.SPLIT_SEED) -> list[Sample]:
+def stratified_limit(samples: list[Sample], limit: int, seed: int = inputs.SPLIT_SEED) -> list[Sample]:
     if not limit or limit >= len(samples):
         return samples
     rng = np.random.default_rng(seed)
@@ -109,7 +110,7 @@ class Built:
     model: torch.nn.Module
     head: str
     weights: tvmodels.Weights
-    spec: dict[str, Any]
+    spec: Preprocess
 
 
 def build(cfg: FinetuneConfig, num_classes: int, *, weights: tvmodels.Weights | None = None) -> Built:
@@ -184,10 +185,10 @@ def evaluate(model, loader, device: torch.device, num_classes: int) -> dict[str,
 def save_checkpoint(path: Path, *, built: Built, optimizer, cfg: FinetuneConfig, data: FolderData, epoch: int,
                     history: list[dict]) -> None:
     checkpoint.save(path, {
-        "format": CHECKPOINT_FORMAT,
+        "format": checkpoint.CLASSIFIER_FORMAT,
         "arch": cfg.arch,
         "classes": list(data.classes),
-        "preprocess": built.spec,
+        "preprocess": built.spec.to_dict(),
         "head": built.head,
         "weights_source": built.weights.source,
         "model": {k: v.detach().cpu().contiguous() for k, v in built.model.state_dict().items()},
@@ -202,20 +203,13 @@ def save_checkpoint(path: Path, *, built: Built, optimizer, cfg: FinetuneConfig,
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a fine-tuned classifier's checkpoint safely (weights_only=True)."""
-    return checkpoint.load(path, fmt=CHECKPOINT_FORMAT, kind="fine-tuned classifier",
-                           required=("arch", "classes", "preprocess", "head", "model", "config", "data", "epoch", "history"))
+    return checkpoint.load_classifier_state(path)
 
 
 def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The fine-tuned model (eval mode) and its checkpoint's description (no weights download:
-    the architecture is built empty and the checkpoint's weights loaded into it)."""
+    """The fine-tuned model (eval mode) and its checkpoint's description."""
     state = load_checkpoint(path)
-    model, _ = tvmodels.create(state["arch"], tvmodels.Weights("none"), num_classes=len(state["classes"]))
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise FerryError(f"checkpoint {path} does not match {state['arch']}: {str(exc).splitlines()[0][:200]}") from exc
-    return model.eval(), state
+    return checkpoint.classifier_from_state(state, path), state
 
 
 def train_one_epoch(built: Built, optimizer, loader, cfg: FinetuneConfig, *, epoch: int, steps_per_epoch: int,
@@ -270,10 +264,10 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
             diffs = [f"{k}: checkpoint {v!r}, now {cfg.recipe_key()[k]!r}" for k, v in old.recipe_key().items()
                      if cfg.recipe_key()[k] != v]
             raise FerryError(f"--resume: {ckpt_path} was trained with a different recipe ({'; '.join(diffs)})")
-        data = imagefolder.from_checkpoint(cfg.data_dir, saved["classes"], [tuple(v) for v in saved["data"]["val_files"]])
+        data = inputs.from_checkpoint(cfg.data_dir, saved["classes"], [tuple(v) for v in saved["data"]["val_files"]])
         data.val_source = saved["data"]["val_source"]
     else:
-        data = imagefolder.scan(cfg.data_dir, val_fraction=cfg.val_fraction, progress=log)
+        data = inputs.scan_class_folders(cfg.data_dir, val_fraction=cfg.val_fraction, progress=log)
     log(data.summary())
     train_samples = stratified_limit(data.train, cfg.train_limit)
     if len(train_samples) < cfg.batch_size:
@@ -298,7 +292,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
     steps = len(train_samples) // cfg.batch_size
     mode = ("pretrained " + built.weights.source + f": head only for {cfg.frozen_epochs} epoch(s), then all layers "
             f"(backbone lr x{cfg.backbone_lr_factor})") if built.weights.pretrained else "random weights (--weights none): all layers from the start, one lr"
-    log(f"fine-tuning {cfg.arch} on {device_name(device)} at {spec['crop'][0]}px: {len(train_samples)} train / "
+    log(f"fine-tuning {cfg.arch} on {device_name(device)} at {spec.crop[0]}px: {len(train_samples)} train / "
         f"{len(data.val)} held-out images, {len(data.classes)} classes, {cfg.epochs} epochs; {mode}")
 
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -329,15 +323,15 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
         "confusion_matrix": confusion.tolist(),
         "train_seconds": sum(r["seconds"] for r in history),
         "epochs": history,
-        "data": {**imagefolder.info(data), "train_images_used": len(train_samples)},
-        "preprocess": spec,
+        "data": {**data.info(), "train_images_used": len(train_samples)},
+        "preprocess": spec.to_dict(),
         "weights": built.weights.source,
         "config": cfg.to_dict(),
         "checkpoint": CHECKPOINT_NAME,
         "dry_run": dry_run,
         "device": device_name(device),
         "machine": {**cpu_info(), "platform": platform.platform(), "torch_threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.getdevice_name(device) if device.type == "cuda" else None},
+                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
     write_json_atomic(out / METRICS_NAME, metrics)

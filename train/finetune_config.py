@@ -4,6 +4,9 @@ where it is declared (the docs become --help). No torch here: `ferry --help` mus
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
+
+from annotated_types import Ge, Gt, Interval
 
 from ferry.train.config import Recipe, _doc
 
@@ -17,22 +20,22 @@ class FinetuneConfig(Recipe):
     out: str = field(default="runs/finetune", metadata=_doc("output folder: checkpoint, metrics.json, curves.png, confusion.png"))
     weights: str = field(default="DEFAULT", metadata=_doc("pretrained weights name (DEFAULT, IMAGENET1K_V1, ...), a state-dict file, or none"))
     image_size: int = field(default=0, metadata=_doc("input crop in pixels (0: the weights' own, e.g. 224); smaller for small images"))
-    epochs: int = field(default=8, metadata=_doc("number of training epochs, the frozen warm-up included", valid=">= 1"))
+    epochs: Annotated[int, Ge(1)] = field(default=8, metadata=_doc("number of training epochs, the frozen warm-up included"))
     frozen_epochs: int = field(default=1, metadata=_doc("first epochs that train only the new head (pretrained weights only)"))
-    batch_size: int = field(default=64, metadata=_doc("mini-batch size (shuffled, drop_last)", valid=">= 2"))
-    lr: float = field(default=1e-3, metadata=_doc("peak AdamW learning rate of the head", valid="> 0"))
-    backbone_lr_factor: float = field(default=0.1, metadata=_doc("backbone learning rate as a fraction of --lr (pretrained weights only)", valid="(0, 1]"))
-    weight_decay: float = field(default=0.05, metadata=_doc("AdamW weight decay (not on norms and biases)", valid=">= 0"))
-    warmup: float = field(default=0.05, metadata=_doc("fraction of the steps spent warming the lr up", valid="[0, 1)"))
-    label_smoothing: float = field(default=0.1, metadata=_doc("cross-entropy label smoothing", valid="[0, 1)"))
+    batch_size: Annotated[int, Ge(2)] = field(default=64, metadata=_doc("mini-batch size (shuffled, drop_last)"))
+    lr: Annotated[float, Gt(0)] = field(default=1e-3, metadata=_doc("peak AdamW learning rate of the head"))
+    backbone_lr_factor: Annotated[float, Interval(gt=0, le=1)] = field(default=0.1, metadata=_doc("backbone learning rate as a fraction of --lr (pretrained weights only)"))
+    weight_decay: Annotated[float, Ge(0)] = field(default=0.05, metadata=_doc("AdamW weight decay (not on norms and biases)"))
+    warmup: Annotated[float, Interval(ge=0, lt=1)] = field(default=0.05, metadata=_doc("fraction of the steps spent warming the lr up"))
+    label_smoothing: Annotated[float, Interval(ge=0, lt=1)] = field(default=0.1, metadata=_doc("cross-entropy label smoothing"))
     augment: bool = field(default=True, metadata=_doc("random resized crop and TrivialAugment on training images"))
     hflip: bool = field(default=True, metadata=_doc("random horizontal flips (turn off for text, digits, asymmetric classes)"))
-    val_fraction: float = field(default=0.1, metadata=_doc("share of each class held out when there is no val/ folder", valid="(0, 1)"))
-    train_limit: int = field(default=0, metadata=_doc("use only N training images, a stratified sample (0: all); for quick runs", valid=">= 0"))
-    workers: int = field(default=2, metadata=_doc("data-loading worker processes", valid=">= 0"))
+    val_fraction: Annotated[float, Interval(gt=0, lt=1)] = field(default=0.1, metadata=_doc("share of each class held out when there is no val/ folder"))
+    train_limit: Annotated[int, Ge(0)] = field(default=0, metadata=_doc("use only N training images, a stratified sample (0: all); for quick runs"))
+    workers: Annotated[int, Ge(0)] = field(default=2, metadata=_doc("data-loading worker processes"))
     device: str = field(default="auto", metadata=_doc("auto (CUDA when present, else CPU), cpu or cuda"))
     seed: int = field(default=0, metadata=_doc("random seed: same seed on the same device gives the same result"))
-    threads: int = field(default=0, metadata=_doc("CPU threads for torch (0: torch's default)", valid=">= 0"))
+    threads: Annotated[int, Ge(0)] = field(default=0, metadata=_doc("CPU threads for torch (0: torch's default)"))
 
     def other_problems(self) -> list[str]:
         problems = []

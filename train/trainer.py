@@ -17,19 +17,19 @@ import torch.nn.functional as F
 from ferry.core.errors import FerryError
 from ferry.core.fileio import write_json_atomic
 from ferry.core.machine import cpu_info
-from ferry.train import checkpoint, data, loop
+from ferry.models import checkpoint
+from ferry.models.digit_cnn import DigitCNN
+from ferry.train import data, loop
 from ferry.train.config import TrainConfig
 from ferry.train.loop import autocast, device_name, resolve_device
-from ferry.train.model import DigitCNN
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
 PLOT_NAME = "curves.png"
-CHECKPOINT_FORMAT = "ferry.mnist-cnn/2"  # /2: pooling before BatchNorm (train/model.py)
 
 
 def build_model(cfg: TrainConfig) -> DigitCNN:
-    return DigitCNN(channels=cfg.channels, dropout=cfg.dropout, hidden=cfg.hidden)
+    return DigitCNN.from_config(cfg.to_dict())
 
 
 def lr_at(step: int, total_steps: int, *, peak: float, warmup: float) -> float:
@@ -135,7 +135,7 @@ def train_one_epoch(
 
 def save_checkpoint(path: Path, *, model, optimizer, cfg: TrainConfig, epoch: int, history: list[dict]) -> None:
     checkpoint.save(path, {
-        "format": CHECKPOINT_FORMAT,
+        "format": checkpoint.DIGIT_CNN_FORMAT,
         "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "config": cfg.to_dict(),
@@ -146,7 +146,7 @@ def save_checkpoint(path: Path, *, model, optimizer, cfg: TrainConfig, epoch: in
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a ferry checkpoint safely (weights_only=True); a bad file is a FerryError."""
-    return checkpoint.load(path, fmt=CHECKPOINT_FORMAT, kind="mnist-cnn", required=("model", "config", "epoch", "history"))
+    return checkpoint.load_digit_cnn_state(path)
 
 
 def load_model(path: str | Path) -> tuple[DigitCNN, TrainConfig]:
@@ -156,13 +156,7 @@ def load_model(path: str | Path) -> tuple[DigitCNN, TrainConfig]:
 
 def model_from_checkpoint(state: dict, path: str | Path) -> tuple[DigitCNN, TrainConfig]:
     """The trained DigitCNN (eval mode) and its config from a loaded checkpoint (`path` names it in errors)."""
-    cfg = TrainConfig.from_dict(state["config"])
-    model = build_model(cfg)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise FerryError(f"checkpoint {path} does not match {model.architecture()}: {str(exc).splitlines()[0]}") from exc
-    return model.eval(), cfg
+    return checkpoint.digit_cnn_from_state(state, path), TrainConfig.from_dict(state["config"])
 
 
 def _plot(history: list[dict], path: Path) -> None:

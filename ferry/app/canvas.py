@@ -21,7 +21,7 @@ CANVAS_SIZE = 280
 PEN_WIDTH = 18  # the pen the window starts with
 PEN_RANGE = (6, 36)  # what its pen slider offers
 # MNIST's pen: about 0.14 of the digit's larger side (2.8 px of its 20 px box). The model reads the
-# strokes redrawn with that pen, whatever pen the person chose (README: "Draw").
+# strokes redrawn with that pen, whatever pen the person chose (docs: "Draw").
 STROKE_RATIO = 0.14
 
 

@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         raise FerryError(f"no digit model at {model}: run `make demo` (it trains and exports one), or "
                          "`ferry export mnist-cnn --checkpoint CKPT --out models` and pass --model models/mnist-cnn.onnx")
     clf = Classifier.from_onnx(model, provider=args.provider)
-    if clf.spec.get("kind") != "mnist":
+    if clf.spec.kind != "mnist":
         raise FerryError(f"{model} is a {clf.name} model; ferry draw needs the digit model (mnist-cnn)")
     try:
         import tkinter as tk

@@ -33,7 +33,7 @@ READ_BATCH_BYTES = 32 * 2**20  # bytes of files a read batch aims at
 
 @dataclass
 class BatchOptions:
-    """One batch job. Zero means "choose for this machine or cluster" (README: "Batch inference")."""
+    """One batch job. Zero means "choose for this machine or cluster" (docs: "Batch inference")."""
 
     model: str
     input: str  # a folder, a glob, or a text file listing paths/URIs
@@ -82,7 +82,7 @@ def _is_uri(p: str) -> bool:
 def resolve_inputs(spec: str) -> list[str]:
     """A folder (its files, recursively, sorted, hidden ones skipped), a glob, a text file listing
     paths or URIs (one per line, '#' comments), a single file, or a URI (passed to Ray as is)."""
-    from ferry.runtime.cli import expand_inputs
+    from ferry.runtime.inputs import expand_inputs
 
     if _is_uri(spec):
         return _list_uri(spec)
@@ -169,9 +169,8 @@ def read_files(batch: dict[str, Any]) -> dict[str, list]:
     pyarrow's filesystem for its scheme (s3://, gs://, hdfs://, ...). A file that cannot be read
     (deleted since it was listed, no permission) is a row with its error, not a failed job.
 
-    Why not `ray.data.read_binary_files`: it costs about 0.5 ms a file in its own machinery; here
-    (Xeon-2) it read 12,000 MNIST PNGs in 6.8 s where this reads them in 0.3 s (Ray's own issue
-    #37499 reports the same for read_images)."""
+    Why not `ray.data.read_binary_files`: its own per-file machinery costs more than reading a small
+    file (docs: "Batch inference"; Ray's own issue #37499 reports the same for read_images)."""
     paths = [str(p) for p in batch["path"]]
     data: list[bytes] = []
     errors: list[str] = []  # "" when read (a column of only None would not survive Ray's numpy batches)
@@ -225,7 +224,7 @@ def _filesystem_for(uri: str, cache: dict[str, Any]) -> tuple[Any, str]:
 def plan_workers(opts: BatchOptions, cluster_cpus: float, cluster_gpus: float) -> tuple[int, float, int]:
     """(actors, CPUs per actor, onnxruntime threads per actor: the CPUs it reserves, rounded, at
     least 1). Actors never reserve every CPU:
-    Ray Data's read tasks need some, or the job hangs (seen: 2 actors x 1 CPU on a 2-CPU node)."""
+    Ray Data's read tasks need some, or the job hangs (2 actors of 1 CPU each on a 2-CPU node do)."""
     spare = READ_CPUS * 2
     if opts.gpus_per_worker > 0:
         workers = opts.workers or max(1, int(cluster_gpus // opts.gpus_per_worker))

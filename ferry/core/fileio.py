@@ -1,4 +1,4 @@
-"""Atomic file writes: write to a temporary file beside the target, then rename over it."""
+"""Atomic file writes (write to a temporary file beside the target, then rename over it) and file hashes."""
 
 from __future__ import annotations
 
@@ -47,3 +47,14 @@ def write_bytes_atomic(target: str | os.PathLike[str], data: bytes) -> None:
 
 def write_json_atomic(target: str | os.PathLike[str], obj: Any) -> None:
     write_bytes_atomic(target, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -32,9 +32,10 @@ MAX_TOP_K = 100
 
 def _describe(clf) -> dict[str, Any]:
     m = clf.metadata
-    return {"model": m.get("model"), "precision": m.get("precision", "fp32"), "labels": m["labels"],
-            "preprocess": m["preprocess"], "input": m.get("input"), "output": m.get("output"),
-            "weights": m.get("weights"), "untrained": bool(m.get("untrained")), "provider": clf.provider.used}
+    return {"model": m.model, "task": m.task, "precision": m.precision, "labels": list(m.labels),
+            "preprocess": m.preprocess.to_dict(), "input": m.input.to_dict(), "output": m.output.to_dict(),
+            "weights": m.weights, "untrained": m.untrained, "format_version": m.format_version,
+            "provider": clf.provider.used}
 
 
 def create_app(backend, *, api_key: str | None = None, max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20),

@@ -53,7 +53,7 @@ def load_models(paths: Sequence[str | Path], *, provider: str = "auto", threads:
     shared = {c.name for c in clfs if sum(o.name == c.name for o in clfs) > 1}
     models: dict[str, Any] = {}
     for clf in clfs:
-        precision = clf.metadata.get("precision", "fp32")
+        precision = clf.metadata.precision
         name = f"{clf.name}.{precision}" if clf.name in shared and precision != "fp32" else clf.name
         if name in models:
             raise FerryError(f"two models are named {name!r} ({models[name].path} and {clf.path}); export one with --name")
@@ -63,7 +63,7 @@ def load_models(paths: Sequence[str | Path], *, provider: str = "auto", threads:
 
 def default_wait_ms(models: dict[str, Any]) -> float:
     """Waiting for a fuller batch pays on a GPU (throughput grows with the batch); on a CPU it
-    does not (ResNet-50 on onnxruntime: 19.0 images/s at batch 1, 18.7 at batch 8)."""
+    does not: a CPU is already busy at batch 1 (docs: "Serving")."""
     return 2.0 if any(clf.provider.is_gpu for clf in models.values()) else 0.0
 
 

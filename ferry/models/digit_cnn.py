@@ -14,14 +14,26 @@ class DigitCNN(nn.Module):
     dropout and a linear classifier to 10 logits.
 
     Compared with the seed, `batch_norm`, `hidden` and `dropout` are additions; `channels` is the
-    width of each conv layer. The hidden layer reads MNIST and pen-drawn validation digits better
-    (README: "Draw") for 4% more multiply-adds (a training step takes 1.01x as long, measured).
-    Pooling comes before BatchNorm and ReLU: ReLU and max-pooling commute, so without BatchNorm
-    this is exactly the seed's conv -> ReLU -> pool, and BatchNorm and ReLU (and their gradients)
-    run on a quarter of the pixels: a 1.3x faster training step on a 2-core CPU (README: "Six
-    minutes on either CPU class"). `pool_first=False` builds the earlier order (conv -> BatchNorm ->
-    ReLU -> pool), kept for that comparison (`ferry.bench.train_step`).
+    width of each conv layer. Pooling comes before BatchNorm and ReLU: ReLU and max-pooling commute,
+    so without BatchNorm this is exactly the seed's conv -> ReLU -> pool, and BatchNorm and ReLU (and
+    their gradients) run on a quarter of the pixels, which makes a training step faster on a CPU
+    (docs: "Training recipe"). `pool_first=False` builds the earlier order (conv -> BatchNorm ->
+    ReLU -> pool), kept for that comparison (`ferry.bench.train_step`) and for export
+    (`inference_order`).
     """
+
+    # Fields of a saved training config that shape the network, and what a config written before a
+    # field existed was trained with (checkpoints without `hidden` had no hidden layer).
+    CONFIG_KEYS = ("channels", "dropout", "hidden")
+    ABSENT_MEANS = {"hidden": 0}
+
+    @classmethod
+    def from_config(cls, config: dict) -> DigitCNN:
+        """The network a saved training config describes (`channels`, `dropout`, `hidden`)."""
+        cfg = {**cls.ABSENT_MEANS, **{k: v for k, v in config.items() if k in cls.CONFIG_KEYS}}
+        if "channels" in cfg:
+            cfg["channels"] = tuple(cfg["channels"])
+        return cls(**cfg)
 
     def __init__(
         self,

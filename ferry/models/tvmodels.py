@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.core.errors import FerryError
-from ferry.runtime.metadata import sha256_file
+from ferry.core.fileio import sha256_file
 from ferry.runtime.presets import imagenet_spec
 
 
@@ -89,8 +89,36 @@ def preprocess_spec(arch: str, weights: Weights, image_size: int = 0) -> dict[st
                          mean=tuple(t.mean), std=tuple(t.std))
 
 
-def imagenet_labels(weights: Weights) -> list[str] | None:
-    return list(weights.enum.meta["categories"]) if weights.enum is not None else None
+IMAGENET_CLASSES = 1000
+SIMPLE_LABELS_SOURCE = "imagenet-simple-labels (github.com/anishathalye/imagenet-simple-labels, public domain)"
+
+
+def torchvision_categories(arch: str, weights: Weights) -> list[str]:
+    """The class names torchvision gives the weights (or, without weights, the arch's DEFAULT weights)."""
+    import torchvision.models as tvm
+
+    member = weights.enum or tvm.get_model_weights(arch).DEFAULT
+    return list(member.meta["categories"])
+
+
+def simple_imagenet_labels() -> list[str]:
+    """ImageNet-1k's 1,000 classes named as people say them (imagenet-simple-labels: class 268 is
+    "Mexican hairless dog" where torchvision says "Mexican hairless"), shipped with ferry."""
+    import json
+    from importlib import resources
+
+    labels = json.loads(resources.files("ferry.models").joinpath("imagenet_simple_labels.json").read_text("utf-8"))
+    if len(labels) != IMAGENET_CLASSES:
+        raise FerryError(f"ferry's imagenet_simple_labels.json holds {len(labels)} names, not {IMAGENET_CLASSES}")
+    return labels
+
+
+def display_labels(categories: list[str]) -> tuple[list[str], list[str] | None, str]:
+    """(labels to show, the originals when replaced, where the shown ones come from): ImageNet-1k's
+    torchvision names become imagenet-simple-labels' names; any other class list is kept."""
+    if len(categories) == IMAGENET_CLASSES:
+        return simple_imagenet_labels(), categories, SIMPLE_LABELS_SOURCE
+    return categories, None, ""
 
 
 def create(arch: str, weights: Weights, *, num_classes: int | None = None) -> tuple[Any, str | None]:
