@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e '.[train,cpu,dev,serve,scale,triton,docs]'
+	$(BIN)/python -m pip install --quiet -e '.[train,cpu,openvino,dev,serve,scale,triton,docs]'
 	touch $(STAMP)
 
 demo: $(STAMP) train export predict fidelity bench

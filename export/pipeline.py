@@ -45,8 +45,9 @@ class ExportOptions:
     calib_images: int = 1000  # mnist-cnn and fine-tuned: training images used to calibrate int8
     opset: int = ox.DEFAULT_OPSET
     atol: float = 1e-4  # fp32 onnxruntime vs PyTorch
-    int8_max_drop_pp: float | None = None  # allowed int8 accuracy loss on labelled held-out images (None: the model's default)
+    int8_max_drop_pp: float | None = None  # allowed int8 (and bf16) accuracy loss on labelled held-out images (None: the model's default)
     seed: int = 0
+    bf16_check: dict[str, Any] = field(default_factory=dict)  # tests: stand-ins for OpenVINO's CPU capabilities and bf16 engine
 
 
 DEFAULT_MAX_DROP_PP = {"mnist-cnn": 0.1, "fine-tuned": 0.5}
@@ -155,7 +156,12 @@ def export_model(opts: ExportOptions, *, log: Callable[[str], None] = print) -> 
         }
         if data.evaluation is not None:
             validation["held_out"] = check_top1_against_torch(fp32, loaded.module, data.evaluation)
-        meta = base_meta.replace(precision="fp32", info={**base_meta.info, "validation": validation})
+        from ferry.export.variants import check_bf16
+
+        bf16 = check_bf16(fp32, base_meta, evaluation=data.evaluation, eval_batches=random_batches, max_drop_pp=max_drop,
+                          log=log, **opts.bf16_check)
+        meta = base_meta.replace(precision="fp32", info={**base_meta.info, "validation": validation,
+                                                         "precision_checks": {"bf16": bf16}})
         contract.write(fp32, meta)  # metadata_props only: the graph checked above is unchanged
         result.metadata["fp32"] = meta
         held = validation.get("held_out")

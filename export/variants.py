@@ -159,6 +159,66 @@ def make_fp16(
     return meta
 
 
+BF16_MIN_AGREEMENT = 0.99  # unlabelled held-out images: bf16 must give fp32's top-1 on this share
+
+
+class _EngineSession:
+    """An engine of the runtime (OpenVINO) seen through the session interface compare_variant uses."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def get_inputs(self):
+        return [type("Input", (), {"name": self.engine.input_name})()]
+
+    def run(self, _outputs, feed: dict[str, np.ndarray]):
+        (x,) = feed.values()
+        return [self.engine.infer(np.ascontiguousarray(x))]
+
+
+def check_bf16(fp32_path: Path, meta: ModelMetadata, *, evaluation: EvalSet | None, eval_batches: list[np.ndarray],
+               max_drop_pp: float | None, capabilities: list[str] | None = None, open_bf16=None,
+               log: Callable[[str], None] = print) -> dict[str, Any]:
+    """bf16 as a validated precision: where this CPU has bf16 instructions (OpenVINO reports "BF16"),
+    run the fp32 file at bf16 on OpenVINO and gate it like int8 (labelled held-out images: at most
+    `max_drop_pp` below fp32; unlabelled: the same top-1 on at least BF16_MIN_AGREEMENT of them).
+    Returns `precision_checks.bf16` for the metadata: {"passed": bool, "why": ..., measurements}.
+    A model without it, or with passed false, is never run at bf16. `capabilities` and `open_bf16`
+    replace OpenVINO's (tests)."""
+    from ferry.core.machine import cpu_class
+    from ferry.runtime.openvino_engine import openvino_available
+
+    if capabilities is None:
+        if not openvino_available():
+            return {"passed": False, "why": "OpenVINO was not installed where the model was exported (pip install 'ferry[openvino]')"}
+        from ferry.runtime.openvino_engine import DEVICE, import_openvino
+
+        capabilities = list(import_openvino().Core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
+    if "BF16" not in capabilities:
+        return {"passed": False, "why": f"exported on a CPU without bf16 instructions (class {cpu_class()}): not measured"}
+    if open_bf16 is None:
+        from ferry.runtime.openvino_engine import open_openvino
+
+        def open_bf16(path):
+            return open_openvino(path, meta, bf16=True, validated=False)
+    engine = open_bf16(fp32_path)
+    held_out = _held_out(evaluation, eval_batches)
+    vs = compare_variant(_EngineSession(engine), ox.cpu_session(fp32_path), held_out)
+    engine.close()
+    if "drop_pp" in vs and max_drop_pp is not None:
+        passed = vs["drop_pp"] <= max_drop_pp
+        rule = f"accuracy at most {max_drop_pp} pp below fp32"
+    else:
+        passed = vs["top1_agreement"] >= BF16_MIN_AGREEMENT
+        rule = f"fp32's top-1 on at least {BF16_MIN_AGREEMENT:.0%} of the images"
+    result = {"passed": bool(passed), "rule": rule, "engine": getattr(engine, "info", None) and engine.info.describe(),
+              "accuracy_vs_fp32": vs, "cpu_class": cpu_class()}
+    if not passed:
+        result["why"] = f"bf16 missed the gate ({summary(vs)}; needed {rule})"
+    log(f"  bf16 {'ok' if passed else 'not validated'}: {summary(vs)} (gate: {rule})")
+    return result
+
+
 def _topological_sort(graph) -> None:
     """Reorder graph.node so every node comes after the producers of its inputs."""
     available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}

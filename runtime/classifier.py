@@ -4,8 +4,8 @@
     clf.predict("cat.jpg", top_k=5)        # -> Prediction
     clf.run(batch)                          # raw logits for prepared (N, C, H, W) float32 tensors
 
-One instance may be shared by threads: onnxruntime's `run` is thread-safe and nothing here
-mutates state after construction.
+One instance may be shared by threads: nothing here mutates state after construction, and each
+engine is thread-safe (ferry.runtime.engines).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from ferry.core.errors import FerryError
 from ferry.runtime import contract
 from ferry.runtime.contract import ModelMetadata
 from ferry.runtime.images import ImageError, check_image, decode_image, load_image
-from ferry.runtime.presets import Preprocess, preprocess
-from ferry.runtime.providers import ProviderInfo, create_session
+from ferry.runtime.presets import Preprocess, normalize_unit_digit, preprocess, standardize_digit
+from ferry.runtime.providers import ProviderInfo
 
 ImageInput = str | Path | bytes | Image.Image | np.ndarray
 
@@ -78,10 +78,14 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Classifier:
-    session: Any
-    provider: ProviderInfo
+    """An exported ferry model, loaded once, on the engine the provider names. Thread-safe: one
+    instance may be shared by threads (onnxruntime's `run` is thread-safe; the OpenVINO engine
+    gives each call its own infer request)."""
+
+    engine: Any  # ferry.runtime.engines.Engine
     metadata: ModelMetadata
     path: Path
+    provider: ProviderInfo = field(init=False)
     labels: tuple[str, ...] = field(init=False)
     spec: Preprocess = field(init=False)
     input_name: str = field(init=False)
@@ -89,38 +93,50 @@ class Classifier:
     load_seconds: float = 0.0
 
     def __post_init__(self) -> None:
+        self.provider = self.engine.info
         self.labels = self.metadata.labels
         self.spec = self.metadata.preprocess
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
+        self.input_name, self.output_name = self.engine.input_name, self.engine.output_name
+        self._input_shape = self.spec.input_shape
+        self._labels = list(self.labels)
         self._check_model_matches_metadata()
 
     # --- construction -----------------------------------------------------------------------
 
     @classmethod
     def from_onnx(cls, path: str | Path, provider: str = "auto", *, threads: int | None = None, **session_kwargs) -> Classifier:
-        """Load an exported model. `threads`: onnxruntime intra-op threads (default: the physical
-        cores); other keywords go to `create_session`. The model's metadata is read and checked
-        first (`contract.read`: a MetadataError names the file and the field); a variant (int8/fp16)
-        whose fp32 sibling has changed since it was made is refused (IncoherentModelSet)."""
+        """Load an exported model. `provider`: auto (CUDA where it works, else the fastest validated
+        CPU engine for this model on this CPU, cached: ferry.runtime.auto), cpu, cuda, tensorrt
+        (onnxruntime), openvino or openvino-bf16. `threads`: intra-op threads (default: the physical
+        cores); other keywords go to onnxruntime's `create_session`. The model's metadata is read and
+        checked first (`contract.read`: a MetadataError names the file and the field); a variant
+        (int8/fp16) whose fp32 sibling has changed since it was made is refused (IncoherentModelSet)."""
+        from ferry.runtime.engines import open_engine
+
         t0 = time.perf_counter()
         path = Path(path)
-        meta = contract.read(path)  # before the session: a foreign or broken file is named as such
+        meta = contract.read(path)  # before the engine: a foreign or broken file is named as such
         contract.check_coherent(path, meta)
-        session, info = create_session(path, provider, threads=threads, **session_kwargs)
-        return cls(session=session, provider=info, metadata=meta, path=path, load_seconds=time.perf_counter() - t0)
+        engine = open_engine(path, provider, meta, threads=threads, **session_kwargs)
+        return cls(engine=engine, metadata=meta, path=path, load_seconds=time.perf_counter() - t0)
+
+    @property
+    def session(self) -> Any:
+        """The onnxruntime InferenceSession (None on OpenVINO)."""
+        return getattr(self.engine, "session", None)
 
     def _check_model_matches_metadata(self) -> None:
-        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        if len(inputs) != 1 or len(outputs) < 1:
-            raise FerryError(f"{self.path}: expected one input and one output, found {len(inputs)} and {len(outputs)}")
-        want = list(self.spec.input_shape)
-        got = list(inputs[0].shape[1:])
-        if len(inputs[0].shape) != 4 or any(isinstance(g, int) and g != w for g, w in zip(got, want)):
-            raise FerryError(f"{self.path}: model input {inputs[0].shape} does not match its metadata (batch, {', '.join(map(str, want))})")
-        n_out = outputs[0].shape[-1]
-        if isinstance(n_out, int) and n_out != len(self.labels):
-            raise FerryError(f"{self.path}: model has {n_out} outputs but its metadata lists {len(self.labels)} labels")
+        n_in, n_out = self.engine.n_inputs, self.engine.n_outputs
+        if n_in != 1 or n_out < 1:
+            raise FerryError(f"{self.path}: expected one input and one output, found {n_in} and {n_out}")
+        dims = self.engine.input_dims()
+        want = list(self._input_shape)
+        got = dims[1:]
+        if len(dims) != 4 or any(isinstance(g, int) and g != w for g, w in zip(got, want)):
+            raise FerryError(f"{self.path}: model input {dims} does not match its metadata (batch, {', '.join(map(str, want))})")
+        width = self.engine.output_dims()[-1]
+        if isinstance(width, int) and width != len(self.labels):
+            raise FerryError(f"{self.path}: model has {width} outputs but its metadata lists {len(self.labels)} labels")
 
     @property
     def untrained(self) -> bool:
@@ -143,6 +159,8 @@ class Classifier:
             check_image(image)
         elif isinstance(image, np.ndarray):
             image = _check_array(image, self.spec.kind)
+            if self.spec.kind == "mnist":  # checked above: 2-D float32 in [0, 1]
+                return standardize_digit(normalize_unit_digit(image), self.spec)
         else:
             raise ImageError(f"unsupported input type {type(image).__name__}; pass a path, bytes, a PIL image or a numpy array")
         return preprocess(image, self.spec)
@@ -150,9 +168,9 @@ class Classifier:
     # --- inference --------------------------------------------------------------------------
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Raw logits for a prepared (N, C, H, W) float32 batch."""
+        """Raw logits for a prepared (N, C, H, W) float32 batch, checked first."""
         batch = np.asarray(batch)
-        want = self.spec.input_shape
+        want = self._input_shape
         if batch.ndim != 4 or tuple(batch.shape[1:]) != want or batch.shape[0] < 1:
             raise FerryError(f"batch has shape {batch.shape}; expected (N, {', '.join(map(str, want))})")
         if batch.dtype != np.float32:
@@ -165,36 +183,35 @@ class Classifier:
         """Logits for a batch the caller has already checked (C-contiguous float32 of the model's
         shape): `run` without its checks. On a GPU provider the input is copied to the device and
         the logits back to the host, inside this call."""
-        if self.provider.is_gpu:
-            return self._run_io_binding(batch)
-        return self.session.run([self.output_name], {self.input_name: batch})[0]
-
-    def _run_io_binding(self, batch: np.ndarray) -> np.ndarray:
-        # IO binding: the input is copied to the GPU once and the output is allocated there, so
-        # onnxruntime does not stage copies through its own CPU buffers on every call.
-        binding = self.session.io_binding()
-        binding.bind_cpu_input(self.input_name, batch)
-        binding.bind_output(self.output_name, "cuda")
-        self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return self.engine.infer(batch)
 
     def predict_batch(self, prepared: np.ndarray, top_k: int = 1) -> list[Prediction]:
         return self.predictions(self.run(prepared), top_k)
 
     def predictions(self, logits: np.ndarray, top_k: int = 1) -> list[Prediction]:
         """Softmax and the top-k candidates of each row of (N, classes) logits."""
-        probs = softmax(np.asarray(logits, dtype=np.float64))
-        k = max(1, min(top_k, probs.shape[1]))
+        logits = np.asarray(logits, dtype=np.float64)
+        if logits.ndim == 1:
+            logits = logits[None]
+        k = max(1, min(top_k, logits.shape[1]))
+        z = logits - logits.max(axis=1, keepdims=True)
+        np.exp(z, out=z)
+        z /= z.sum(axis=1, keepdims=True)
+        if k == 1:
+            order = z.argmax(axis=1)[:, None]
+        else:
+            order = np.argsort(-z, axis=1, kind="stable")[:, :k]
+        labels, used = self._labels, self.provider.used
         out = []
-        for row in probs:
-            order = np.argsort(-row, kind="stable")[:k]
-            cands = tuple(Candidate(int(i), self.labels[int(i)], float(row[i])) for i in order)
-            out.append(Prediction(cands[0].index, cands[0].label, cands[0].probability, cands, self.provider.used))
+        for row, idx in zip(z.tolist(), order.tolist()):
+            cands = tuple(Candidate(i, labels[i], row[i]) for i in idx)
+            out.append(Prediction(idx[0], labels[idx[0]], row[idx[0]], cands, used))
         return out
 
     def predict(self, image: ImageInput, top_k: int = 1) -> Prediction:
-        """Predict one input (path, PIL image or array); errors raise."""
-        return self.predict_batch(self.prepare(image)[None], top_k)[0]
+        """Predict one input (path, bytes, PIL image or array); errors raise. `prepare` returns a
+        checked array of the model's shape, so it goes to the engine without `run`'s checks."""
+        return self.predictions(self.engine.infer(self.prepare(image)[None]), top_k)[0]
 
     def predict_many(self, images: Sequence[ImageInput] | Iterable[ImageInput], *, top_k: int = 1,
                      batch_size: int = 32, names: Sequence[str] | None = None) -> Iterator[Outcome]:
@@ -259,7 +276,13 @@ def _check_array(arr: np.ndarray, kind: str) -> np.ndarray:
         return arr
     if min(arr.shape) < 8:
         raise ImageError(f"array is {arr.shape[1]}x{arr.shape[0]}; at least 8x8 pixels are needed")
+    # a digit array becomes float32 in [0, 1]: uint8 / 255; other integers by 255 or their range
+    if arr.dtype == np.uint8:
+        out = arr.astype(np.float32)
+        out /= np.float32(255)
+        return out
     if arr.dtype.kind in "ui":
-        arr = arr.astype(np.float32) / (255.0 if arr.max(initial=0) <= 255 else float(np.iinfo(arr.dtype).max))
-    return arr
+        return arr.astype(np.float32) / np.float32(255.0 if arr.max(initial=0) <= 255 else float(np.iinfo(arr.dtype).max))
+    out = arr.astype(np.float32, copy=False)
+    return out / np.float32(255.0) if out.max(initial=0) > 1.0 else out
 

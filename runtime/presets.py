@@ -8,6 +8,7 @@ Training (`train/`) normalizes with the MNIST constants below; export writes `mn
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -225,12 +226,24 @@ def preprocess_imagenet(img: Image.Image, spec: Preprocess) -> np.ndarray:
     top = int(round((new_h - ch) / 2.0))
     left = int(round((new_w - cw) / 2.0))
     img = img.crop((left, top, left + cw, top + ch))
-    # The same float32 operations as torchvision (x / 255, then (x - mean) / std), done in place.
-    arr = np.array(img, dtype=np.float32)
-    arr /= np.float32(255)
-    arr -= np.asarray(spec.mean, dtype=np.float32)
-    arr /= np.asarray(spec.std, dtype=np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    arr = np.asarray(img)  # (H, W, 3) uint8
+    lut = _channel_lut(spec.mean, spec.std)
+    out = np.empty((3, *arr.shape[:2]), np.float32)
+    for c in range(3):  # straight into CHW: no float (H, W, 3) array, no transpose
+        np.take(lut[c], arr[:, :, c], out=out[c])
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_lut(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(3, 256) float32: what each 8-bit value of each channel becomes after the same float32
+    operations as torchvision (x / 255, then (x - mean) / std), in the same order. A lookup gives
+    those values bit for bit."""
+    v = np.repeat(np.arange(256, dtype=np.float32)[None], len(mean), axis=0)
+    v /= np.float32(255)
+    v -= np.asarray(mean, dtype=np.float32)[:, None]
+    v /= np.asarray(std, dtype=np.float32)[:, None]
+    return v
 
 
 # --- digits ---------------------------------------------------------------------------------
@@ -241,7 +254,10 @@ def _border(gray: np.ndarray) -> np.ndarray:
 
 def _is_mnist_like(gray: np.ndarray) -> bool:
     """A 28x28 image with a dark border is taken as an MNIST digit and passes straight through."""
-    return gray.shape == (MNIST_SIZE, MNIST_SIZE) and float(_border(gray).mean()) < 0.25
+    if gray.shape != (MNIST_SIZE, MNIST_SIZE):
+        return False
+    border = float(gray[0].sum()) + float(gray[-1].sum()) + float(gray[:, 0].sum()) + float(gray[:, -1].sum())
+    return border / (4 * MNIST_SIZE) < 0.25
 
 
 def normalize_digit(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -263,6 +279,11 @@ def normalize_digit(image: Image.Image | np.ndarray) -> np.ndarray:
             raise FerryError("digit array contains NaN or infinite values")
         if gray.max(initial=0) > 1.0:
             gray = gray / 255.0
+    return normalize_unit_digit(gray)
+
+
+def normalize_unit_digit(gray: np.ndarray) -> np.ndarray:
+    """`normalize_digit` of a checked 2-D float32 array in [0, 1] (the runtime's array path)."""
     if _is_mnist_like(gray):
         return np.ascontiguousarray(gray, dtype=np.float32)
 
@@ -301,8 +322,15 @@ def normalize_digit(image: Image.Image | np.ndarray) -> np.ndarray:
 
 def preprocess_mnist(image: Image.Image | np.ndarray, spec: Preprocess) -> np.ndarray:
     """(1, 28, 28) float32 input for the digit CNN."""
-    digit = normalize_digit(image)
-    return ((digit - np.float32(spec.mean[0])) / np.float32(spec.std[0]))[None].astype(np.float32)
+    return standardize_digit(normalize_digit(image), spec)
+
+
+def standardize_digit(digit: np.ndarray, spec: Preprocess) -> np.ndarray:
+    """A normalized (28, 28) digit in [0, 1] -> the model's (1, 28, 28) float32 input."""
+    out = np.empty((1, *digit.shape), np.float32)
+    np.subtract(digit, np.float32(spec.mean[0]), out=out[0])
+    out /= np.float32(spec.std[0])
+    return out
 
 
 def preprocess(image: Image.Image | np.ndarray, spec: Preprocess) -> np.ndarray:

@@ -22,7 +22,8 @@ PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
-CHOICES = ("auto", *PROVIDERS)
+ORT_PROVIDERS = tuple(PROVIDERS)
+ORT_CHOICES = ("auto", *PROVIDERS)  # create_session's own: auto is CUDA when it works, else the CPU
 
 # CUDA options that matter for convolution models: search for the fastest cuDNN algorithm once
 # per shape and let it use as much workspace as it wants.
@@ -47,19 +48,24 @@ HEAVY_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "
 
 @dataclass(frozen=True)
 class ProviderInfo:
-    requested: str  # auto | cpu | cuda | tensorrt
-    used: str  # the provider the session actually runs on (read back from the session)
+    """What runs a model, read back from the engine, never assumed."""
+
+    requested: str  # auto | cpu | cuda | tensorrt | openvino | openvino-bf16
+    used: str  # what actually runs it: onnxruntime's provider (read back from the session), or "OpenVINO:CPU"
     session_providers: tuple[str, ...]
-    note: str = ""  # why auto fell back to the CPU, for instance
-    threads: int = 0  # onnxruntime intra-op threads, read back from the session's options
+    note: str = ""  # why auto chose what it chose, or fell back to the CPU
+    threads: int = 0  # intra-op threads, read back from the session's options (or OpenVINO's compiled model)
     placement: dict[str, Any] | None = None  # GPU sessions: nodes per provider, from onnxruntime's profile
+    engine: str = "onnxruntime"  # onnxruntime | openvino
+    precision: str = ""  # the arithmetic, read back where the engine says it: fp32, int8, fp16, bf16
 
     @property
     def is_gpu(self) -> bool:
         return self.used in (PROVIDERS["cuda"], PROVIDERS["tensorrt"])
 
     def describe(self) -> str:
-        text = f"{self.used} (requested {self.requested}, {self.threads} intra-op threads)"
+        precision = f", {self.precision}" if self.precision else ""
+        text = f"{self.used} (requested {self.requested}{precision}, {self.threads} intra-op threads)"
         if self.placement and self.placement.get("cpu_nodes"):
             text += f"; {len(self.placement['cpu_nodes'])} small nodes on the CPU: {', '.join(sorted(set(self.placement['cpu_nodes'])))}"
         return f"{text}; {self.note}" if self.note else text
@@ -142,6 +148,7 @@ def create_session(
     spinning: bool | None = None,
     ort: ModuleType | None = None,
     distributions: Callable[[], Any] = importlib.metadata.distributions,
+    precision: str = "",
 ) -> tuple[Any, ProviderInfo]:
     """Create an InferenceSession on `provider` and read back what it runs on.
 
@@ -151,10 +158,11 @@ def create_session(
     A GPU session is profiled on one warm-up run to see where each node runs: under an explicit
     `cuda`/`tensorrt` request a Conv/Gemm/MatMul placed on the CPU is a ProviderError, and
     `tensorrt` that ends up on CUDA is one too. `ort` and `distributions` can be replaced (tests
-    simulate GPUs that fail without one).
+    simulate GPUs that fail without one). `precision`: the model file's (onnxruntime runs a file's
+    arithmetic as written), recorded in the info.
     """
-    if provider not in CHOICES:
-        raise ProviderError(f"unknown provider {provider!r}; choose one of {', '.join(CHOICES)}")
+    if provider not in ORT_CHOICES:
+        raise ProviderError(f"unknown provider {provider!r}; choose one of {', '.join(ORT_CHOICES)}")
     if threads is not None and threads < 1:
         raise ProviderError(f"threads must be >= 1 (got {threads})")
     ort = ort or _import_ort()
@@ -185,7 +193,8 @@ def create_session(
 
     def info(session, requested: str, note: str = "", placement: dict | None = None) -> ProviderInfo:
         used = tuple(session.get_providers())
-        return ProviderInfo(requested, used[0], used, note=note, threads=_threads_of(session), placement=placement)
+        return ProviderInfo(requested, used[0], used, note=note, threads=_threads_of(session), placement=placement,
+                            precision=precision)
 
     if provider == "cpu":
         return (session := make([PROVIDERS["cpu"]])), info(session, "cpu")

@@ -16,6 +16,20 @@ from ferry.core.idx import write_mnist as write_fake_mnist
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _auto_cache(tmp_path_factory):
+    """`--provider auto` caches its measured choice per model; the tests' cache lives in a temporary
+    folder (inherited by the commands they run), never in the user's home."""
+    folder = tmp_path_factory.mktemp("ferry-cache")
+    old = os.environ.get("FERRY_CACHE_DIR")
+    os.environ["FERRY_CACHE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("FERRY_CACHE_DIR", None)
+    else:
+        os.environ["FERRY_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     """The real MNIST folder from $FERRY_MNIST_DIR; tests using it skip with the reason when absent."""

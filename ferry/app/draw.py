@@ -19,7 +19,7 @@ DEFAULT_MODEL = "models/mnist-cnn.onnx"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ferry.runtime.providers import CHOICES
+    from ferry.runtime.engines import CHOICES
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"the exported digit model (default: {DEFAULT_MODEL}, written by `make demo`)")

@@ -13,7 +13,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ferry.runtime.providers import CHOICES
+    from ferry.runtime.engines import CHOICES
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("model", help="an .onnx file written by `ferry export`")

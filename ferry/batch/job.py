@@ -239,7 +239,7 @@ def plan_workers(opts: BatchOptions, cluster_cpus: float, cluster_gpus: float) -
 
 def run_batch(opts: BatchOptions, *, log: Callable[[str], None] = print) -> BatchSummary:
     from ferry.runtime import Classifier
-    from ferry.runtime.providers import CHOICES
+    from ferry.runtime.engines import CHOICES
 
     if opts.provider not in CHOICES:
         raise FerryError(f"unknown provider {opts.provider!r}; choose one of {', '.join(CHOICES)}")

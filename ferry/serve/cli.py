@@ -15,7 +15,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ferry.runtime.providers import CHOICES
+    from ferry.runtime.engines import CHOICES
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("models", nargs="+", metavar="MODEL", help=".onnx files written by `ferry export`")

@@ -1,0 +1,95 @@
+"""The engines that run a model file: onnxruntime (CPU, CUDA, TensorRT) and OpenVINO (CPU; f32,
+or bf16 where the CPU has it and the model's bf16 accuracy was validated at export).
+
+`open_engine(path, provider, meta)` returns an `Engine`: `infer(batch)` gives the logits of a
+prepared, checked batch, and `info` says what actually runs it, read back from the engine (the
+provider onnxruntime's session reports; the device and inference precision OpenVINO's compiled
+model reports). A provider that was asked for and cannot run is a ProviderError with the reason,
+never a quiet fallback; `auto` chooses (ferry.runtime.auto) and says why in `info.note`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ferry.runtime.contract import ModelMetadata
+from ferry.runtime.providers import ORT_PROVIDERS, ProviderError, ProviderInfo, create_session
+
+OPENVINO = "openvino"
+OPENVINO_BF16 = "openvino-bf16"
+CHOICES = ("auto", *ORT_PROVIDERS, OPENVINO, OPENVINO_BF16)
+
+
+class Engine(Protocol):
+    info: ProviderInfo
+    input_name: str
+    output_name: str
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Logits for a C-contiguous float32 batch of the model's input shape."""
+
+    def input_dims(self) -> list[Any]:
+        """The model input's dimensions as the engine sees them (ints, or names/None when dynamic)."""
+
+    def output_dims(self) -> list[Any]:
+        """The first output's dimensions."""
+
+    def close(self) -> None:
+        """Release the engine's threads and memory now (the benchmark keeps one engine alive at a time)."""
+
+
+class OrtEngine:
+    """An onnxruntime InferenceSession. On a GPU provider the input is copied to the device and the
+    logits back to the host inside `infer`, through IO binding."""
+
+    def __init__(self, session: Any, info: ProviderInfo) -> None:
+        self.session, self.info = session, info
+        self.input_name = session.get_inputs()[0].name
+        self.output_name = session.get_outputs()[0].name
+        self._outputs = [self.output_name]
+        self.n_inputs, self.n_outputs = len(session.get_inputs()), len(session.get_outputs())
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        if self.info.is_gpu:
+            return self._run_io_binding(batch)
+        return self.session.run(self._outputs, {self.input_name: batch})[0]
+
+    def _run_io_binding(self, batch: np.ndarray) -> np.ndarray:
+        # IO binding: the input is copied to the GPU once and the output is allocated there, so
+        # onnxruntime does not stage copies through its own CPU buffers on every call.
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.input_name, batch)
+        binding.bind_output(self.output_name, "cuda")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def input_dims(self) -> list[Any]:
+        return list(self.session.get_inputs()[0].shape)
+
+    def output_dims(self) -> list[Any]:
+        return list(self.session.get_outputs()[0].shape)
+
+    def close(self) -> None:
+        self.session = None
+
+
+def open_engine(path: str | Path, provider: str, meta: ModelMetadata, *, threads: int | None = None,
+                **session_kwargs: Any) -> Engine:
+    """The engine `provider` names for the model at `path` (its metadata `meta`, already checked)."""
+    if provider not in CHOICES:
+        raise ProviderError(f"unknown provider {provider!r}; choose one of {', '.join(CHOICES)}")
+    if threads is not None and threads < 1:
+        raise ProviderError(f"threads must be >= 1 (got {threads})")
+    if provider in (OPENVINO, OPENVINO_BF16):
+        from ferry.runtime.openvino_engine import open_openvino
+
+        return open_openvino(path, meta, bf16=provider == OPENVINO_BF16, threads=threads)
+    if provider == "auto":
+        from ferry.runtime.auto import open_auto
+
+        return open_auto(path, meta, threads=threads, **session_kwargs)
+    session, info = create_session(path, provider, threads=threads, precision=meta.precision, **session_kwargs)
+    return OrtEngine(session, info)

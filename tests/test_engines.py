@@ -1,0 +1,200 @@
+"""The runtime's engines: OpenVINO beside onnxruntime on the same files, precision read back and
+chosen knowingly (bf16 only where the CPU has it and export validated it), and `auto`, which
+measures once per model and CPU and then reads its cache."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ferry.core.errors import FerryError
+from ferry.runtime import auto, contract
+from ferry.runtime.classifier import Classifier
+from ferry.runtime.providers import ProviderError
+from tests.conftest import assert_clean_error, run_ferry, synthetic_digits
+
+pytest.importorskip("openvino")
+
+
+def _digits(n: int = 16) -> np.ndarray:
+    x, _ = synthetic_digits(n, seed=7)
+    return x
+
+
+def test_openvino_runs_the_same_files_and_reads_back_its_precision(cnn_export, resnet_export):
+    path, _ = cnn_export
+    ov, ort = Classifier.from_onnx(path, provider="openvino"), Classifier.from_onnx(path, provider="cpu")
+    assert ov.provider.engine == "openvino" and ov.provider.used == "OpenVINO:CPU" and ov.session is None
+    assert ov.provider.precision == "fp32" and "inference precision fp32 (read back)" in ov.provider.note
+    assert ov.provider.threads >= 1 and ort.provider.precision == "fp32"
+    batch = np.stack([ort.prepare(d) for d in _digits()])
+    np.testing.assert_allclose(ov.run(batch), ort.run(batch), atol=1e-4)
+    assert [p.index for p in ov.predictions(ov.run(batch))] == [p.index for p in ort.predictions(ort.run(batch))]
+    int8 = Classifier.from_onnx(resnet_export.paths["int8"], provider="openvino")
+    assert int8.provider.precision == "int8"
+    assert int8.run(np.zeros((2, 3, 224, 224), np.float32)).shape == (2, 1000)
+
+
+def test_one_openvino_classifier_shared_by_eight_threads(cnn_export):
+    """Each call takes its own infer request: 8 threads, different inputs, the single-thread answers."""
+    clf = Classifier.from_onnx(cnn_export[0], provider="openvino")
+    digits = _digits(64)
+    expected = [clf.predict(d).probability for d in digits]
+    got: dict[int, list[float]] = {}
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            got[t] = [clf.predict(digits[(i + 8 * t) % 64]).probability for i in range(64)]
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not errors, errors
+    for t in range(8):
+        assert got[t] == pytest.approx([expected[(i + 8 * t) % 64] for i in range(64)], abs=1e-6)
+
+
+def test_bf16_is_never_run_unless_the_cpu_has_it_and_export_validated_it(cnn_export, tmp_path, monkeypatch):
+    from ferry.runtime import openvino_engine as ove
+
+    path, _ = cnn_export
+    meta = contract.read(path)
+    # on a CPU without bf16 (the capabilities OpenVINO reports), it is not offered, and says why
+    ok, why = ove.bf16_status(meta, capabilities=["FP32", "INT8"])
+    assert not ok and "has no bf16 instructions" in why
+    # a bf16 CPU, but a model whose bf16 accuracy was not validated at export
+    ok, why = ove.bf16_status(meta, capabilities=["FP32", "BF16"])
+    assert not ok and "was not validated at export" in why
+    validated = meta.replace(info={**meta.info, "precision_checks": {"bf16": {"passed": True}}})
+    assert ove.bf16_status(validated, capabilities=["FP32", "BF16"]) == (True, "")
+    assert not ove.bf16_status(validated.replace(precision="int8"), capabilities=["BF16"])[0]
+    # asked for explicitly where it cannot run: an error naming the reason, never an f32 run
+    with pytest.raises(ProviderError, match="openvino-bf16 cannot run"):
+        Classifier.from_onnx(path, provider="openvino-bf16")
+    # validated on paper and "BF16" claimed, but compiled at f32 (this CPU): the read-back refuses it
+    stamped = tmp_path / "validated.onnx"
+    stamped.write_bytes(Path(path).read_bytes())
+    contract.write(stamped, validated)
+    monkeypatch.setattr(ove, "bf16_status", lambda meta, capabilities=None: (True, ""))
+    real_caps = ove.import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if "BF16" not in real_caps:
+        with pytest.raises(ProviderError, match="compiled the model at fp32, not bf16"):
+            Classifier.from_onnx(stamped, provider="openvino-bf16")
+
+
+def _bf16_rounded(path):
+    """A stand-in bf16 engine: onnxruntime's fp32 logits with bf16's 8-bit mantissa (truncated)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    class Fake:
+        input_name = "input"
+        info = None
+
+        def infer(self, x):
+            y = session.run(None, {"input": x})[0].astype(np.float32)
+            return (y.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+
+        def close(self):
+            pass
+
+    return Fake()
+
+
+def test_export_gates_bf16_like_int8(cnn_export, tmp_path):
+    from ferry.export.evalset import EvalSet
+    from ferry.export.variants import check_bf16
+
+    path, _ = cnn_export
+    meta = contract.read(path)
+    # what the session's export recorded on this machine: measured only where bf16 exists
+    bf16 = meta.info["precision_checks"]["bf16"]
+    assert bf16["passed"] is False and ("without bf16 instructions" in bf16["why"] or "OpenVINO was not installed" in bf16["why"])
+    clf = Classifier.from_onnx(path, provider="cpu")
+    x, y = synthetic_digits(300, seed=2)
+    prepared = np.stack([clf.prepare(d) for d in x])
+    labelled = EvalSet("300 synthetic digits", prepared, y)
+    kwargs = dict(evaluation=labelled, eval_batches=[prepared[:4]], max_drop_pp=0.1, capabilities=["FP32", "BF16"],
+                  log=lambda _m: None)
+    ok = check_bf16(Path(path), meta, open_bf16=_bf16_rounded, **kwargs)
+    assert ok["passed"] is True and ok["accuracy_vs_fp32"]["images"] == 300 and ok["accuracy_vs_fp32"]["drop_pp"] <= 0.1
+
+    def wrong(p):
+        fake = _bf16_rounded(p)
+        real = fake.infer
+        fake.infer = lambda x: real(x)[:, ::-1].copy()  # a broken bf16 kernel: the classes reversed
+        return fake
+
+    bad = check_bf16(Path(path), meta, open_bf16=wrong, **kwargs)
+    assert bad["passed"] is False and "missed the gate" in bad["why"] and bad["accuracy_vs_fp32"]["drop_pp"] > 0.1
+    none = check_bf16(Path(path), meta, open_bf16=wrong, **{**kwargs, "capabilities": ["FP32"]})
+    assert none == {"passed": False, "why": none["why"]} and "without bf16 instructions" in none["why"]
+
+
+def test_auto_measures_once_then_reads_its_cache(cnn_export, tmp_path, monkeypatch):
+    path, _ = cnn_export
+    monkeypatch.setenv("FERRY_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_measure(engines, x, **_):
+        calls.append(sorted(engines))
+        return {"cpu": 0.002, "openvino": 0.001}  # OpenVINO "faster" here
+
+    monkeypatch.setattr(auto, "measure", fake_measure)
+    first = Classifier.from_onnx(path)
+    assert first.provider.requested == "auto" and first.provider.engine == "openvino"
+    assert "auto: OpenVINO f32, fastest at batch 1 on this CPU" in first.provider.note and "measured now" in first.provider.note
+    assert "bf16 not offered" in first.provider.note and calls == [["cpu", "openvino"]]
+    cache = tmp_path / "cache" / auto.CACHE_FILE
+    (record,) = json.loads(cache.read_text()).values()
+    assert record["choice"] == "openvino" and record["median_ms"] == {"cpu": 2.0, "openvino": 1.0}
+    again = Classifier.from_onnx(path)
+    assert again.provider.engine == "openvino" and "cached choice" in again.provider.note and len(calls) == 1
+    # deterministic for a given cache, which a user may edit: it decides, nothing is measured
+    data = json.loads(cache.read_text())
+    next(iter(data.values()))["choice"] = "cpu"
+    cache.write_text(json.dumps(data))
+    edited = Classifier.from_onnx(path)
+    assert edited.provider.used == "CPUExecutionProvider" and len(calls) == 1
+    # an explicit provider overrides the choice
+    assert Classifier.from_onnx(path, provider="openvino").provider.engine == "openvino"
+    # a real measurement, once: every candidate timed, the choice among them
+    monkeypatch.undo()
+    monkeypatch.setenv("FERRY_CACHE_DIR", str(tmp_path / "cache2"))
+    real = Classifier.from_onnx(path)
+    (record,) = json.loads((tmp_path / "cache2" / auto.CACHE_FILE).read_text()).values()
+    assert set(record["median_ms"]) == {"cpu", "openvino"} and record["choice"] == min(record["median_ms"], key=record["median_ms"].get)
+    assert real.provider.engine == ("openvino" if record["choice"] == "openvino" else "onnxruntime")
+
+
+def test_without_openvino_nothing_breaks_and_asking_for_it_says_how(cnn_export, tmp_path):
+    """A fake `openvino` that fails to import, first on the path: auto uses onnxruntime and says why;
+    --provider openvino is one line with the install command, exit code 2."""
+    blocker = tmp_path / "block" / "openvino"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('blocked for the test')\n")
+    env = {"PYTHONPATH": str(tmp_path / "block")}
+    digit = tmp_path / "d.png"
+    from PIL import Image
+
+    Image.fromarray(_digits(1)[0]).save(digit)
+    proc = run_ferry("predict", str(cnn_export[0]), str(digit), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "OpenVINO not installed (pip install 'ferry[openvino]'" in proc.stdout
+    assert_clean_error(run_ferry("predict", str(cnn_export[0]), str(digit), "--provider", "openvino", env=env),
+                       "pip install 'ferry[openvino]'")
+
+
+def test_unknown_provider_lists_the_engines(cnn_export):
+    with pytest.raises(FerryError, match="choose one of auto, cpu, cuda, tensorrt, openvino, openvino-bf16"):
+        Classifier.from_onnx(cnn_export[0], provider="rocm")
