@@ -37,32 +37,44 @@ class Prepared:
     spec: BackendSpec
     run: Callable[[np.ndarray], Any]
     sync: Callable[[], None]
-    provider_used: str  # read back (ORT) or the torch device
+    provider_used: str  # read back (the runtime's engines) or the torch device
     device_name: str
     load_seconds: float
-    threads: int  # intra-op threads, read back from the session (ORT) or torch.get_num_threads()
-    detail: str = ""  # e.g. where onnxruntime placed the nodes of a GPU session
+    threads: int  # intra-op threads, read back from the engine or torch.get_num_threads()
+    detail: str = ""  # e.g. where onnxruntime placed the nodes of a GPU session, or what auto chose and why
+    precision: str = ""  # the arithmetic read back from the engine, where it says
+    first_ms: float = float("nan")  # the first inference, set by the suite
+    release: Callable[[], None] = lambda: None
+
+    def close(self) -> None:
+        """Release the backend now (its threads and memory): one run keeps many alive side by side."""
+        self.release()
 
 
 def check_provider(spec: BackendSpec, provider_used: str) -> None:
-    """Refuse to record a run on another device than the backend claims."""
+    """Refuse to record a run on another device than the backend claims (ferry's `auto` claims
+    none: it records what it chose)."""
+    if spec.device == "auto":
+        return
     on_gpu = provider_used in ("CUDAExecutionProvider", "TensorrtExecutionProvider") or provider_used.startswith("cuda")
     if (spec.device in GPU_DEVICES) != on_gpu:
         raise ProviderMismatch(f"{spec.name} claims {spec.device} but ran on {provider_used}")
     if spec.provider == "tensorrt" and provider_used != "TensorrtExecutionProvider":
         raise ProviderMismatch(f"{spec.name} claims TensorRT but ran on {provider_used}")
+    if spec.engine == "openvino" and not provider_used.startswith("OpenVINO"):
+        raise ProviderMismatch(f"{spec.name} claims OpenVINO but ran on {provider_used}")
 
 
-def prepare_ort(spec: BackendSpec, model: str, models_dir: Path, *, threads: int | None) -> Prepared:
-    """An onnxruntime session through ferry's own runtime (`Classifier`), timed without the
-    runtime's input checks (`Classifier.infer`). A stale variant (IncoherentModelSet) is an
-    error, not a skip: its figures would describe another model."""
+def prepare_runtime(spec: BackendSpec, model: str, models_dir: Path, *, threads: int | None) -> Prepared:
+    """A model through ferry's own runtime (`Classifier`: onnxruntime, OpenVINO, or its `auto`
+    choice), timed without the runtime's input checks (`Classifier.infer`). A stale variant
+    (IncoherentModelSet) is an error, not a skip: its figures would describe another model."""
     from ferry.runtime.classifier import Classifier
     from ferry.runtime.providers import ProviderError
 
-    path = onnx_path(models_dir, model, spec.precision)
+    path = onnx_path(models_dir, model, spec.file)
     if not path.exists():
-        raise Unavailable(f"{path} not found (ferry export {model} ... --{spec.precision})")
+        raise Unavailable(f"{path} not found (ferry export {model} ... --{spec.file})")
     t0 = time.perf_counter()
     try:
         clf = Classifier.from_onnx(path, provider=spec.provider, threads=threads)
@@ -72,8 +84,13 @@ def prepare_ort(spec: BackendSpec, model: str, models_dir: Path, *, threads: int
     check_provider(spec, clf.provider.used)
     placement = clf.provider.placement
     detail = f"nodes per provider: {placement['by_provider']}" if placement else ""
+    if spec.engine == "ferry":
+        detail = clf.provider.note
     return Prepared(spec, clf.infer, lambda: None, clf.provider.used, device_label(spec.device), load,
-                    clf.provider.threads, detail)
+                    clf.provider.threads, detail, precision=clf.provider.precision, release=clf.engine.close)
+
+
+prepare_ort = prepare_runtime  # the name the GPU script and older callers use
 
 
 def torch_model(model: str, checkpoint: str | None, models_dir: str | Path | None = None):
@@ -119,6 +136,16 @@ def prepare_torch(spec: BackendSpec, model: str, checkpoint: str | None, *, thre
     t0 = time.perf_counter()
     device = torch.device(spec.device)
     net = torch_model(model, checkpoint, models_dir).to(device)
+    detail = ""
+    if spec.engine == "torch-compile":
+        import logging
+
+        logging.getLogger("torch._inductor").setLevel(logging.ERROR)
+        try:
+            net = torch.compile(net)  # inductor; compiles on the first call (the suite's first inference)
+        except Exception as exc:  # noqa: BLE001 - no compiler, an unsupported platform
+            raise Unavailable(f"torch.compile is not available here: {type(exc).__name__}: {exc}") from exc
+        detail = "torch.compile(inductor), default mode"
 
     def run(x: np.ndarray):
         with torch.inference_mode():
@@ -128,7 +155,8 @@ def prepare_torch(spec: BackendSpec, model: str, checkpoint: str | None, *, thre
     load = time.perf_counter() - t0
     used = f"cuda:{torch.cuda.current_device()}" if spec.device == "cuda" else "cpu"
     check_provider(spec, used)
-    return Prepared(spec, run, sync, used, device_label(spec.device), load, torch.get_num_threads())
+    return Prepared(spec, run, sync, used, device_label(spec.device), load, torch.get_num_threads(), detail,
+                    precision="fp32")
 
 
 def gpu_name() -> str | None:
@@ -141,7 +169,7 @@ def gpu_name() -> str | None:
 
 
 def device_label(device: str) -> str:
-    if device == "cuda":
+    if device == "cuda" or (device == "auto" and gpu_name()):
         import torch
 
         return torch.cuda.get_device_name(0)

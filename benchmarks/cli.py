@@ -1,7 +1,10 @@
-"""Benchmark exported models: PyTorch eager vs onnxruntime (fp32, int8; CUDA fp32/fp16 and
-TensorRT when present), single-stream latency (p50/p90/p99, batch 1) and offline throughput over
-batch sizes. Writes results.json, report.md and plots; a backend that cannot run is listed as
-skipped with the reason, never replaced by another.
+"""Benchmark exported models on this machine: PyTorch (eager and torch.compile) against the runtime's
+engines, onnxruntime (fp32, int8; CUDA fp32/fp16 and TensorRT when present) and OpenVINO (f32, int8,
+bf16 where the CPU has it), and ferry's own `auto` choice; single-stream latency (p50/p90/p99,
+batch 1) and offline throughput over batch sizes. CPU backends are timed side by side in
+interleaved rounds until every ratio is known within +-3%; the report checks ferry's engine choice
+against the fastest alternative. Writes results.json, report.md and plots; a backend that cannot
+run is listed as skipped with the reason, never replaced by another.
 
   ferry bench --models-dir models --out benchmarks/results/cpu"""
 
@@ -25,7 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resnet-batches", type=int, nargs="+", metavar="B", help="ResNet-50 batch sizes (default: 1 8 32)")
     parser.add_argument("--checkpoint", help="trained CNN checkpoint for the PyTorch baseline (default: random weights)")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads for torch and onnxruntime (default: all cores)")
-    parser.add_argument("--min-seconds", type=float, default=2.0, help="minimum timed seconds per measurement (default: 2)")
+    parser.add_argument("--min-seconds", type=float, default=2.0, help="GPU rows: minimum timed seconds per measurement (default: 2)")
+    parser.add_argument("--max-seconds", type=float, default=90.0,
+                        help="CPU rows: the cap on a model's interleaved single-stream rounds, in seconds (default: 90)")
+    parser.add_argument("--compile-all-batches", action="store_true",
+                        help="torch.compile every batch size (default: batch 1 only; each size compiles again)")
     parser.add_argument("--quick", action="store_true", help="short measurements and few batch sizes (a smoke test, noisy)")
 
 
@@ -48,13 +55,19 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.models_dir).is_dir():
         raise FerryError(f"--models-dir {args.models_dir} does not exist: run `make demo`, or `ferry export ... --out "
                          f"{args.models_dir}` for each model")
+    if args.max_seconds <= 0:
+        raise FerryError("--max-seconds must be > 0")
     cfg = BenchConfig(models_dir=args.models_dir, models=tuple(args.models), backends=tuple(args.backends),
                       batch_sizes=batches, checkpoint=args.checkpoint, threads=args.threads,
                       min_seconds=0.3 if args.quick else args.min_seconds, min_calls=10 if args.quick else 50,
-                      warmup=2 if args.quick else 5)
+                      warmup=2 if args.quick else 5, compile_all_batches=args.compile_all_batches,
+                      min_rounds=3 if args.quick else 8, round_seconds=0.01 if args.quick else 0.05,
+                      max_seconds_batch1=min(args.max_seconds, 5.0) if args.quick else args.max_seconds,
+                      max_seconds_offline=2.0 if args.quick else 30.0)
     from ferry.core.progress import Progress
 
-    steps = sum(len(batches[m]) + 1 for m in cfg.models) * len(cfg.backends)
+    gpu = sum(matrix.BACKENDS[b].device == "cuda" for b in cfg.backends)
+    steps = sum(len(cfg.backends) + len(batches[m]) * (1 + gpu) for m in cfg.models) + 1
     bar = Progress(steps, desc="benchmarking")
 
     def progress(msg: str) -> None:

@@ -117,3 +117,115 @@ def measure_stable(call: Callable[[], object], *, retries: int = 2, **kwargs) ->
     best = next((t for t in tries if t.stable), None) or min(
         tries, key=lambda t: t.stability_spread if t.stability_spread == t.stability_spread else float("inf"))
     return Timing(best.latencies, best.batch_size, best.stable, best.stability_spread, attempts=len(tries))
+
+
+# --- interleaved rounds: several backends compared side by side ------------------------------------
+
+
+def median_ci(values: Sequence[float], z: float = 1.96) -> tuple[float, float, float]:
+    """(median, low, high): the median and its distribution-free ~95% confidence interval from order
+    statistics (the ranks n/2 -+ z*sqrt(n)/2). With fewer than 6 values the interval is the range."""
+    v = sorted(values)
+    n = len(v)
+    if n == 0:
+        raise ValueError("median of no values")
+    med = percentile(v, 50)
+    if n < 6:
+        return med, v[0], v[-1]
+    half = z * (n ** 0.5) / 2
+    lo, hi = max(0, int(n / 2 - half)), min(n - 1, int(-(-(n / 2 + half) // 1)))
+    return med, v[lo], v[hi]
+
+
+def relative_halfwidth(values: Sequence[float]) -> float:
+    med, lo, hi = median_ci(values)
+    return (hi - lo) / 2 / med if med else float("inf")
+
+
+@dataclass(frozen=True)
+class Rounds:
+    """Interleaved rounds: each round ran every backend in turn (the order rotating), so machine
+    noise and drift hit all of them alike. Per backend: every timed call, and each round's median."""
+
+    latencies: dict[str, tuple[float, ...]]
+    round_medians: dict[str, tuple[float, ...]]
+    batch_size: int
+    seconds: float
+
+    @property
+    def rounds(self) -> int:
+        return len(next(iter(self.round_medians.values()), ()))
+
+    def timing(self, name: str, target: float) -> Timing:
+        """One backend's calls as a Timing; stable when its median's ~95% interval over the rounds
+        is within +-`target` of it."""
+        spread = relative_halfwidth(self.round_medians[name]) if self.rounds else float("nan")
+        return Timing(self.latencies[name], self.batch_size, spread <= target, spread, attempts=1)
+
+    def ratio(self, slow: str, fast: str | Sequence[str]) -> tuple[float, float, float]:
+        """`slow`'s latency over `fast`'s (or over the fastest of several, round by round): the median
+        of the per-round ratios and its ~95% interval. Above 1: `fast` is faster."""
+        fast = [fast] if isinstance(fast, str) else list(fast)
+        per_round = [self.round_medians[slow][i] / min(self.round_medians[f][i] for f in fast) for i in range(self.rounds)]
+        return median_ci(per_round)
+
+
+def measure_interleaved(
+    calls: dict[str, Callable[[], object]],
+    *,
+    batch_size: int,
+    warmup: int = 5,
+    settle: int = 2,
+    round_seconds: float = 0.05,
+    min_round_calls: int = 3,
+    min_rounds: int = 8,
+    max_rounds: int = 1000,
+    max_seconds: float = 60.0,
+    target: float = 0.03,
+    pairs: Sequence[tuple[str, str]] = (),
+    sync: Callable[[], None] = lambda: None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Rounds:
+    """Time every backend of `calls` in rounds until the comparisons have converged: after at least
+    `min_rounds` (always made), stop when every backend's median and every ratio of `pairs` is known
+    within +-`target` (their ~95% intervals over the rounds), or when `max_seconds` or `max_rounds`
+    are reached. In a round each backend first makes `settle` untimed calls (the previous backend's
+    threads go quiet), then timed calls until it has `min_round_calls` and `round_seconds`."""
+    names = list(calls)
+    if not names:
+        raise ValueError("nothing to measure")
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    latencies: dict[str, list[float]] = {n: [] for n in names}
+    medians: dict[str, list[float]] = {n: [] for n in names}
+    start = clock()
+    for r in range(max_rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            fn = calls[name]
+            for _ in range(settle):
+                fn()
+            sync()
+            these: list[float] = []
+            spent = 0.0
+            while len(these) < min_round_calls or spent < round_seconds:
+                t0 = clock()
+                fn()
+                sync()
+                dt = clock() - t0
+                these.append(dt)
+                spent += dt
+            latencies[name] += these
+            medians[name].append(percentile(these, 50))
+        done = r + 1 >= min_rounds and all(relative_halfwidth(m) <= target for m in medians.values())
+        if done and pairs:
+            current = Rounds({n: tuple(v) for n, v in latencies.items()}, {n: tuple(v) for n, v in medians.items()},
+                             batch_size, clock() - start)
+            for slow, fast in pairs:
+                med, lo, hi = current.ratio(slow, fast)
+                done = done and (hi - lo) / 2 / med <= target
+        if done or (r + 1 >= min_rounds and clock() - start >= max_seconds):
+            break
+    return Rounds({n: tuple(v) for n, v in latencies.items()}, {n: tuple(v) for n, v in medians.items()}, batch_size,
+                  clock() - start)

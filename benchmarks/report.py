@@ -16,7 +16,7 @@ REQUIRED_ROW_KEYS = (
 
 def validate_results(results: dict[str, Any]) -> None:
     """The JSON schema, checked: top-level keys and every row's fields and types."""
-    for key in ("schema", "created", "machine", "config", "rows", "skipped", "ratios", "ratios_left_out", "notes"):
+    for key in ("schema", "created", "machine", "config", "rows", "skipped", "ratios", "ratios_left_out", "checks", "notes"):
         if key not in results:
             raise ValueError(f"results lack {key!r}")
     for row in results["rows"]:
@@ -27,7 +27,7 @@ def validate_results(results: dict[str, Any]) -> None:
             raise ValueError(f"row {row['backend']}: percentiles out of order")
         if not isinstance(row["threads"], int) or row["threads"] < 1:
             raise ValueError(f"row {row['backend']}: threads {row['threads']!r} were not read back")
-        min_calls = results["config"]["min_calls"] if row["batch_size"] == 1 else 10
+        min_calls = row.get("min_calls", results["config"]["min_calls"] if row["batch_size"] == 1 else 10)
         if row["calls"] < min_calls:
             raise ValueError(f"row {row['backend']} batch {row['batch_size']}: {row['calls']} calls < the promised {min_calls}")
     for s in results["skipped"]:
@@ -46,16 +46,30 @@ def table(results: dict[str, Any]) -> str:
     for s in results["skipped"]:
         lines.append(f"{s['model']:<10} {s['backend']:<18} skipped: {s['reason']}")
     for o in results.get("overhead", []):
+        bound = f" (bound {o['bound']:.0%}: {'met' if o['within_bound'] else 'NOT met'})" if o.get("bound") is not None else ""
         lines.append(f"{o['model']:<10} runtime overhead: Classifier {o['classifier_p50_ms']:.3f} ms vs session.run "
-                     f"{o['session_run_p50_ms']:.3f} ms (p50, {o['input']}): {o['overhead']:+.1%}")
+                     f"{o['session_run_p50_ms']:.3f} ms (p50, {o['input']}): {o['overhead']:+.1%}{bound}")
     if results["ratios"]:
         lines.append("")
         for q in results["ratios"]:
-            lines.append(f"{q['model']:<10} {q['comparison']:<45} batch-1 p50 x{q['batch1_p50_speedup']:.2f}   "
-                         f"peak throughput x{q['peak_throughput_speedup']:.2f}")
+            lines.append(f"{q['model']:<10} {q['comparison']:<55} batch-1 x{q['batch1_p50_speedup']:.2f}{_ci(q)}   "
+                         f"peak throughput {_x(q['peak_throughput_speedup'])}")
+    for c in results.get("checks", []):
+        value = f" x{c['ratio']:.3f} ({c['ci'][0]:.3f}-{c['ci'][1]:.3f}; at most {c['factor']:.3g})" if "ratio" in c else ""
+        lines.append(f"{c['model']:<10} {c['verdict'].upper()}: {c['check']}{value}{'  ' + c['why'] if c.get('why') else ''}")
     for q in results.get("ratios_left_out", []):
         lines.append(f"{q['model']:<10} {q['comparison']:<45} left out: {q['reason']}")
     return "\n".join(lines)
+
+
+def _x(v: float) -> str:
+    """A speed-up, or "-" where a peak had no stable row to come from."""
+    return f"x{v:.2f}" if v == v else "- (no stable peak)"
+
+
+def _ci(q: dict[str, Any]) -> str:
+    lo, hi = q.get("batch1_ci", [float("nan")] * 2)
+    return f" [{lo:.2f}-{hi:.2f}]" if lo == lo and hi == hi else ""
 
 
 def _stable(row: dict[str, Any]) -> str:
@@ -77,20 +91,30 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
         "",
         "## Speed-ups (rows of this run)",
         "",
-        "| model | comparison | batch-1 p50 speed-up | peak-throughput speed-up |",
-        "| --- | --- | ---: | ---: |",
-        *[f"| {q['model']} | {q['comparison']} | {q['batch1_p50_speedup']:.2f}x | {q['peak_throughput_speedup']:.2f}x |"
-          for q in results["ratios"]],
+        "Batch-1 speed-ups of CPU backends are medians of per-round ratios from interleaved rounds, with their "
+        "~95% interval in brackets; GPU speed-ups compare two rows measured apart.",
+        "",
+        "| model | comparison | batch-1 speed-up | from | peak-throughput speed-up |",
+        "| --- | --- | ---: | --- | ---: |",
+        *[f"| {q['model']} | {q['comparison']} | {q['batch1_p50_speedup']:.2f}x{_ci(q)} | {q.get('from', '')} | "
+          f"{_x(q['peak_throughput_speedup'])} |" for q in results["ratios"]],
         *([""] + [f"Left out of the ratios: {q['model']} {q['comparison']} ({q['reason']})."
                   for q in results.get("ratios_left_out", [])] if results.get("ratios_left_out") else []),
         "",
+        *(["## Checks (batch 1, interleaved rounds)", "",
+            "Each: the first backend's latency over the fastest of the others, round by round (median and ~95% interval); "
+            "met: the whole interval within the bound; met within noise: the median within it.", "",
+            "| model | check | verdict | ratio | interval | bound |", "| --- | --- | --- | ---: | --- | ---: |",
+            *[f"| {c['model']} | {c['check']} | **{c['verdict']}** | "
+              + (f"{c['ratio']:.3f} | {c['ci'][0]:.3f}-{c['ci'][1]:.3f} | {c['factor']:.3g} |" if "ratio" in c else f"- | {c.get('why', '')} | - |")
+              for c in results.get("checks", [])], ""] if results.get("checks") else []),
         "## Single-stream (batch 1)",
         "",
-        "| model | backend | provider | threads | p50 ms | p90 ms | p99 ms | calls | session load s | first inference ms | stable |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
-        *[f"| {r['model']} | {r['backend']} | {r['provider']} | {r['threads']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | "
-          f"{r['p99_ms']:.3f} | {r['calls']} | {r['session_load_s']:.2f} | {r['first_inference_ms']:.1f} | {_stable(r)} |"
-          for r in results["rows"] if r["batch_size"] == 1],
+        "| model | backend | provider | precision | threads | p50 ms | p90 ms | p99 ms | calls | rounds | session load s | first inference ms | stable |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        *[f"| {r['model']} | {r['backend']} | {r['provider']} | {r.get('precision', '')} | {r['threads']} | {r['p50_ms']:.3f} | "
+          f"{r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {r['calls']} | {r.get('rounds', '-')} | {r['session_load_s']:.2f} | "
+          f"{r['first_inference_ms']:.1f} | {_stable(r)} |" for r in results["rows"] if r["batch_size"] == 1],
         "",
         "## Offline (throughput)",
         "",
@@ -104,16 +128,19 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
         out += ["## Runtime overhead (CPU, batch 1)", "",
                 "`Classifier.predict` from a decoded image to labels, against `session.run` on a prepared tensor "
                 "(alternating rounds, medians).", "",
-                "| model | input | session.run p50 ms | Classifier p50 ms | overhead |", "| --- | --- | ---: | ---: | ---: |",
+                "| model | input | session.run p50 ms | Classifier p50 ms | overhead (interval) | bound |",
+                "| --- | --- | ---: | ---: | ---: | --- |",
                 *[f"| {o['model']} | {o['input']} | {o['session_run_p50_ms']:.3f} | {o['classifier_p50_ms']:.3f} | "
-                  f"{o['overhead']:+.1%} |" for o in results["overhead"]], ""]
+                  f"{o['overhead']:+.1%} ({o['overhead_ci'][0]:+.1%} to {o['overhead_ci'][1]:+.1%}) | "
+                  + (f"{o['bound']:.0%}: {'met' if o['within_bound'] else '**not met**'}" if o.get("bound") is not None else "-")
+                  + " |" for o in results["overhead"]], ""]
     placed = [r for r in results["rows"] if r.get("placement") and r["batch_size"] == 1]
     if placed:
-        out += ["## Node placement of GPU sessions (onnxruntime profile)", "",
+        out += ["## Engine details (node placement of GPU sessions, what `auto` chose and why, torch.compile mode)", "",
                 *[f"- {r['model']} {r['backend']}: {r['placement']}" for r in placed], ""]
     if results["skipped"]:
-        out += ["## Skipped backends", "", "| model | backend | reason |", "| --- | --- | --- |",
-                *[f"| {s['model']} | {s['backend']} | {s['reason']} |" for s in results["skipped"]], ""]
+        out += ["## Skipped backends", "", "| model | backend | batch | reason |", "| --- | --- | --- | --- |",
+                *[f"| {s['model']} | {s['backend']} | {s.get('batch_size', 'all')} | {s['reason']} |" for s in results["skipped"]], ""]
     out += [f"![{p}]({p})" for p in plots]
     return "\n".join(out) + "\n"
 

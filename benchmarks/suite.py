@@ -1,10 +1,14 @@
 """`run_benchmarks(config)`: every (model, backend) pair, single-stream and offline, in one run.
 
-Rows that cannot run are recorded as skipped with the reason. One backend is alive at a time: its
-session is released before the next is created, because idle onnxruntime sessions in one process
-keep their intra-op threads spinning and slow the session being timed (on a 2-core machine by
-nearly 2x; docs: "Benchmarks"). Spinning stays at onnxruntime's default, as users get it. A noisy measurement is repeated; one that stays noisy is kept, marked
-unstable and left out of the speed-up ratios. Ratios come only from rows of the same run.
+CPU backends of a model (PyTorch eager and torch.compile, onnxruntime, OpenVINO, and ferry's own
+`auto` choice) are measured side by side: all of them loaded, then timed in interleaved rounds
+(each round runs every backend in turn, in a rotating order, after a few untimed calls that let the
+previous backend's threads go quiet), so machine noise and drift hit all alike and every ratio
+comes from rounds of the same run. Rounds go on until every median and every ratio the report
+gives is known within +-3% (a ~95% interval over the rounds) or a time cap is reached: a
+sub-millisecond row is measured longer, not given up. GPU backends are measured one at a time
+afterwards. Rows that cannot run are recorded as skipped with the reason. onnxruntime's intra-op
+spinning stays at its default, as users get it.
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ import numpy as np
 
 from ferry.bench import backends as bk
 from ferry.bench import matrix
-from ferry.bench.harness import measure_stable
+from ferry.bench.harness import Rounds, Timing, measure_interleaved, measure_stable, median_ci
 from ferry.core.machine import machine_info
 
-RESULTS_SCHEMA = "ferry.bench/2"
+RESULTS_SCHEMA = "ferry.bench/3"
 
 
 @dataclass
@@ -36,13 +40,20 @@ class BenchConfig:
     batch_sizes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per model; default: the matrix's
     gpu_batch_sizes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per model, GPU backends (default: batch_sizes)
     checkpoint: str | None = None  # trained CNN for the PyTorch baseline (else random weights)
-    threads: int = 0  # intra-op threads for torch and onnxruntime (0: their defaults, read back)
-    min_seconds: float = 2.0  # per measurement
-    min_calls: int = 50  # per single-stream measurement (offline: 10)
-    max_seconds: float = 20.0  # stops a long measurement, never before its minimum number of calls
+    threads: int = 0  # intra-op threads for torch, onnxruntime and OpenVINO (0: their defaults, read back)
+    min_seconds: float = 2.0  # GPU rows: per measurement
+    min_calls: int = 50  # GPU rows: per single-stream measurement (offline: 10)
+    max_seconds: float = 20.0  # GPU rows: stops a long measurement, never before its minimum number of calls
     warmup: int = 5
-    retries: int = 2  # re-measurements of a noisy row before it is reported as unstable
+    retries: int = 2  # GPU rows: re-measurements of a noisy row before it is reported as unstable
     seed: int = 0
+    # interleaved CPU rounds
+    min_rounds: int = 8
+    round_seconds: float = 0.05  # each backend's timed share of a round (at least 3 calls)
+    target: float = 0.03  # a median or ratio is known when its ~95% interval is within +-3%
+    max_seconds_batch1: float = 90.0  # per model: the cap on the single-stream rounds
+    max_seconds_offline: float = 30.0  # per model and batch size
+    compile_all_batches: bool = not matrix.COMPILE_BATCH_ONE_ONLY
 
 
 def _inputs(shape: tuple[int, ...], batch: int, seed: int) -> np.ndarray:
@@ -51,10 +62,10 @@ def _inputs(shape: tuple[int, ...], batch: int, seed: int) -> np.ndarray:
 
 def prepare_backend(spec: matrix.BackendSpec, model: str, cfg: BenchConfig) -> bk.Prepared:
     threads = cfg.threads or None
-    if spec.engine == "torch":
+    if spec.engine in ("torch", "torch-compile"):
         return bk.prepare_torch(spec, model, cfg.checkpoint if model == "mnist-cnn" else None, threads=threads,
                                 models_dir=cfg.models_dir)
-    return bk.prepare_ort(spec, model, Path(cfg.models_dir), threads=threads)
+    return bk.prepare_runtime(spec, model, Path(cfg.models_dir), threads=threads)
 
 
 def bench_machine() -> dict[str, Any]:
@@ -65,32 +76,53 @@ def run_benchmarks(cfg: BenchConfig, *, progress: Callable[[str], None] = lambda
                    prepare: Callable[[matrix.BackendSpec, str, BenchConfig], bk.Prepared] = prepare_backend) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
+    rounds: dict[tuple[str, int], Rounds] = {}
     machine = bench_machine()
     plan = {m: tuple(cfg.batch_sizes.get(m) or matrix.batch_sizes(m, shape=matrix.input_shape(m, cfg.models_dir)))
             for m in cfg.models}
     for model in cfg.models:
         shape = matrix.input_shape(model, cfg.models_dir)
-        for name in cfg.backends:
-            spec = matrix.BACKENDS[name]
-            progress(f"{model} / {name}: loading")
+        specs = [matrix.BACKENDS[n] for n in cfg.backends]
+        cpu = [s for s in specs if s.device != "cuda"]
+        gpu = [s for s in specs if s.device == "cuda"]
+        prepared: dict[str, bk.Prepared] = {}
+        for spec in cpu:
+            progress(f"{model} / {spec.name}: loading")
             try:
-                prepared = prepare(spec, model, cfg)
+                prepared[spec.name] = prepare(spec, model, cfg)
             except bk.Unavailable as exc:
-                skipped.append({"model": model, "backend": name, "reason": str(exc)})
-                continue
-            batches = cfg.gpu_batch_sizes.get(model, plan[model]) if spec.device == "cuda" else plan[model]
+                skipped.append({"model": model, "backend": spec.name, "reason": str(exc)})
+        try:
+            if prepared:
+                group = _measure_interleaved(prepared, model, shape, plan[model], cfg, machine, progress, skipped)
+                rows += group["rows"]
+                rounds.update({(model, b): r for b, r in group["rounds"].items()})
+        finally:
+            for p in prepared.values():
+                p.close()
+            prepared.clear()
+            gc.collect()
+        for spec in gpu:  # one GPU backend alive at a time
+            progress(f"{model} / {spec.name}: loading")
             try:
-                rows.extend(_measure_backend(prepared, model, shape, batches, cfg, machine, progress))
+                one = prepare(spec, model, cfg)
+            except bk.Unavailable as exc:
+                skipped.append({"model": model, "backend": spec.name, "reason": str(exc)})
+                continue
+            try:
+                batches = cfg.gpu_batch_sizes.get(model, plan[model])
+                rows.extend(_measure_backend(one, model, shape, batches, cfg, machine, progress))
             finally:
-                del prepared  # one live session at a time (see the module docstring)
+                one.close()
+                del one
                 gc.collect()
     overhead = []
     if "ort-cpu-fp32" in cfg.backends:
         from ferry.bench.overhead import measure_overhead
 
-        progress("runtime overhead (Classifier end to end vs session.run)")
+        progress("runtime overhead (Classifier end to end vs the engine's own call)")
         overhead = [r for r in measure_overhead(cfg.models_dir, threads=cfg.threads or None) if r["model"] in cfg.models]
-    ratio_rows, left_out = ratios(rows)
+    ratio_rows, left_out = ratios(rows, rounds)
     return {
         "schema": RESULTS_SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -99,75 +131,162 @@ def run_benchmarks(cfg: BenchConfig, *, progress: Callable[[str], None] = lambda
                    "gpu_batch_sizes": {m: list(b) for m, b in cfg.gpu_batch_sizes.items()}},
         "notes": [
             "ResNet-50 and, without --checkpoint, the digit CNN use random weights: speed does not depend on them.",
-            "Inputs are fixed, seeded random tensors; preprocessing is not timed. Every backend takes a host "
-            "(numpy) batch and returns host logits: GPU rows include the copies in and out, for PyTorch and onnxruntime alike.",
-            f"Each measurement: {cfg.warmup} warm-up calls excluded, then at least {cfg.min_calls} calls (batch 1) "
-            f"or 10 calls (larger batches), and at least {cfg.min_seconds:g} s (at most {cfg.max_seconds:g} s once "
-            "the minimum number of calls is reached). Percentiles: numpy.",
-            "Stability: the medians of the last three of five windows must agree within 10%; a noisy row is measured "
-            f"up to {cfg.retries} more times, and if it stays noisy it is marked unstable and left out of the ratios.",
-            "One backend is alive at a time (its session is released before the next is made); onnxruntime's "
-            "intra-op spinning is left at its default.",
+            "Inputs are fixed, seeded random tensors; preprocessing is not timed (the runtime-overhead rows time it). "
+            "Every backend takes a host (numpy) batch and returns host logits: GPU rows include the copies in and out, "
+            "for PyTorch and onnxruntime alike.",
+            "CPU backends are measured side by side in interleaved rounds (each round runs every backend in turn, in a "
+            f"rotating order, after {2} untimed calls each); at least {cfg.min_rounds} rounds, until every median and ratio is "
+            f"known within +-{cfg.target:.0%} (a ~95% interval over the rounds) or the time cap "
+            f"({cfg.max_seconds_batch1:g} s at batch 1, {cfg.max_seconds_offline:g} s per larger batch) is reached. A row "
+            "whose median is not known within that is marked unstable; ratios give their interval either way.",
+            f"GPU backends are measured one at a time: {cfg.warmup} warm-up calls, then at least {cfg.min_calls} calls "
+            f"(batch 1) or 10 calls and {cfg.min_seconds:g} s; a noisy row is measured up to {cfg.retries} more times.",
+            "torch.compile (inductor) is compiled for single-stream (batch 1); each new batch size would compile "
+            "again" + (" (compiled for every batch size in this run)" if cfg.compile_all_batches else "") + ".",
         ],
         "rows": rows,
         "skipped": skipped,
         "ratios": ratio_rows,
         "ratios_left_out": left_out,
+        "checks": checks(rows, rounds, machine),
         "overhead": overhead,
     }
 
 
-def _measure_backend(prepared: bk.Prepared, model: str, shape: tuple[int, ...], batches: tuple[int, ...],
-                     cfg: BenchConfig, machine: dict[str, Any], progress: Callable[[str], None]) -> list[dict[str, Any]]:
+def _common(prepared: bk.Prepared, model: str, machine: dict[str, Any]) -> dict[str, Any]:
     spec = prepared.spec
-    t0 = time.perf_counter()
-    prepared.run(_inputs(shape, 1, cfg.seed))
-    prepared.sync()
-    first_ms = 1e3 * (time.perf_counter() - t0)
-    common = {
-        "model": model, "backend": spec.name, "engine": spec.engine, "precision": spec.precision,
+    return {
+        "model": model, "backend": spec.name, "engine": spec.engine, "precision": prepared.precision or spec.precision,
         "provider": prepared.provider_used, "device": prepared.device_name, "threads": prepared.threads,
-        "placement": prepared.detail, "session_load_s": prepared.load_seconds, "first_inference_ms": first_ms,
+        "placement": prepared.detail, "session_load_s": prepared.load_seconds, "first_inference_ms": prepared.first_ms,
         "cpu": machine["cpu"], "cpu_class": machine["cpu_class"], "cpu_flags": machine["cpu_flags"],
         "cpu_count": machine["logical_cpus"], "versions": machine["versions"],
     }
+
+
+def _row(common: dict[str, Any], batch: int, timing: Timing, **extra: Any) -> dict[str, Any]:
+    return {**common, "scenario": "single-stream" if batch == 1 else "offline", "batch_size": batch,
+            "calls": timing.calls, "seconds": timing.total_seconds, **timing.summary_ms(),
+            "throughput_ips": timing.throughput, "stable": timing.stable, "stability_spread": timing.stability_spread,
+            "attempts": timing.attempts, **extra}
+
+
+def _first_call(prepared: bk.Prepared, x: np.ndarray) -> None:
+    t0 = time.perf_counter()
+    prepared.run(x)
+    prepared.sync()
+    prepared.first_ms = 1e3 * (time.perf_counter() - t0)
+
+
+def _measure_interleaved(prepared: dict[str, bk.Prepared], model: str, shape: tuple[int, ...], batches: tuple[int, ...],
+                         cfg: BenchConfig, machine: dict[str, Any], progress: Callable[[str], None],
+                         skipped: list[dict[str, str]]) -> dict[str, Any]:
+    x1 = _inputs(shape, 1, cfg.seed)
+    for p in prepared.values():
+        _first_call(p, x1)
+    commons = {name: _common(p, model, machine) for name, p in prepared.items()}
+    out_rows, out_rounds = [], {}
+    for batch in batches:
+        group = {n: p for n, p in prepared.items()
+                 if batch == 1 or cfg.compile_all_batches or p.spec.engine != "torch-compile"}
+        for n in set(prepared) - set(group):
+            skipped.append({"model": model, "backend": n, "batch_size": batch,
+                            "reason": f"torch.compile is compiled for batch 1 only (batch {batch} would compile again)"})
+        progress(f"{model}: batch {batch}, {len(group)} backends in interleaved rounds")
+        x = x1 if batch == 1 else _inputs(shape, batch, cfg.seed + batch)
+        pairs = [(slow, fast) for fast, slow, _ in matrix.RATIO_PAIRS if fast in group and slow in group] if batch == 1 else []
+        result = measure_interleaved(
+            {n: (lambda p=p: p.run(x)) for n, p in group.items()}, batch_size=batch, warmup=cfg.warmup,
+            round_seconds=cfg.round_seconds, min_round_calls=3 if batch == 1 else 1,
+            min_rounds=cfg.min_rounds if batch == 1 else max(3, cfg.min_rounds // 2), target=cfg.target, pairs=pairs,
+            max_seconds=cfg.max_seconds_batch1 if batch == 1 else cfg.max_seconds_offline)
+        out_rounds[batch] = result
+        promised = (cfg.min_rounds * 3) if batch == 1 else max(3, cfg.min_rounds // 2)
+        for n in group:
+            out_rows.append(_row(commons[n], batch, result.timing(n, cfg.target), rounds=result.rounds, min_calls=promised,
+                                 round_medians_ms=[round(1e3 * m, 5) for m in result.round_medians[n]]))
+    return {"rows": out_rows, "rounds": out_rounds}
+
+
+def _measure_backend(prepared: bk.Prepared, model: str, shape: tuple[int, ...], batches: tuple[int, ...],
+                     cfg: BenchConfig, machine: dict[str, Any], progress: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One backend alone (the GPU ones): measure_stable per batch size."""
+    _first_call(prepared, _inputs(shape, 1, cfg.seed))
+    common = _common(prepared, model, machine)
     rows = []
     for batch in batches:
-        progress(f"{model} / {spec.name}: batch {batch}")
+        progress(f"{model} / {prepared.spec.name}: batch {batch}")
         x = _inputs(shape, batch, cfg.seed + batch)
         timing = measure_stable(lambda: prepared.run(x), retries=cfg.retries, batch_size=batch, warmup=cfg.warmup,
                                 min_calls=cfg.min_calls if batch == 1 else 10, min_seconds=cfg.min_seconds,
                                 max_seconds=cfg.max_seconds, sync=prepared.sync)
-        rows.append({**common, "scenario": "single-stream" if batch == 1 else "offline", "batch_size": batch,
-                     "calls": timing.calls, "seconds": timing.total_seconds, **timing.summary_ms(),
-                     "throughput_ips": timing.throughput, "stable": timing.stable,
-                     "stability_spread": timing.stability_spread, "attempts": timing.attempts})
+        rows.append(_row(common, batch, timing, min_calls=cfg.min_calls if batch == 1 else 10))
     return rows
 
 
-def _row(rows: list[dict], model: str, backend: str, batch: int) -> dict | None:
+def _find(rows: list[dict], model: str, backend: str, batch: int) -> dict | None:
     return next((r for r in rows if r["model"] == model and r["backend"] == backend and r["batch_size"] == batch), None)
 
 
-def ratios(rows: list[dict]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Speed-ups from stable rows of this run: p50 latency at batch 1, and peak throughput over the
-    stable rows. Returns (ratios, comparisons left out because a row they need was unstable)."""
+def ratios(rows: list[dict], rounds: dict[tuple[str, int], Rounds] | None = None
+           ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Speed-ups from rows of this run: at batch 1, from the interleaved rounds where both backends
+    ran (the median of the per-round ratios and its ~95% interval), else from the two rows' p50
+    (the GPU rows, measured apart; both must be stable); and peak throughput over the stable rows.
+    Returns (ratios, comparisons left out and why)."""
+    rounds = rounds or {}
     out, left_out = [], []
     for model in sorted({r["model"] for r in rows}):
         for fast, slow, label in matrix.RATIO_PAIRS:
-            a, b = _row(rows, model, fast, 1), _row(rows, model, slow, 1)
+            a, b = _find(rows, model, fast, 1), _find(rows, model, slow, 1)
             if not (a and b):
                 continue
-            noisy = [r["backend"] for r in (a, b) if not r["stable"]]
-            if noisy:
-                left_out.append({"model": model, "comparison": label,
-                                 "reason": f"batch-1 row of {', '.join(noisy)} unstable"})
-                continue
+            group = rounds.get((model, 1))
+            if group is not None and fast in group.round_medians and slow in group.round_medians:
+                speedup, lo, hi = group.ratio(slow, fast)
+                how = f"{group.rounds} interleaved rounds"
+            else:
+                noisy = [r["backend"] for r in (a, b) if not r["stable"]]
+                if noisy:
+                    left_out.append({"model": model, "comparison": label, "reason": f"batch-1 row of {', '.join(noisy)} unstable"})
+                    continue
+                speedup, lo, hi = b["p50_ms"] / a["p50_ms"], float("nan"), float("nan")
+                how = "p50 of two rows measured apart"
             peaks = {}
             for backend in (fast, slow):
                 stable = [r["throughput_ips"] for r in rows if r["model"] == model and r["backend"] == backend and r["stable"]]
-                peaks[backend] = max(stable)
-            out.append({"model": model, "comparison": label, "fast": fast, "slow": slow,
-                        "batch1_p50_speedup": b["p50_ms"] / a["p50_ms"],
-                        "peak_throughput_speedup": peaks[fast] / peaks[slow]})
+                peaks[backend] = max(stable) if stable else float("nan")
+            out.append({"model": model, "comparison": label, "fast": fast, "slow": slow, "batch1_p50_speedup": speedup,
+                        "batch1_ci": [lo, hi], "from": how, "peak_throughput_speedup": peaks[fast] / peaks[slow]})
     return out, left_out
+
+
+def checks(rows: list[dict], rounds: dict[tuple[str, int], Rounds], machine: dict[str, Any]) -> list[dict[str, Any]]:
+    """matrix.CHECKS for this CPU's class, at batch 1, from the interleaved rounds: the subject's
+    latency over the fastest of the others, round by round (median and ~95% interval). Met: the whole
+    interval is within the factor; met within noise: the median is and the interval crosses it; not
+    met: the median is beyond it."""
+    has_bf16 = any(f in machine.get("cpu_flags", []) for f in ("avx512_bf16", "amx_bf16"))
+    out = []
+    for model in sorted({r["model"] for r in rows}):
+        group = rounds.get((model, 1))
+        for c in matrix.CHECKS:
+            applies = c.cpu_classes == "all" or (c.cpu_classes == "bf16") == has_bf16
+            if not applies:
+                out.append({"model": model, "check": c.name, "verdict": "not measured",
+                            "why": f"applies to CPUs {'with' if c.cpu_classes == 'bf16' else 'without'} bf16; this is {machine.get('cpu_class')}"})
+                continue
+            against = [a for a in c.against if group is not None and a in group.round_medians]
+            if group is None or c.subject not in group.round_medians or not against:
+                missing = [n for n in (c.subject, *c.against) if group is None or n not in group.round_medians]
+                out.append({"model": model, "check": c.name, "verdict": "not measured",
+                            "why": f"not in this run: {', '.join(missing)}"})
+                continue
+            value, lo, hi = group.ratio(c.subject, against)
+            verdict = "met" if hi <= c.factor else ("met within noise" if value <= c.factor else "not met")
+            out.append({"model": model, "check": c.name, "verdict": verdict, "ratio": value, "ci": [lo, hi],
+                        "factor": c.factor, "against": against, "rounds": group.rounds})
+    return out
+
+
+__all__ = ["BenchConfig", "checks", "median_ci", "prepare_backend", "ratios", "run_benchmarks"]

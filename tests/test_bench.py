@@ -9,7 +9,7 @@ import pytest
 
 from ferry.bench import backends as bk
 from ferry.bench import matrix
-from ferry.bench.harness import measure, measure_stable, percentile, stability
+from ferry.bench.harness import measure, measure_interleaved, measure_stable, median_ci, percentile, stability
 from ferry.bench.report import validate_results, write_all
 from ferry.bench.suite import BenchConfig, run_benchmarks
 
@@ -78,6 +78,50 @@ def test_a_noisy_measurement_is_repeated_then_reported_unstable():
     assert not t.stable and t.attempts == 3
 
 
+def test_interleaved_rounds_cancel_drift_and_stop_when_known():
+    """Two backends, A twice as slow as B, on a machine that slows down 3x halfway (another job
+    starts): per-round ratios still say 2.0, and the rounds stop once it is known within +-3%."""
+    clock = FakeClock([0.0])
+    state = {"calls": 0}
+
+    def call(base):
+        def run():
+            state["calls"] += 1
+            slow = 3.0 if state["calls"] > 400 else 1.0
+            clock.now += base * slow * (1.0 + 0.01 * ((state["calls"] * 7919) % 5))  # +-2% jitter
+        return run
+
+    r = measure_interleaved({"a": call(0.002), "b": call(0.001)}, batch_size=1, warmup=2, round_seconds=0.01,
+                            min_rounds=8, max_seconds=1e9, pairs=[("a", "b")], clock=clock)
+    ratio, lo, hi = r.ratio("a", "b")
+    assert ratio == pytest.approx(2.0, rel=0.03) and lo <= ratio <= hi and (hi - lo) / 2 / ratio <= 0.03
+    assert 8 <= r.rounds < 1000
+    # the raw medians mix the slow and fast halves: only the paired ratio is clean
+    assert median_ci([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])[0] == 4.0
+    assert r.timing("a", 0.03).calls == len(r.latencies["a"]) >= 24
+
+
+def test_checks_give_a_verdict_per_cpu_class():
+    from ferry.bench.harness import Rounds
+    from ferry.bench.suite import checks
+
+    def rounds(**medians):
+        return Rounds({k: tuple(v) for k, v in medians.items()}, {k: tuple(v) for k, v in medians.items()}, 1, 1.0)
+
+    group = rounds(**{"ferry-auto-fp32": [1.0] * 10, "ort-cpu-fp32": [1.0 + 0.001 * i for i in range(10)],
+                      "ov-cpu-f32": [1.2] * 10, "ferry-auto-int8": [0.5] * 10, "ov-cpu-int8": [0.45] * 10,
+                      "torch-eager-cpu": [2.0] * 10})
+    avx2 = {r["check"]: r for r in checks([{"model": "m"}], {("m", 1): group}, {"cpu_flags": ["avx2"], "cpu_class": "avx2"})}
+    first = avx2["ferry auto is no slower than the faster of onnxruntime and OpenVINO (fp32 file)"]
+    assert first["verdict"] in ("met", "met within noise") and first["against"] == ["ort-cpu-fp32", "ov-cpu-f32"]
+    int8 = avx2["ferry's int8 is no slower than 1.05x OpenVINO's int8"]
+    assert int8["verdict"] == "not met" and int8["ratio"] == pytest.approx(0.5 / 0.45)
+    assert avx2["ferry auto is at least 3x faster than PyTorch eager (fp32 file)"]["verdict"] == "not measured"
+    bf16 = {r["check"]: r for r in checks([{"model": "m"}], {("m", 1): group}, {"cpu_flags": ["avx512_bf16"], "cpu_class": "x"})}
+    assert bf16["ferry auto is at least 3x faster than PyTorch eager (fp32 file)"]["verdict"] == "not met"  # only 2x
+    assert bf16["ferry auto is no slower than 1.05x the fastest OpenVINO configuration (fp32 file)"]["verdict"] == "met"
+
+
 def test_stability_check():
     assert stability([1.0] * 50) == (True, 0.0)
     drifting = [1.0] * 30 + [1.5] * 10 + [2.0] * 10
@@ -96,21 +140,30 @@ def fake_prepare(spec, model, cfg):
 
 def test_suite_records_skips_and_valid_schema(tmp_path):
     cfg = BenchConfig(models_dir=str(tmp_path / "no-models"), models=("mnist-cnn",), batch_sizes={"mnist-cnn": (1, 8)},
-                      min_seconds=0.01, min_calls=10, warmup=1)
+                      min_seconds=0.01, min_calls=10, warmup=1, round_seconds=0.002, max_seconds_batch1=3,
+                      max_seconds_offline=2)
     results = run_benchmarks(cfg, prepare=fake_prepare)
     assert results["overhead"] == []  # no model files: nothing measured, nothing invented
     validate_results(results)
-    cpu = [b.name for b in matrix.ALL_BACKENDS if b.device == "cpu"]
-    assert sorted({r["backend"] for r in results["rows"]}) == sorted(cpu)
-    assert {s["backend"] for s in results["skipped"]} == {b.name for b in matrix.ALL_BACKENDS if b.device == "cuda"}
-    assert all(s["reason"] == "no CUDA device on this test machine" for s in results["skipped"])
+    cpu = [b.name for b in matrix.ALL_BACKENDS if b.device != "cuda"]
+    assert sorted({r["backend"] for r in results["rows"] if r["batch_size"] == 1}) == sorted(cpu)
+    # torch.compile is compiled for batch 1 only: its batch-8 row is skipped, with the reason
+    assert sorted({r["backend"] for r in results["rows"] if r["batch_size"] == 8}) == sorted(set(cpu) - {"torch-compile-cpu"})
+    gpu = {b.name for b in matrix.ALL_BACKENDS if b.device == "cuda"}
+    assert {s["backend"] for s in results["skipped"]} == gpu | {"torch-compile-cpu"}
+    assert all(s["reason"] == "no CUDA device on this test machine" for s in results["skipped"] if s["backend"] in gpu)
     assert all(r["scenario"] == ("single-stream" if r["batch_size"] == 1 else "offline") for r in results["rows"])
-    assert {q["comparison"] for q in results["ratios"]} >= {"onnxruntime fp32 vs PyTorch eager (CPU)"}
+    # every CPU ratio comes from the interleaved rounds of this run, with its interval
+    by_label = {q["comparison"]: q for q in results["ratios"]}
+    q = by_label["onnxruntime fp32 vs PyTorch eager (CPU)"]
+    assert "interleaved rounds" in q["from"] and q["batch1_ci"][0] <= q["batch1_p50_speedup"] <= q["batch1_ci"][1]
+    assert all(r["rounds"] >= cfg.min_rounds for r in results["rows"] if r["batch_size"] == 1)
+    assert {c["verdict"] for c in results["checks"]} <= {"met", "met within noise", "not met", "not measured"}
 
     paths = write_all(results, tmp_path)
-    assert json.loads(paths["json"].read_text())["schema"] == "ferry.bench/2"
-    assert all(r["threads"] == 2 and r["cpu_class"] and r["calls"] >= 10
-               for r in results["rows"])
+    assert json.loads(paths["json"].read_text())["schema"] == "ferry.bench/3"
+    assert all(r["threads"] == 2 and r["cpu_class"] and r["calls"] >= r["min_calls"] for r in results["rows"])
+    assert "## Checks" in paths["report"].read_text()
     report = paths["report"].read_text()
     assert "## Skipped backends" in report and "no CUDA device" in report
     assert (tmp_path / "mnist-cnn.png").read_bytes()[:4] == b"\x89PNG"
