@@ -9,7 +9,11 @@
      CPU under --provider cuda is an error);
   4. benchmark PyTorch eager CUDA, onnxruntime CUDA fp32/fp16 and TensorRT (reported unavailable,
      with the reason, when its libraries are missing) over batch sizes up to where the GPU
-     saturates, and the machine's own CPU with onnxruntime fp32/int8, all in one run.
+     saturates, and the machine's own CPU engines, all in one run;
+  5. tune: onnxruntime's CUDA options measured one at a time and together (fp16 I/O, prefer_nhwc,
+     cuDNN search and workspace, device-resident IO binding, pinned buffers, CUDA graphs), against
+     PyTorch at its best (fp16, channels_last, cudnn.benchmark, torch.compile max-autotune and
+     reduce-overhead) at the same precision and batch (ferry.bench.gpu_tuning).
 
 Everything lands in --out: summary.json, train/ (metrics, curves), bench/ (results.json,
 report.md, plots). A backend that cannot run is reported as skipped, never replaced by the CPU.
@@ -147,13 +151,25 @@ def _run(argv: list[str] | None) -> int:
 
     # 4. benchmark
     plan_cpu, plan_gpu = ("quick", "quick") if args.dry_run else ("default", "gpu")
-    bcfg = BenchConfig(models_dir=str(models), checkpoint=str(ckpt),
+    # the dry run checks the script, not every CPU engine (torch.compile alone would take half a minute)
+    backends = ("torch-eager-cpu", "ort-cpu-fp32", "ort-cpu-int8", *[b.name for b in matrix.ALL_BACKENDS if b.device == "cuda"]) \
+        if args.dry_run else tuple(matrix.BACKENDS)
+    bcfg = BenchConfig(models_dir=str(models), checkpoint=str(ckpt), backends=backends,
                        batch_sizes={m: matrix.batch_sizes(m, plan_cpu) for m in matrix.DEFAULT_MODELS},
                        gpu_batch_sizes={m: matrix.batch_sizes(m, plan_gpu) for m in matrix.DEFAULT_MODELS},
                        min_seconds=0.2 if args.dry_run else 1.0, min_calls=10 if args.dry_run else 100,
-                       max_seconds=2.0 if args.dry_run else 6.0, retries=0 if args.dry_run else 1)
+                       max_seconds=2.0 if args.dry_run else 6.0, retries=0 if args.dry_run else 1,
+                       min_rounds=3 if args.dry_run else 8, round_seconds=0.01 if args.dry_run else 0.05,
+                       max_seconds_batch1=3.0 if args.dry_run else 60.0, max_seconds_offline=2.0 if args.dry_run else 20.0)
     results = run_benchmarks(bcfg, progress=_log)
     write_all(results, out / "bench")
+
+    # 5. tuning: onnxruntime's CUDA options one at a time and together, against PyTorch at its best
+    from ferry.bench.gpu_tuning import run as tune
+
+    # (the dry run checks every path on the small model)
+    tuned = tune(models, out / "tuning", model="mnist-cnn" if args.dry_run else "resnet50", dry_run=args.dry_run, log=_log)
+    summary["tuning_best"] = tuned["best"]
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
     _save(summary, out)
     print(table(results))

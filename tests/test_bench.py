@@ -255,6 +255,12 @@ def test_gpu_script_dry_run(mnist_dir, tmp_path):
         assert summary["gpu"] is None
         assert {s["backend"] for s in results["skipped"]} >= {"torch-eager-cuda", "ort-cuda-fp32"}
         assert all(r["provider"] in ("cpu", "CPUExecutionProvider") for r in results["rows"])
+        # the tuning step ran every onnxruntime I/O path on the CPU provider (never as a GPU figure)
+        tuning = json.loads((out / "tuning" / "gpu_tuning.json").read_text())
+        configs = {r["config"] for r in tuning["rows"]}
+        assert "inputs and outputs on the device" in configs and "fp16 inputs and outputs end to end" in configs
+        assert all(r["provider"] == "CPUExecutionProvider" for r in tuning["rows"]) and tuning["best"] == []
+        assert any(s["engine"] == "torch" and "no CUDA" in s["reason"] for s in tuning["skipped"])
 
 
 def test_gpu_script_bad_data_dir_is_a_clear_error(tmp_path, capsys):
