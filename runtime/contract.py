@@ -161,12 +161,13 @@ def new_metadata(*, model: str, labels: list[str], preprocess: Preprocess, **kwa
     """The metadata of a freshly exported classifier: input `input` (batch, C, H, W) float32 and
     output `logits` (batch, classes), checked like a file's. `kwargs`: the other typed fields,
     plus informational objects (validation, exported, source, ...) that go into `info`."""
+    input_name, output_name = kwargs.pop("input_name", "input"), kwargs.pop("output_name", "logits")
     typed = {f.name for f in dataclasses.fields(ModelMetadata)}
     info = {k: kwargs.pop(k) for k in list(kwargs) if k not in typed}
     meta = ModelMetadata(
         model=model, labels=tuple(labels), preprocess=preprocess,
-        input=TensorSpec(kwargs.pop("input_name", "input"), ("batch", *preprocess.input_shape)),
-        output=TensorSpec(kwargs.pop("output_name", "logits"), ("batch", len(labels)), kind="logits"),
+        input=TensorSpec(input_name, ("batch", *preprocess.input_shape)),
+        output=TensorSpec(output_name, ("batch", len(labels)), kind="logits"),
         info={**dict(kwargs.pop("info", {})), **info}, **kwargs)
     return validate(meta.to_dict(), "the exported model")
 

@@ -181,3 +181,16 @@ def test_not_an_onnx_file(tmp_path):
         contract.read(path)
     with pytest.raises(FerryError, match="model not found"):
         contract.read(tmp_path / "missing.onnx")
+
+
+def test_an_export_writes_the_schema_and_nothing_stray(cnn_export):
+    """Every top-level key of an exported model's metadata is a field of the schema or one of its
+    known informational objects (a stray key is a contract the readers do not know)."""
+    import dataclasses
+
+    raw = json.loads(contract.read_props(cnn_export[0])[contract.METADATA_KEY])
+    typed = {f.name for f in dataclasses.fields(contract.ModelMetadata)} - {"info"}
+    known = typed | set(contract.INFO_OBJECTS) | set(contract.INFO_STRINGS)
+    assert set(raw) <= known, set(raw) - known
+    assert raw["format_version"] == contract.FORMAT_VERSION and raw["task"] == "classify"
+    assert {"validation", "validated_on", "exported", "precision_checks"} <= set(raw)
