@@ -240,8 +240,9 @@ class FerryApp:
         model = _predict_model(path)
         try:
             if self._key is not None and path not in OPEN_PATHS and not self._authorized(key, auth):
+                self.throttle.note("401", "401 missing or wrong API key", request_id)  # a flood stays a few lines
                 await self._send_error(tx, request_id, 401, "missing or wrong API key (send Authorization: Bearer KEY "
-                                       "or X-API-Key: KEY)", [(b"www-authenticate", b"Bearer")])
+                                       "or X-API-Key: KEY)", [(b"www-authenticate", b"Bearer")], log=False)
             elif state.draining and (model is not None or path == "/v1/admin/reload"):
                 await self._send_error(tx, request_id, 503, "the server is stopping: retry on another instance",
                                        [(b"retry-after", self._drain_retry)], log=False)

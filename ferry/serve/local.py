@@ -169,14 +169,14 @@ class _Lifecycle:
 
     async def startup(self, app) -> None:
         self.app = app
-        if supervised := self.supervisor_pid is not None:
+        if self.supervisor_pid is not None:
             app.state.reload = self.reload_everywhere
         if threading.current_thread() is not threading.main_thread():
             return  # not a server process of ours (an in-process test client): no signals
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.on_stop, sig, signal.getsignal(sig))
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload_here("SIGHUP", quiet=supervised)))
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload_here("SIGHUP")))
 
     def on_stop(self, sig: int, uvicorn_handler) -> None:
         state = self.app.state
@@ -203,7 +203,7 @@ class _Lifecycle:
         else:  # pragma: no cover - not under uvicorn's signal handling
             signal.raise_signal(sig)
 
-    async def reload_here(self, why: str, quiet: bool = False):
+    async def reload_here(self, why: str):
         state = self.app.state
         state.reloading += 1
         try:
@@ -218,7 +218,7 @@ class _Lifecycle:
             from ferry.serve.app import LOG
 
             LOG.warning("%s: %s", why, result.error)
-        elif not quiet or why != "SIGHUP":
+        else:
             self.log(f"ferry serve [{os.getpid()}]: {why}: reloaded "
                      + ", ".join(f"{m['name']} ({m['load_seconds']:.2f} s)" for m in result.models))
         return result
@@ -256,8 +256,17 @@ def build_app(opts: ServeOptions, *, log=say):
                       on_shutdown=shutdown)
 
 
+def configure_logging() -> None:
+    """One line per record with its time; ferry.serve at INFO (reloads), everything else at WARNING."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("ferry.serve").setLevel(logging.INFO)
+
+
 def app_from_env():
     """uvicorn's factory in each worker process of `--workers N`."""
+    configure_logging()
     opts = ServeOptions(**json.loads(os.environ[CONFIG_ENV]))
     resolve_api_key(opts)
     return build_app(opts)
@@ -294,14 +303,12 @@ def _supervisor(multiprocess_dir: str):
 
 
 def serve_local(opts: ServeOptions, *, log=say) -> int:
-    import logging
-
     import uvicorn
 
     from ferry.serve.metrics import MULTIPROC_ENV
 
     check_options(opts)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging()
     _, grace = drain_windows(opts.drain_timeout_s)
     common = dict(host=opts.host, port=opts.port, log_level="warning", access_log=False, lifespan="on",
                   timeout_graceful_shutdown=max(1, math.ceil(grace)))
