@@ -17,7 +17,7 @@ FASHION_DIR ?= data/fashion
 FASHION_IDX ?= /usr/share/datasets/fashion-mnist
 
 .PHONY: help demo train export predict fidelity bench test docs clean fidelity-full train-avx2 int8-portability \
-	finetune bench-batch bench-serve
+	finetune bench-batch bench-serve bench-overload
 
 help:
 	@echo "make demo  [DATA_DIR=data]  train, export both models, predict samples, canvas fidelity, benchmark"
@@ -25,6 +25,7 @@ help:
 	@echo "make bench [BENCH_OUT=...]  only the CPU/GPU benchmark of the models in $(MODELS)/"
 	@echo "make docs                   the documentation site (mkdocs build --strict) into build/site/"
 	@echo "more figures of the docs (after make demo): fidelity-full train-avx2 int8-portability finetune bench-batch bench-serve"
+	@echo "                                            bench-overload"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -86,6 +87,11 @@ bench-batch: $(STAMP)
 
 bench-serve: $(STAMP)
 	$(BIN)/python -m ferry.bench.loadtest --models-dir $(MODELS) --out $(RUNS)/serve-bench
+
+# the serving page's overload figures (60 s at 4x the peak concurrency) and its speed bar (vs the minimal server)
+bench-overload: $(STAMP)
+	$(BIN)/python -m ferry.bench.loadtest --overload --models mnist-cnn --models-dir $(MODELS) --out $(RUNS)/serve-overload
+	$(BIN)/python -m ferry.bench.loadtest --speed-bar --models mnist-cnn resnet50 --models-dir $(MODELS) --out $(RUNS)/serve-speed
 
 test: $(STAMP)
 	FERRY_MNIST_DIR=$(DATA_DIR) $(BIN)/python -m pytest -q

@@ -17,6 +17,10 @@ class ImageError(FerryError):
     """An input image that cannot be used."""
 
 
+class ImageTooLarge(ImageError):
+    """An image whose pixel count is over the decompression-bomb limit (`max_pixels()`)."""
+
+
 def check_image(img: Image.Image, name: str = "image") -> Image.Image:
     if getattr(img, "n_frames", 1) > 1:
         raise ImageError(f"{name}: animated image with {img.n_frames} frames; pass a single still image")
@@ -39,7 +43,7 @@ def check_size(img: Image.Image, name: str) -> None:
     checked here instead, the same way in every thread."""
     w, h = img.size
     if w * h > max_pixels():
-        raise ImageError(f"{name}: too large to decode safely ({w}x{h} = {w * h:,} pixels; the limit is {max_pixels():,})")
+        raise ImageTooLarge(f"{name}: too large to decode safely ({w}x{h} = {w * h:,} pixels; the limit is {max_pixels():,})")
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -73,7 +77,7 @@ def _decode(source: Path | io.BytesIO, name: str) -> Image.Image:
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"{name}: too large to decode safely ({exc})") from exc
+        raise ImageTooLarge(f"{name}: too large to decode safely ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise ImageError(f"{name}: not an image Pillow can read") from exc
     except OSError as exc:

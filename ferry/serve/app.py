@@ -1,24 +1,40 @@
-"""The HTTP API: one Starlette app, the same on both hosts (one uvicorn process, or Ray Serve
-replicas), over a `Backend` that does the inference.
+"""The HTTP API: one ASGI app, the same on both hosts (one uvicorn process or N worker processes,
+or Ray Serve replicas), over a `Backend` that does the inference (backend.py).
 
-  GET  /healthz                        liveness
-  GET  /readyz                         readiness: every model loaded and answering
+  GET  /healthz                        liveness (no API key)
+  GET  /readyz                         readiness: every model loaded and warmed; 503 while draining (no API key)
+  GET  /metrics                        Prometheus metrics (metrics.py)
+  GET  /openapi.json, /docs            the OpenAPI 3 description and its page (openapi.py)
   GET  /v1/models                      the models and their metadata (labels, preprocessing, precision)
   GET  /v1/stats                       requests, batches and mean batch size per model
   POST /v1/models/<name>/predict       an image as the raw body or a multipart field; ?top_k=K
+  POST /v1/admin/reload                load the model files again (as SIGHUP does)
 
-A prediction is {"model", "index", "label", "probability", "top_k": [...], "provider", "latency_ms"}.
-Bad input is a 4xx with {"error": "<one line>"}, logged as one line, never a traceback; the server
-keeps serving. With an API key every request needs `Authorization: Bearer KEY` (or `X-API-Key`).
-No endpoint reads or writes server files.
+A prediction is {"model", "index", "label", "probability", "top_k": [...], "provider", "latency_ms",
+"request_id"}. An error is {"error": "<one line>", "request_id"}; 4xx are logged as one line, 5xx
+with their traceback, both with the request id, which every answer carries (`X-Request-ID`,
+echoed when the client sends a valid one).
+
+Admission control: at most `max_queue` prediction requests per model are admitted at once (reading,
+decoding, queued or computing); one more gets 503 with Retry-After at once, before its body is
+read. An admitted request not answered within `timeout_s` of its arrival gets 504 and its work is
+dropped. A body whose Content-Length is over the limit gets 413 before any of it is read; the rest
+of any body the handler did not read is read and thrown away (bounded in time) before the answer,
+so a client still sending gets the answer rather than a reset connection.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import hmac
 import logging
+import math
+import os
+import re
+import sys
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,125 +44,440 @@ from ferry.core.errors import FerryError
 LOG = logging.getLogger("ferry.serve")
 DEFAULT_MAX_BODY_MB = 16.0
 MAX_TOP_K = 100
+RETRY_AFTER_S = 1
+DRAIN_BODY_S = 5.0  # how long an unread request body is read and discarded before an early answer
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+PREDICT_PATH = "/v1/models/{name}/predict"
+STATIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/v1/models", "/v1/stats",
+                          "/v1/admin/reload"})
+_VALID_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+_TOP_K = re.compile(r"[0-9]{1,6}")
 
 
-def _describe(clf) -> dict[str, Any]:
+@dataclass
+class AppConfig:
+    """What the app enforces, per process (or per Ray Serve replica)."""
+
+    api_key: str | None = None  # required on every endpoint but the probes when set
+    max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20)  # larger bodies get 413 before they are read
+    max_queue: int = 16  # prediction requests admitted at once per model; one more gets 503
+    timeout_s: float = 10.0  # an admitted prediction not answered within this many seconds gets 504
+    request_id_header: bool = True  # False behind Ray Serve, whose proxy returns X-Request-ID itself
+    drain_timeout_s: float = 15.0  # while draining, a 503's Retry-After: by then this server has exited
+
+
+class ServerState:
+    """What the host and the app share: readiness, draining, the admitted prediction requests."""
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.draining = False
+        self.pending: dict[str, int] = {}  # model -> admitted prediction requests
+        self.reloading = 0
+        self.reload: Callable[[], Awaitable[Any]] | None = None  # the host's reload (all processes / replicas)
+
+    @property
+    def busy(self) -> int:
+        """Admitted requests not yet answered: what a drain waits for."""
+        return sum(self.pending.values()) + self.reloading
+
+
+class _Throttle:
+    """A log line for a repeated event (503, 504) at most every `every` seconds, with the count."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self.counts: dict[str, int] = {}
+        self.last: dict[str, float] = {}
+
+    def note(self, key: str, message: str, request_id: str) -> None:
+        n = self.counts[key] = self.counts.get(key, 0) + 1
+        now = time.monotonic()
+        if now - self.last.get(key, -1e9) >= self.every:
+            LOG.warning("%s: %d request(s) since the last such line (last request %s)", message, n, request_id)
+            self.counts[key], self.last[key] = 0, now
+
+
+def request_id_of(value: bytes | None) -> str:
+    """The client's X-Request-ID when it is a safe token (it goes into log lines), else a new one."""
+    if value is not None and _VALID_ID.fullmatch(value):
+        return value.decode()
+    return os.urandom(8).hex()
+
+
+def parse_top_k(values: list[str]) -> int:
+    """The `top_k` query parameter, typed: ASCII digits 1..MAX_TOP_K, given at most once."""
+    if not values:
+        return 1
+    raw = values[-1]
+    if len(values) > 1 or not _TOP_K.fullmatch(raw) or not 1 <= int(raw) <= MAX_TOP_K:
+        shown = raw if len(raw) <= 20 else raw[:20] + "..."
+        raise FerryError(f"query parameter top_k must be an integer from 1 to {MAX_TOP_K}, given once "
+                         f"(got {shown!r}{f' and {len(values) - 1} more' if len(values) > 1 else ''})")
+    return int(raw)
+
+
+def _describe(name: str, clf, load_seconds: float | None) -> dict[str, Any]:
     m = clf.metadata
-    return {"model": m.model, "task": m.task, "precision": m.precision, "labels": list(m.labels),
-            "preprocess": m.preprocess.to_dict(), "input": m.input.to_dict(), "output": m.output.to_dict(),
-            "weights": m.weights, "untrained": m.untrained, "format_version": m.format_version,
-            "provider": clf.provider.used}
+    d = {"name": name, "model": m.model, "task": m.task, "precision": m.precision, "labels": list(m.labels),
+         "preprocess": m.preprocess.to_dict(), "input": m.input.to_dict(), "output": m.output.to_dict(),
+         "weights": m.weights, "untrained": m.untrained, "format_version": m.format_version,
+         "provider": clf.provider.used, "threads": clf.provider.threads}
+    if load_seconds is not None:
+        d["load_seconds"] = round(load_seconds, 4)
+    return d
 
 
-def create_app(backend, *, api_key: str | None = None, max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20),
-               on_shutdown=None):
+def _path_template(path: str) -> str:
+    if path in STATIC_PATHS:
+        return path
+    if path.startswith("/v1/models/") and path.endswith("/predict"):
+        return PREDICT_PATH
+    return "other"
+
+
+def _predict_model(path: str) -> str | None:
+    """The {name} of a prediction path, or None for any other path."""
+    if path.startswith("/v1/models/") and path.endswith("/predict"):
+        return path[len("/v1/models/"):-len("/predict")]
+    return None
+
+
+if sys.version_info >= (3, 11):
+    async def _within(deadline: float, coro):
+        async with asyncio.timeout_at(deadline):
+            return await coro
+else:  # pragma: no cover - Python 3.10
+    async def _within(deadline: float, coro):
+        return await asyncio.wait_for(coro, max(0.0, deadline - asyncio.get_running_loop().time()))
+
+
+class FerryApp:
+    """The ASGI app: request ids, the API key, draining, metrics and error handling around the
+    Starlette routes (`self.routes`); the hosts read `state`, `backend`, `metrics`."""
+
+    def __init__(self, routes_app, backend, config: AppConfig, state: ServerState, metrics) -> None:
+        self.routes, self.backend, self.config, self.state, self.metrics = routes_app, backend, config, state, metrics
+        self._key = config.api_key.encode() if config.api_key else None
+        self._drain_retry = str(max(1, math.ceil(config.drain_timeout_s))).encode()
+        self.throttle = _Throttle()
+
+    def _authorized(self, key: bytes | None, auth: bytes | None) -> bool:
+        if key is not None and hmac.compare_digest(key, self._key):
+            return True
+        if auth is not None and auth[:7].lower() == b"bearer " and hmac.compare_digest(auth[7:].strip(), self._key):
+            return True
+        return False
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":  # lifespan
+            await self.routes(scope, receive, send)
+            return
+        t0 = time.monotonic()
+        rid = auth = key = None
+        has_body = expect = False
+        for hname, value in scope["headers"]:
+            if hname == b"x-request-id":
+                rid = value
+            elif hname == b"authorization":
+                auth = value
+            elif hname == b"x-api-key":
+                key = value
+            elif hname == b"content-length":
+                has_body = value.strip() not in (b"0", b"")
+            elif hname == b"transfer-encoding":
+                has_body = True
+            elif hname == b"expect":
+                expect = value.lower() == b"100-continue"
+        request_id = request_id_of(rid)
+        scope["ferry.request_id"] = request_id
+        scope["ferry.t0"] = t0
+        path = scope["path"]
+        state = self.state
+        body_done = not has_body
+        received = False
+        status = 500
+        started = False
+        extra: list[tuple[bytes, bytes]] = []
+        if self.config.request_id_header:
+            extra.append((b"x-request-id", request_id.encode()))
+
+        async def rx():
+            nonlocal body_done, received
+            received = True
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        async def drain_body() -> None:
+            nonlocal body_done
+            loop = asyncio.get_running_loop()
+            end = loop.time() + DRAIN_BODY_S
+            while not body_done and (left := end - loop.time()) > 0:
+                try:
+                    await asyncio.wait_for(rx(), left)
+                except asyncio.TimeoutError:
+                    break
+
+        async def tx(message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started = True
+                status = message["status"]
+                headers = list(message.get("headers", ()))
+                if not body_done and not (expect and not received):
+                    # the client is still sending: read the rest away first, or closing the connection
+                    # with unread data would reset it and the client would never see this answer
+                    await drain_body()
+                    if not body_done:
+                        headers.append((b"connection", b"close"))
+                if state.draining:
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers + extra}
+            await send(message)
+
+        model = _predict_model(path)
+        try:
+            if self._key is not None and path not in OPEN_PATHS and not self._authorized(key, auth):
+                self.throttle.note("401", "401 missing or wrong API key", request_id)  # a flood stays a few lines
+                await self._send_error(tx, request_id, 401, "missing or wrong API key (send Authorization: Bearer KEY "
+                                       "or X-API-Key: KEY)", [(b"www-authenticate", b"Bearer")], log=False)
+            elif state.draining and (model is not None or path == "/v1/admin/reload"):
+                await self._send_error(tx, request_id, 503, "the server is stopping: retry on another instance",
+                                       [(b"retry-after", self._drain_retry)], log=False)
+            else:
+                await self.routes(scope, rx, tx)
+        except Exception as exc:  # noqa: BLE001 - logged with its traceback and the request id; the server goes on
+            LOG.error("500 request %s: %s %s failed", request_id, scope.get("method"), path, exc_info=exc)
+            status = 500
+            if not started:
+                await self._send_error(tx, request_id, 500, f"internal error ({type(exc).__name__}); "
+                                       f"the server log has the details under request id {request_id}", log=False)
+        if self.metrics is not None:
+            if model is not None and self.backend.models.get(model) is None:
+                model = "-"
+            self.metrics.request_done(_path_template(path), model, status, time.monotonic() - t0)
+
+    async def _send_error(self, tx, request_id: str, status: int, message: str, headers=(), log: bool = True) -> None:
+        import json
+
+        if log:
+            LOG.warning("%d %s (request %s)", status, message, request_id)
+        body = json.dumps({"error": message, "request_id": request_id}).encode()
+        await tx({"type": "http.response.start", "status": status,
+                  "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                              *headers]})
+        await tx({"type": "http.response.body", "body": body})
+
+
+def create_app(backend, config: AppConfig | None = None, *, state: ServerState | None = None, metrics=None,
+               on_startup: Callable[[FerryApp], Awaitable[None]] | None = None,
+               on_shutdown: Callable[[], Awaitable[None]] | None = None) -> FerryApp:
     """The ASGI app over `backend` (a LocalBackend, or the Ray Serve deployment itself)."""
+    import contextlib
+
     from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
     from starlette.requests import Request
-    from starlette.responses import JSONResponse
+    from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
-    from ferry.runtime.images import ImageError, quiet_bomb_warnings
+    from ferry import __version__
+    from ferry.runtime.images import ImageTooLarge, quiet_bomb_warnings
+    from ferry.serve.metrics import CONTENT_TYPE
+    from ferry.serve.openapi import docs_html, openapi_spec
 
     quiet_bomb_warnings()
-    models = backend.models
-    expected = api_key.encode() if api_key else None
+    config = config or AppConfig()
+    state = state or ServerState()
+    if state.reload is None:
+        state.reload = backend.reload
+    pending = state.pending
+    max_body, max_queue, timeout_s = config.max_body_bytes, config.max_queue, config.timeout_s
+    retry_after = {"Retry-After": str(RETRY_AFTER_S)}
+    in_flight: dict[str, Any] = {}
 
-    def error(status: int, message: str) -> JSONResponse:
+    def error(request: Request, status: int, message: str, headers: dict | None = None, log: bool = True) -> JSONResponse:
         line = message.splitlines()[0] if message else "error"
-        LOG.warning("%d %s", status, line)
-        return JSONResponse({"error": line}, status_code=status)
-
-    def authorized(request: Request) -> bool:
-        if expected is None:
-            return True
-        given = request.headers.get("x-api-key") or ""
-        auth = request.headers.get("authorization", "")
-        if auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        return hmac.compare_digest(given.encode(), expected)
-
-    def guarded(handler):
-        async def endpoint(request: Request):
-            if not authorized(request):
-                return error(401, "missing or wrong API key (send Authorization: Bearer KEY or X-API-Key)")
-            try:
-                return await handler(request)
-            except Exception as exc:  # noqa: BLE001 - a request never takes the server down or prints a traceback
-                LOG.error("500 %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-                return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
-        return endpoint
+        rid = request.scope.get("ferry.request_id", "")
+        if log:
+            LOG.warning("%d %s (request %s)", status, line, rid)
+        return JSONResponse({"error": line, "request_id": rid}, status_code=status, headers=headers)
 
     async def healthz(_request: Request):
         return JSONResponse({"status": "ok"})
 
     async def readyz(_request: Request):
-        return JSONResponse({"status": "ready", "models": sorted(models)})
+        names = sorted(backend.models)
+        if state.draining or not state.ready:
+            return JSONResponse({"status": "draining" if state.draining else "starting", "models": names}, status_code=503,
+                                headers={"Retry-After": self_app._drain_retry.decode()} if state.draining else retry_after)
+        return JSONResponse({"status": "ready", "models": names})
+
+    async def metrics_page(_request: Request):
+        return Response(await backend.metrics_page(), media_type=CONTENT_TYPE)
+
+    spec_cache: dict[tuple, dict] = {}
+
+    def spec() -> dict:
+        names = tuple(sorted(backend.models))
+        if names not in spec_cache:
+            spec_cache.clear()
+            spec_cache[names] = openapi_spec(list(names), auth=config.api_key is not None, max_body_bytes=max_body,
+                                             max_top_k=MAX_TOP_K, max_queue=max_queue, timeout_s=timeout_s,
+                                             version=__version__)
+        return spec_cache[names]
+
+    async def openapi(_request: Request):
+        return JSONResponse(spec())
+
+    async def docs(_request: Request):
+        return HTMLResponse(docs_html(spec()))
 
     async def list_models(_request: Request):
-        return JSONResponse({"models": [{"name": name, **_describe(clf)} for name, clf in models.items()]})
+        seconds = getattr(backend, "load_seconds", {})
+        return JSONResponse({"models": [_describe(name, clf, seconds.get(name)) for name, clf in backend.models.items()]})
 
     async def stats(_request: Request):
-        return JSONResponse({"models": backend.stats()})
+        return JSONResponse({"models": await backend.stats()})
 
-    async def read_image(request: Request) -> bytes | JSONResponse:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_body_bytes:
-            return error(413, f"body of {int(declared):,} bytes is over the limit of {max_body_bytes:,}")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_body_bytes:
-                return error(413, f"body is over the limit of {max_body_bytes:,} bytes")
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
-            return await _multipart_image(bytes(body), ctype, error)
-        return bytes(body)
+    async def reload(request: Request):
+        state.reloading += 1
+        try:
+            result = await state.reload()
+        finally:
+            state.reloading -= 1
+        if not result.ok:
+            LOG.warning("409 %s (request %s)", result.error, request.scope.get("ferry.request_id", ""))
+            return error(request, 409, result.error, log=False)
+        LOG.info("reloaded %s (request %s)", ", ".join(m["name"] for m in result.models), request.scope["ferry.request_id"])
+        return JSONResponse(result.to_dict())
 
     async def predict(request: Request):
-        t0 = time.perf_counter()
+        scope = request.scope
         name = request.path_params["name"]
-        clf = models.get(name)
-        if clf is None:
-            return error(404, f"unknown model {name!r}; this server has {', '.join(sorted(models))}")
-        raw_k = request.query_params.get("top_k", "1")
-        if not raw_k.isdigit() or not 1 <= int(raw_k) <= MAX_TOP_K:
-            return error(400, f"top_k must be an integer from 1 to {MAX_TOP_K} (got {raw_k!r})")
-        data = await read_image(request)
-        if isinstance(data, JSONResponse):
+        try:
+            top_k = parse_top_k(request.query_params.getlist("top_k"))
+        except FerryError as exc:
+            return error(request, 400, str(exc))
+        entry = backend.entry(name)
+        if entry is None:
+            return error(request, 404, f"unknown model {name[:100]!r}; this server has {', '.join(sorted(backend.models))}")
+        try:
+            declared = request.headers.get("content-length")
+            if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > max_body:
+                return error(request, 413, f"body of {int(declared):,} bytes is over the limit of {max_body:,} "
+                                           "(--max-body-mb)")
+            admitted = pending.get(name, 0)
+            if admitted >= max_queue:
+                self_app.throttle.note(f"503 {name}", f"503 model {name} is at its limit of {max_queue} admitted requests "
+                                       "(--max-queue)", scope["ferry.request_id"])
+                return error(request, 503, f"model {name} is busy: {max_queue} requests are already admitted "
+                             f"(--max-queue); retry after {RETRY_AFTER_S} s", retry_after, log=False)
+            pending[name] = admitted + 1
+            gauge = in_flight.get(name)
+            if gauge is None and metrics is not None:
+                gauge = in_flight[name] = metrics.gauge("in_flight", name)
+            if gauge is not None:
+                gauge.inc()
+            try:
+                deadline = asyncio.get_running_loop().time() + timeout_s - (time.monotonic() - scope["ferry.t0"])
+                return await _within(deadline, answer(request, entry, top_k))
+            except (TimeoutError, asyncio.TimeoutError):
+                self_app.throttle.note(f"504 {name}", f"504 model {name}: not answered within {timeout_s:g} s (--timeout-s)",
+                                       scope["ferry.request_id"])
+                return error(request, 504, f"not answered within {timeout_s:g} s (--timeout-s); the request's work was "
+                             "dropped", log=False)
+            finally:
+                pending[name] -= 1
+                if gauge is not None:
+                    gauge.dec()
+        finally:
+            entry.release()
+
+    async def answer(request: Request, entry, top_k: int):
+        data = await read_body(request)
+        if isinstance(data, Response):
             return data
         if not data:
-            return error(400, "empty body: send an image (raw bytes, or a multipart file field)")
+            return error(request, 400, "empty body: send an image (raw bytes, or a multipart file field)")
         try:
-            x = await run_in_threadpool(clf.prepare, data, "image")
-        except ImageError as exc:
-            message = str(exc)
-            return error(413 if "too large" in message else 400, message)
-        except FerryError as exc:
-            return error(400, str(exc))
-        logits = await backend.infer(name, x)
-        pred = clf.predictions(np.asarray(logits)[None], int(raw_k))[0]
-        return JSONResponse({"model": name, **pred.to_dict(), "latency_ms": round(1e3 * (time.perf_counter() - t0), 3)})
+            x = await asyncio.get_running_loop().run_in_executor(None, entry.clf.prepare, data, "image")
+        except ImageTooLarge as exc:
+            return error(request, 413, str(exc))
+        except FerryError as exc:  # ImageError included
+            return error(request, 400, str(exc))
+        logits = await entry.submit(x)
+        pred = entry.clf.predictions(np.asarray(logits)[None], top_k)[0]
+        scope = request.scope
+        return JSONResponse({"model": entry.name, **pred.to_dict(),
+                             "latency_ms": round(1e3 * (time.monotonic() - scope["ferry.t0"]), 3),
+                             "request_id": scope["ferry.request_id"]})
 
-    routes = [
-        Route("/healthz", guarded(healthz)),
-        Route("/readyz", guarded(readyz)),
-        Route("/v1/models", guarded(list_models)),
-        Route("/v1/stats", guarded(stats)),
-        Route("/v1/models/{name}/predict", guarded(predict), methods=["POST"]),
-    ]
+    async def read_body(request: Request) -> bytes | Response:
+        chunks = []
+        size = 0
+        while True:
+            message = await request.receive()
+            if message["type"] != "http.request":
+                break  # the client went away
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > max_body:
+                    return error(request, 413, f"body is over the limit of {max_body:,} bytes (--max-body-mb)")
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("multipart/form-data"):
+            got = await _multipart_image(body, ctype)
+            return got if isinstance(got, bytes) else error(request, 400, got)
+        return body
+
+    async def not_found(request: Request, _exc):
+        return error(request, 404, f"no endpoint {request.url.path[:100]}; see /docs")
+
+    async def not_allowed(request: Request, exc: HTTPException):
+        return error(request, 405, f"method {request.method} is not allowed on {request.url.path[:100]}", exc.headers)
+
+    async def internal(request: Request, exc: Exception):
+        # the response of Starlette's error middleware; FerryApp logs the traceback
+        rid = request.scope.get("ferry.request_id", "")
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); the server log has the details under "
+                                      f"request id {rid}", "request_id": rid}, status_code=500)
+
     @contextlib.asynccontextmanager
     async def lifespan(_app):
+        if on_startup is not None:
+            await on_startup(self_app)
+        state.ready = True
         yield
-        if on_shutdown is not None:  # after uvicorn has finished the requests in flight
+        state.ready = False
+        if on_shutdown is not None:  # after the host has finished the requests in flight
             await on_shutdown()
 
-    return Starlette(routes=routes, lifespan=lifespan)
+    routes = [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics_page),
+        Route("/openapi.json", openapi),
+        Route("/docs", docs),
+        Route("/v1/models", list_models),
+        Route("/v1/stats", stats),
+        Route(PREDICT_PATH, predict, methods=["POST"]),
+        Route("/v1/admin/reload", reload, methods=["POST"]),
+    ]
+    starlette = Starlette(routes=routes, lifespan=lifespan,
+                          exception_handlers={404: not_found, 405: not_allowed, Exception: internal})
+    self_app = FerryApp(starlette, backend, config, state, metrics)
+    return self_app
 
 
-async def _multipart_image(body: bytes, content_type: str, error):
-    """The first file field of a multipart/form-data body (or a field named image/file)."""
+async def _multipart_image(body: bytes, content_type: str) -> bytes | str:
+    """The first file field of a multipart/form-data body (or a field named image/file), or what is wrong."""
     from starlette.datastructures import Headers, UploadFile
     from starlette.formparsers import MultiPartParser
 
@@ -157,9 +488,9 @@ async def _multipart_image(body: bytes, content_type: str, error):
     try:
         form = await MultiPartParser(Headers({"content-type": content_type}), stream(), max_part_size=len(body) + 1).parse()
     except Exception as exc:  # noqa: BLE001 - malformed multipart
-        return error(400, f"malformed multipart body ({type(exc).__name__})")
+        return f"malformed multipart body ({type(exc).__name__})"
     files = [v for v in form.values() if isinstance(v, UploadFile)]
     if not files:
-        return error(400, "multipart body has no file field: send the image as a file field (e.g. -F image=@cat.jpg)")
+        return "multipart body has no file field: send the image as a file field (e.g. -F image=@cat.jpg)"
     preferred = next((form[k] for k in ("image", "file") if isinstance(form.get(k), UploadFile)), files[0])
     return await preferred.read()

@@ -1,20 +1,103 @@
 """The cluster host: the same app (`create_app`) as ingress of a Ray Serve deployment, replicas
 across the cluster, batching by `@serve.batch`. Each replica loads the models from their paths:
-on a cluster they must be on a path every node can read (a shared file system, or a runtime_env)."""
+on a cluster they must be on a path every node can read (a shared file system, or a runtime_env).
+
+A small control actor (`FerryControl`, no CPU reserved) ties the replicas together: every
+heartbeat (HEARTBEAT_S) each replica sends it a snapshot of its metrics and how many requests it
+holds, and learns whether to drain or reload. So `/metrics` and `/v1/stats` cover every replica (the
+answering replica's own figures fresh, the others' at most a heartbeat old), SIGTERM drains every
+replica before Ray Serve is shut down, and SIGHUP or POST /v1/admin/reload reloads every replica.
+
+`--address local` starts a local Ray in a child process of its own session (`python -m
+ferry.serve.ray_host --local-ray`), so that a signal sent to this process's group (Ctrl-C, or a
+supervisor's SIGTERM to the group) reaches this process alone: it drains, shuts Ray Serve down, and
+only then stops that Ray, which also stops when this process dies (it reads its stdin to the end).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import signal
+import subprocess
+import sys
 import threading
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ferry.core.errors import FerryError
-from ferry.serve.local import ServeOptions, check_options
+from ferry.serve.local import ServeOptions, check_options, drain_windows, queue_per_unit, say
 
 APP_NAME = "ferry"
+CONTROL_NAME = "ferry-serve-control"
+CONTROL_NAMESPACE = "ferry"
+HEARTBEAT_S = 0.25
+STALE_S = 5.0  # a replica not heard from for this long is gone (scaled down, died)
+
+
+def _control_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class FerryControl:
+        """What the replicas share: the latest metrics of each, draining, and reload generations."""
+
+        def __init__(self) -> None:
+            self.draining = False
+            self.generation = 0
+            self.replicas: dict[str, dict[str, Any]] = {}
+
+        def heartbeat(self, replica: str, snapshot: list, busy: int, draining: bool, generation: int,
+                      result: dict | None) -> tuple[bool, int]:
+            """A replica's news (`busy`: requests it holds, counted while it was `draining` or not);
+            returns whether to drain and the reload generation to reach."""
+            self.replicas[replica] = {"snapshot": snapshot, "busy": busy, "generation": generation, "result": result,
+                                      "seen": time.monotonic(), "draining": draining}
+            return self.draining, self.generation
+
+        def _live(self) -> dict[str, dict[str, Any]]:
+            now = time.monotonic()
+            return {k: v for k, v in self.replicas.items() if now - v["seen"] < STALE_S}
+
+        def snapshots(self, exclude: str = "") -> list:
+            return [v["snapshot"] for k, v in self._live().items() if k != exclude]
+
+        def drain(self) -> None:
+            self.draining = True
+
+        def request_reload(self) -> int:
+            self.generation += 1
+            return self.generation
+
+        def status(self) -> dict[str, dict[str, Any]]:
+            return {k: {key: v[key] for key in ("busy", "generation", "result", "draining")} for k, v in self._live().items()}
+
+    return FerryControl
+
+
+class RayEntry:
+    """One model of one replica's generation, batched by the deployment's `@serve.batch`."""
+
+    def __init__(self, owner, name: str, clf: Any) -> None:
+        self.owner, self.name, self.clf = owner, name, clf
+        self.users = 0
+        self.depth = owner.metrics.gauge("queue_depth", name)
+
+    async def submit(self, x: np.ndarray) -> np.ndarray:
+        taken = [False]
+        self.depth.inc()
+        try:
+            return await self.owner._batched((self, x, taken))
+        finally:
+            if not taken[0]:  # dropped by @serve.batch (past its deadline) or failed before its batch
+                self.depth.dec()
+
+    def release(self) -> None:
+        self.users -= 1
 
 
 def _deployment_class():
@@ -26,82 +109,348 @@ def _deployment_class():
         """One replica: the models, a batched `infer`, and the shared app over them."""
 
         def __init__(self, paths: list[str], provider: str, threads: int, max_batch_size: int, wait_ms: float,
-                     api_key: str | None, max_body_bytes: int) -> None:
-            from ferry.serve.backend import BatchStats, load_models
+                     app_config: dict[str, Any], control) -> None:
+            from ferry.serve.app import ServerState
+            from ferry.serve.backend import load_and_warm
+            from ferry.serve.metrics import ServeMetrics
 
-            self.models = load_models(paths, provider=provider, threads=threads)
-            self._stats = {name: BatchStats() for name in self.models}
+            self.paths, self.provider, self.threads, self.max_batch_size = paths, provider, threads, max_batch_size
+            self.metrics = ServeMetrics()
+            self.control = control
+            self.replica = uuid.uuid4().hex[:12]
+            self.generation = 0  # the control's reload generation this replica has acted on
+            self.last_result: dict[str, Any] | None = None
+            self.state = ServerState()
+            self._install(*load_and_warm(paths, provider=provider, threads=threads, max_batch_size=max_batch_size))
             self._batched.set_max_batch_size(max_batch_size)
             self._batched.set_batch_wait_timeout_s(wait_ms / 1000.0)
-            self._app_args = {"api_key": api_key, "max_body_bytes": max_body_bytes}
+            self._app_config = app_config
+            self._reload_lock: asyncio.Lock | None = None
+            self._heartbeat: asyncio.Task | None = None
+
+        def _install(self, models: dict[str, Any], seconds: dict[str, float]) -> None:
+            self.models, self.load_seconds = models, seconds
+            self.entries = {name: RayEntry(self, name, clf) for name, clf in models.items()}
+            for name, s in seconds.items():
+                self.metrics.model_loaded(name, s)
+
+        # --- the Backend interface (backend.py) -----------------------------------------------
+
+        def entry(self, name: str):
+            e = self.entries.get(name)
+            if e is not None:
+                e.users += 1
+            return e
 
         @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
-        async def _batched(self, items: list[tuple[str, np.ndarray]]) -> list[np.ndarray]:
-            import asyncio
-
+        async def _batched(self, items: list[tuple[RayEntry, np.ndarray, list]]) -> list[np.ndarray]:
+            loop = asyncio.get_running_loop()
             out: list[Any] = [None] * len(items)
-            for name in dict.fromkeys(n for n, _ in items):
-                idx = [i for i, (n, _) in enumerate(items) if n == name]
-                logits = await asyncio.to_thread(self.models[name].infer, np.stack([items[i][1] for i in idx]))
-                self._stats[name].requests += len(idx)
-                self._stats[name].batches += 1
+            for entry in dict.fromkeys(e for e, _, _ in items):
+                idx = [i for i, (e, _, _) in enumerate(items) if e is entry]
+                for i in idx:
+                    items[i][2][0] = True
+                entry.depth.dec(len(idx))
+                logits = await loop.run_in_executor(None, entry.clf.infer, np.stack([items[i][1] for i in idx]))
+                self.metrics.batch(entry.name, len(idx))
                 for i, row in zip(idx, logits):
                     out[i] = row
             return out
 
-        async def infer(self, name: str, x: np.ndarray) -> np.ndarray:
-            return await self._batched((name, x))
+        async def stats(self) -> dict[str, Any]:
+            from ferry.serve.backend import parse_page, stats_from_metrics
 
-        def stats(self) -> dict[str, dict[str, float]]:
-            return {name: s.as_dict() for name, s in self._stats.items()}
+            got = stats_from_metrics(parse_page(await self.metrics_page()))
+            return {name: got.get(name, {"requests": 0, "batches": 0, "mean_batch_size": 0.0}) for name in self.models}
+
+        async def metrics_page(self) -> bytes:
+            from ferry.serve.metrics import merge
+
+            others = await self.control.snapshots.remote(self.replica)
+            replicas = ("ferry_replicas", "gauge", "Ray Serve replicas whose metrics this page sums",
+                        [("ferry_replicas", {}, float(len(others) + 1))])
+            return merge([self.metrics.snapshot(), *others], extra=[replicas])
+
+        async def reload(self):
+            """POST /v1/admin/reload: every replica reloads (through the control actor); the answer
+            waits for all of them and reports the first failure."""
+            from ferry.serve.backend import ReloadResult
+
+            generation = await self.control.request_reload.remote()
+            end = time.monotonic() + 300
+            while time.monotonic() < end:
+                status = await self.control.status.remote()
+                if status and all(s["generation"] >= generation for s in status.values()):
+                    failed = [s["result"] for s in status.values() if s["result"] and not s["result"]["ok"]]
+                    if failed:
+                        return ReloadResult(False, error=failed[0]["error"], generation=generation)
+                    return ReloadResult(True, self._describe_models(), generation=generation)
+                await asyncio.sleep(HEARTBEAT_S / 2)
+            return ReloadResult(False, error="reload failed: not every replica reloaded within 300 s")
+
+        def _describe_models(self) -> list[dict[str, Any]]:
+            return [{"name": n, "path": str(c.path), "load_seconds": round(self.load_seconds[n], 4)}
+                    for n, c in self.models.items()]
+
+        async def _reload_here(self, generation: int) -> None:
+            from ferry.serve.backend import load_and_warm, reload_failure
+
+            if self._reload_lock is None:
+                self._reload_lock = asyncio.Lock()
+            async with self._reload_lock:
+                self.state.reloading += 1
+                try:
+                    loaded = await asyncio.to_thread(load_and_warm, self.paths, provider=self.provider, threads=self.threads,
+                                                     max_batch_size=self.max_batch_size)
+                except Exception as exc:  # noqa: BLE001 - a bad new file: the current models keep serving
+                    self.metrics.reloads.labels("failed").inc()
+                    self.last_result = {"ok": False, "error": "reload failed, still serving the previous models: "
+                                                              + reload_failure(exc)}
+                else:
+                    self._install(*loaded)  # requests in flight keep their entries (the previous models)
+                    self.metrics.reloads.labels("ok").inc()
+                    self.last_result = {"ok": True}
+                finally:
+                    self.state.reloading -= 1
+                    self.generation = generation
+
+        # --- the heartbeat ----------------------------------------------------------------------
+
+        async def _beat(self) -> None:
+            while True:
+                try:
+                    draining, generation = await self.control.heartbeat.remote(
+                        self.replica, self.metrics.snapshot(), self.state.busy, self.state.draining, self.generation,
+                        self.last_result)
+                except Exception:  # noqa: BLE001 - the control actor is gone (the driver stopped): keep serving
+                    await asyncio.sleep(1.0)
+                    continue
+                if draining:
+                    self.state.draining = True
+                if generation > self.generation:
+                    await self._reload_here(generation)
+                    continue  # report the result at once
+                await asyncio.sleep(HEARTBEAT_S)
+
+        async def _startup(self, _app) -> None:
+            self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+
+        async def _shutdown(self) -> None:
+            if self._heartbeat is not None:
+                self._heartbeat.cancel()
 
         def __serve_build_asgi_app__(self):
-            from ferry.serve.app import create_app
+            from ferry.serve.app import AppConfig, create_app
 
-            return create_app(self, **self._app_args)
+            return create_app(self, AppConfig(**self._app_config, request_id_header=False), state=self.state,
+                              metrics=self.metrics, on_startup=self._startup, on_shutdown=self._shutdown)
 
     return FerryDeployment
 
 
-def deploy(opts: ServeOptions, *, threads: int = 1, cpus_per_replica: float = 1.0) -> str:
-    """Deploy on the Ray Serve of the connected Ray (ray.init done by the caller); return the URL."""
+def deploy(opts: ServeOptions, *, cpus_per_replica: float = 1.0) -> str:
+    """Deploy on the Ray Serve of the connected Ray (ray.init done by the caller); return the URL.
+    Each replica runs `opts.threads` onnxruntime threads (0: 1) and reserves `cpus_per_replica`."""
+    import ray
     from ray import serve
 
     from ferry.serve.backend import default_wait_ms, load_models
 
     models = load_models(opts.models, provider="cpu", threads=1)  # fail here, with a clear error, not in a replica
     wait = default_wait_ms(models) if opts.batch_wait_ms is None else opts.batch_wait_ms
+    queue = queue_per_unit(opts)
+    previous = _control()
+    if previous is not None:
+        ray.kill(previous)
+    control = _control_class().options(name=CONTROL_NAME, namespace=CONTROL_NAMESPACE).remote()
     serve.start(http_options={"host": opts.host, "port": opts.port})
+    ongoing = queue * len(models) + 8  # the app admits `queue` per model and refuses the rest at once
     deployment = _deployment_class().options(
         num_replicas=opts.replicas,
-        max_ongoing_requests=max(32, 2 * opts.max_batch_size),  # at least a batch in flight per replica
+        max_ongoing_requests=ongoing,
+        max_queued_requests=ongoing * opts.replicas,  # beyond it Ray Serve's router answers 503 itself
         ray_actor_options={"num_cpus": cpus_per_replica},
     )
-    app = deployment.bind([str(Path(p).resolve()) for p in opts.models], opts.provider, threads, opts.max_batch_size,
-                          wait, opts.api_key, int(opts.max_body_mb * 2**20))
+    app_config = {"api_key": opts.api_key, "max_body_bytes": int(opts.max_body_mb * 2**20), "max_queue": queue,
+                  "timeout_s": opts.timeout_s, "drain_timeout_s": opts.drain_timeout_s}
+    app = deployment.bind([str(Path(p).resolve()) for p in opts.models], opts.provider, opts.threads or 1,
+                          opts.max_batch_size, wait, app_config, control)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{opts.host}:{opts.port}"
 
 
-def serve_on_ray(opts: ServeOptions, *, log=print) -> int:
+def _control():
+    import ray
+
+    try:
+        return ray.get_actor(CONTROL_NAME, namespace=CONTROL_NAMESPACE)
+    except ValueError:
+        return None
+
+
+def undeploy() -> None:
+    """Delete the application and its control actor (Ray Serve itself keeps running)."""
+    import ray
     from ray import serve
+
+    serve.delete(APP_NAME)
+    control = _control()
+    if control is not None:
+        ray.kill(control)
+
+
+def drain(timeout_s: float, log=print) -> bool:
+    """Tell every replica to drain and wait until none holds a request (True) or `timeout_s` passes."""
+    import ray
+
+    control = _control()
+    if control is None:
+        return True
+    ray.get(control.drain.remote())
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        status = ray.get(control.status.remote())
+        if all(s["draining"] and s["busy"] == 0 for s in status.values()):  # counted once draining: final
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def reload_all(timeout_s: float = 300) -> tuple[bool, str]:
+    """SIGHUP: every replica reloads; (all ok, what happened)."""
+    import ray
+
+    control = _control()
+    generation = ray.get(control.request_reload.remote())
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        status = ray.get(control.status.remote())
+        if status and all(s["generation"] >= generation for s in status.values()):
+            failed = [s["result"]["error"] for s in status.values() if s["result"] and not s["result"]["ok"]]
+            return (False, failed[0]) if failed else (True, f"reloaded on {len(status)} replica(s)")
+        time.sleep(0.1)
+    return False, "reload failed: not every replica reloaded in time"
+
+
+class LocalRay:
+    """A local Ray in a child process of its own session; this process joins it as a driver."""
+
+    def __init__(self, log=print) -> None:
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 120) -> str:
+        """Start it; return its address, with this process set up to join it (its token mode)."""
+        self.proc = subprocess.Popen([sys.executable, "-m", "ferry.serve.ray_host", "--local-ray"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        box: list[str] = []
+        reader = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout_s)
+        line = box[0].strip() if box else ""
+        if not line.startswith("address="):
+            exited = self.proc.poll() is not None
+            self.stop()
+            raise FerryError("the local Ray failed to start (its error is above)" if exited
+                             else f"the local Ray did not start within {timeout_s:g} s")
+        address, _, auth = line.split("=", 1)[1].partition(" auth=")
+        if auth:  # Ray joins an explicit address with token authentication only when told to (before its import)
+            os.environ["RAY_AUTH_MODE"] = auth
+        return address
+
+    def stop(self, timeout_s: float = 30) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.proc.stdin.close()  # the child shuts its Ray down and exits
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _local_ray_main() -> int:
+    """The child of LocalRay: start Ray, print its address, hold it until stdin closes."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)  # the parent decides when; a dead parent closes stdin
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's default for a new local cluster (set before its import)
+    import ray
 
     from ferry.cluster import start_ray
 
-    check_options(opts)
-    address = None if opts.address == "local" else opts.address
-    started, seconds = start_ray(address)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     try:
+        start_ray(None)
+    except Exception as exc:  # noqa: BLE001 - one line for the parent's user, no traceback
+        print(f"ferry serve: local Ray: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+              file=sys.stderr, flush=True)
+        return 1
+    auth = os.environ.get("RAY_AUTH_MODE", "")  # ray.init sets it to "token" for a new local cluster
+    print(f"address={ray.get_runtime_context().gcs_address}" + (f" auth={auth}" if auth else ""), flush=True)
+    sys.stdin.read()
+    ray.shutdown()
+    return 0
+
+
+def serve_on_ray(opts: ServeOptions, *, log=None) -> int:
+    log = log or say
+    check_options(opts)
+    stop = threading.Event()
+    hup = threading.Event()
+    stopped_by: list[int] = []
+
+    def on_stop(signum, _frame):
+        stopped_by.append(signum)
+        stop.set()
+
+    local = LocalRay(log) if opts.address == "local" else None
+    started = False
+    t0 = time.perf_counter()
+    try:
+        # the local Ray starts before this process imports ray: ray reads its token mode at import
+        address = local.start() if local is not None else None
+        import ray
+
+        from ferry.cluster import quiet_ray_data, start_ray
+
+        if local is not None:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+            quiet_ray_data()
+            started = True
+        else:
+            started, _ = start_ray(opts.address)
+        seconds = time.perf_counter() - t0
         url = deploy(opts)
-        log(f"ferry serve: {url} on Ray Serve ({opts.replicas} replica(s); Ray {'started' if address is None else 'joined'} "
-            f"in {seconds:.1f} s); Ctrl-C or SIGTERM stops it")
-        stop.wait()
-        log("ferry serve: stopping (requests in flight finish first)")
-        serve.delete(APP_NAME)
-        serve.shutdown()
+        # after ray.init, whose core worker installs its own SIGTERM handler (a stack dump, then exit)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_stop)
+        signal.signal(signal.SIGHUP, lambda *_: hup.set())
+        log(f"ferry serve: {url} on Ray Serve ({opts.replicas} replica(s), {opts.threads or 1} onnxruntime thread(s) each, "
+            f"queue {queue_per_unit(opts)} per model and replica; Ray {'started' if local else 'joined'} in {seconds:.1f} s); "
+            "Ctrl-C or SIGTERM stops it" + ("; API key required" if opts.api_key else ""))
+        while not stop.wait(0.2):
+            if hup.is_set():
+                hup.clear()
+                ok, what = reload_all()
+                if ok:
+                    log(f"ferry serve: SIGHUP: {what}")
+                else:
+                    from ferry.serve.app import LOG
+
+                    LOG.warning("SIGHUP: %s", what)
+        t_stop = time.monotonic()
+        wait, _ = drain_windows(opts.drain_timeout_s)
+        log(f"ferry serve: {signal.Signals(stopped_by[0]).name}: draining (new predictions get 503; at most "
+            f"{opts.drain_timeout_s:g} s)")
+        if not drain(wait - 2.0 if wait > 4 else wait / 2, log):
+            log("ferry serve: requests still in flight at the drain timeout; stopping")
+        if local is None:
+            undeploy()  # a shared cluster's Ray Serve goes on serving its other applications
+        # a local Ray goes down whole below (its Serve proxy answers 503 until then)
+        log(f"ferry serve: stopped by {signal.Signals(stopped_by[0]).name} after the requests in flight "
+            f"({time.monotonic() - t_stop:.1f} s)")
     except FerryError:
         raise
     except Exception as exc:  # noqa: BLE001 - Ray Serve's deployment errors become one line
@@ -111,4 +460,12 @@ def serve_on_ray(opts: ServeOptions, *, log=print) -> int:
             import ray
 
             ray.shutdown()
+        if local is not None:
+            local.stop()
     return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--local-ray"]:
+        sys.exit(_local_ray_main())
+    sys.exit(f"usage: python -m ferry.serve.ray_host --local-ray (used by `ferry serve --address local`); got {sys.argv[1:]}")
