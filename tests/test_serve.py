@@ -87,17 +87,24 @@ def metric(url: str, name: str, headers: dict | None = None, **labels) -> float:
 
 
 class Server:
+    """`ferry serve` in a subprocess. Its output goes to files, not pipes: a pipe nobody reads fills
+    up after 64 KiB of log lines and then blocks the server's event loop on its next write."""
+
     def __init__(self, *models, args=(), env=None, timeout: float = 90):
+        import tempfile
+
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self._out = tempfile.TemporaryFile("w+")
+        self._err = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "ferry", "serve", *map(str, models), "--port", str(self.port),
-                                      *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      *args], cwd=REPO, stdout=self._out, stderr=self._err, text=True,
                                      env={**os.environ, "FERRY_API_KEY": "", **(env or {})})
         self.stop_seconds = None
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"server exited: {self.proc.stderr.read()}")
+                raise AssertionError(f"server exited: {self._read(self._err)}")
             try:
                 if http("GET", self.url + "/readyz", timeout=5)[0] == 200:
                     return
@@ -112,12 +119,19 @@ class Server:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            out, err = self.proc.communicate(timeout=60)
+            self.proc.wait(timeout=60)
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
+                self.proc.wait()
         self.stop_seconds = time.monotonic() - t0
-        return self.proc.returncode, out, err
+        return self.proc.returncode, self._read(self._out), self._read(self._err)
+
+    @staticmethod
+    def _read(f) -> str:
+        f.flush()
+        f.seek(0)
+        return f.read()
 
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
