@@ -563,7 +563,7 @@ def run_batch(opts: BatchOptions, *, log: Callable[[str], None] = print) -> Batc
             log(f"ferry batch: {len(items)} inputs in {parts} parts of {rows}" + (f" ({kept} done earlier)" if kept else "")
                 + f", model {probe.name}, {plan[0]} workers x {plan[1]:g} CPU"
                 + (f" x {opts.gpus_per_worker:g} GPU" if opts.gpus_per_worker else "") + f", {plan[2]} thread(s) each, "
-                f"batch {opts.batch_size}; Ray {'started' if started else 'joined'} in {ray_seconds:.1f} s")
+                f"batch {opts.batch_size}; Ray {'joined' if opts.address or not started else 'started'} in {ray_seconds:.1f} s")
             t0 = time.perf_counter()
             _check_nodes_see(ray, dest, job["job"])
             _run_dataset(ray, opts, items, job, todo, dest, endpoint, plan=plan, provider=provider)

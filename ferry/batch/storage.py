@@ -125,7 +125,9 @@ def bucket_of(location: str, inner: str) -> str | None:
 
 
 def check_bucket(fs: Any, location: str, inner: str, what: str, endpoint: str | None) -> None:
-    """An object store's bucket must exist and let these credentials in; a FerryError now otherwise."""
+    """An object store's bucket must exist and let these credentials in; a FerryError now otherwise.
+    Some stores deny the bucket's HEAD to credentials scoped to a few buckets or prefixes (and then say
+    "denied" for a missing bucket too): a listing of an unused prefix tells those cases apart."""
     import pyarrow.fs as pafs
 
     bucket = bucket_of(location, inner)
@@ -133,15 +135,28 @@ def check_bucket(fs: Any, location: str, inner: str, what: str, endpoint: str | 
         return
     where = f" at {endpoint}" if endpoint and scheme(location) == "s3" else ""
     try:
-        info = fs.get_file_info(bucket)
-    except OSError as exc:
-        why = reason(exc)
-        hint = ("check the credentials in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or the "
-                "provider's own) and --storage-endpoint") if why in ("permission denied", "credentials refused") else ""
-        raise FerryError(f"{what} {location}: the store refused bucket {bucket!r}{where}: {why}"
-                         + (f" ({hint})" if hint else "")) from exc
-    if info.type == pafs.FileType.NotFound:
-        raise FerryError(f"{what} {location}: bucket {bucket!r} does not exist{where} (ferry never creates buckets)")
+        if fs.get_file_info(bucket).type != pafs.FileType.NotFound:
+            return
+        why = "no such bucket"
+    except OSError:
+        try:
+            fs.get_file_info(pafs.FileSelector(f"{bucket}/.ferry-probe-{uuid.uuid4().hex[:8]}"))
+            return
+        except FileNotFoundError:
+            return  # the bucket is there and can be listed (the prefix is not)
+        except OSError as exc:
+            why = reason(exc)
+            cause: BaseException | None = exc
+    else:
+        cause = None
+    if why == "no such bucket":
+        raise FerryError(f"{what} {location}: bucket {bucket!r} does not exist{where} (ferry never creates buckets)") from cause
+    if why.startswith("cannot connect"):
+        raise FerryError(f"{what} {location}: cannot reach the store{where}: {why}") from cause
+    hint = ("check the credentials in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or the provider's own) "
+            "and the endpoint (--storage-endpoint)") if why in ("permission denied", "credentials refused") else ""
+    raise FerryError(f"{what} {location}: the store refused bucket {bucket!r}{where}: {why}"
+                     + (f"; {hint}" if hint else "")) from cause
 
 
 def read_bytes(fs: Any, path: str) -> bytes:
