@@ -1,7 +1,7 @@
 """One Ray node for the cluster tests, on 127.0.0.1, until SIGTERM:
 
-  python tests/ray_node.py head
-  python tests/ray_node.py worker GCS_ADDRESS [--hidden PATH]
+  python tests/ray_node.py head [--port GCS_PORT]
+  python tests/ray_node.py worker GCS_ADDRESS [--hidden PATH]   (it waits for the head's GCS)
 
 Prints one JSON line when the node is up: its GCS address, whether PATH (a folder of the driver's) is
 visible from here, and whether this process can write outside /tmp and /dev/shm (the tests run a
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
     params = {"node_ip_address": "127.0.0.1", "num_cpus": 1, "object_store_memory": 80 * 2**20, "min_worker_port": 0,
               "max_worker_port": 0}
     if role == "head":
-        params.update(include_dashboard=False)
+        params.update(include_dashboard=False, gcs_server_port=int(argv[argv.index("--port") + 1]) if "--port" in argv else 0)
     else:
         params.update(gcs_address=argv[1], include_log_monitor=False, node_manager_port=0)
     node = ray._private.node.Node(ray._private.parameter.RayParams(**params), head=role == "head", shutdown_at_exit=True,
