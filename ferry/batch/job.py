@@ -294,14 +294,18 @@ def _job_record(opts: BatchOptions, model_sha256: str, model_name: str, items: l
 
 def _differs(old: dict, model_sha256: str, items_sha256: str, count: int, top_k: int) -> str | None:
     """Why an earlier job's record names another job than this one, or None."""
-    if old.get("schema") != JOB_SCHEMA:
-        return f"its {JOB_FILE} is not one this version of ferry writes"
-    if old["model"]["sha256"] != model_sha256:
-        return f"another model (sha256 {old['model']['sha256'][:12]}, {old['model'].get('file')})"
-    if old["inputs"]["sha256"] != items_sha256:
-        return f"other inputs ({old['inputs']['count']} listed then, {count} now)"
-    if old["top_k"] != top_k:
-        return f"another --top-k ({old['top_k']})"
+    try:
+        if old.get("schema") != JOB_SCHEMA:
+            return f"its {JOB_FILE} is not one this version of ferry writes"
+        if old["model"]["sha256"] != model_sha256:
+            return f"another model (sha256 {old['model']['sha256'][:12]}, {old['model'].get('file')})"
+        if old["inputs"]["sha256"] != items_sha256:
+            return f"other inputs ({old['inputs']['count']} listed then, {count} now)"
+        if old["top_k"] != top_k:
+            return f"another --top-k ({old['top_k']})"
+        int(old["part_rows"]), int(old["parts"]), str(old["job"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return f"its {JOB_FILE} is damaged"
     return None
 
 
@@ -549,6 +553,11 @@ def run_batch(opts: BatchOptions, *, log: Callable[[str], None] = print) -> Batc
         log(f"ferry batch: {opts.out} already holds this job's committed results; nothing to do")
         return _summary(dest.committed, dest, time.perf_counter() - t0, 0.0, (0, 0.0, 0), kept)
     todo = [p for p in range(parts) if p not in done]
+    if dest.committed is not None:  # committed once, then a part went missing: no longer committed until redone
+        try:
+            dest.fs.delete_file(dest.path(SUCCESS_FILE))
+        except OSError as exc:
+            raise FerryError(f"cannot write to --out {opts.out}: {reason(exc)}") from exc
 
     started, ray_seconds, plan = False, 0.0, (0, 0.0, 0)
     if todo:
@@ -608,7 +617,12 @@ def _check_nodes_see(ray, dest: Destination, job: str) -> None:
 
     refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(dest.location, dest.endpoint)
             for n in nodes]
-    problems = [(n, why) for n, why in zip(nodes, ray.get(refs, timeout=300)) if why]
+    try:
+        answers = ray.get(refs, timeout=300)
+    except Exception as exc:  # noqa: BLE001 - a node that does not answer: one line, not Ray's traceback
+        raise FerryError(f"cannot check that every node of the cluster reaches --out {dest.location}: "
+                         f"{first_line(exc)}") from exc
+    problems = [(n, why) for n, why in zip(nodes, answers) if why]
     if problems:
         node, why = problems[0]
         hint = ("a local folder works on a cluster only where it is a filesystem shared by every node; use an object "
