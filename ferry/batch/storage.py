@@ -72,8 +72,8 @@ def filesystem(location: str, endpoint: str | None = None) -> tuple[Any, str]:
 
 
 class FileSystems:
-    """Filesystems by scheme://authority, built once per process (creating one may cost a round
-    trip to the store)."""
+    """Filesystems by scheme://authority, each built once and reused for every object there
+    (creating one may cost a round trip to the store: an S3 bucket's region)."""
 
     def __init__(self, endpoint: str | None = None):
         self.endpoint = endpoint
