@@ -569,6 +569,7 @@ def run_batch(opts: BatchOptions, *, log: Callable[[str], None] = print) -> Batc
         try:
             resources = ray.cluster_resources()
             plan = plan_workers(opts, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
+            plan = (min(plan[0], len(todo)), *plan[1:])  # an actor a part at most: no actor started for nothing
             log(f"ferry batch: {len(items)} inputs in {parts} parts of {rows}" + (f" ({kept} done earlier)" if kept else "")
                 + f", model {probe.name}, {plan[0]} workers x {plan[1]:g} CPU"
                 + (f" x {opts.gpus_per_worker:g} GPU" if opts.gpus_per_worker else "") + f", {plan[2]} thread(s) each, "
