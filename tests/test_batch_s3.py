@@ -145,9 +145,12 @@ def test_s3_in_and_out_on_a_cluster_whose_worker_node_shares_no_disk(s3_store, s
     put(admin, "ferry-in/twonode/inputs.txt", ("# inputs\n" + "\n".join(listing) + "\n").encode())
     out = "s3://ferry-out/twonode/results"
 
+    # one actor a node (1 CPU each); Ray Data hands out work only once both are up, so that the worker
+    # node, which cannot see the driver's disk, surely gets parts to write
+    both = {**s3_cluster.driver_env, "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "180"}
     proc = run_ferry("batch", str(cnn_export[0]), "s3://ferry-in/twonode/inputs.txt", "--out", out, "--address",
                      s3_cluster.address, "--workers", "2", "--cpus-per-worker", "0.6", "--batch-size", "8", "--top-k", "3",
-                     env=s3_cluster.driver_env)
+                     env=both)
     assert proc.returncode == 1, proc.stderr[-3000:]  # some inputs are bad: exit 1, like ferry predict
     n = len(listing)
     assert f"{n} images, {len(BAD_IMAGES) + 2} failed" in proc.stdout, proc.stdout
