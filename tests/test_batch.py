@@ -21,17 +21,18 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 
 def read_rows(out: Path) -> list[dict]:
-    import pyarrow as pa
+    """The committed rows of a job (only the files its _SUCCESS.json lists)."""
+    from ferry.batch.job import read_results
 
-    return pa.concat_tables([pq.read_table(f) for f in sorted(out.glob("*.parquet"))]).to_pylist()
+    return read_results(str(out)).to_pylist()
 
 
 def live_predict_actors() -> list[dict]:
-    """Alive PredictBatch actors with their Pid and node, from the GCS (no dashboard needed)."""
+    """Alive PredictPart actors with their Pid and node, from the GCS (no dashboard needed)."""
     from ray._private import state
 
     return [{"pid": a["Pid"], "node": a["Address"]["NodeID"]} for a in state.actors().values()
-            if a["State"] == "ALIVE" and "PredictBatch" in a["ActorClassName"]]
+            if a["State"] == "ALIVE" and "PredictPart" in a["ActorClassName"]]
 
 
 def test_batch_equals_predict_and_turns_hostile_inputs_into_rows(ray_local, cnn_export, tmp_path):
@@ -94,7 +95,7 @@ def test_read_files_reads_paths_and_uris_and_names_what_it_cannot_read(tmp_path)
     b.write_bytes(b"bbbb")
     batch = read_files({"path": [str(a), b.as_uri(), a.as_uri(), str(tmp_path / "gone.png")]})
     assert batch["bytes"][:3] == [b"aaa", b"bbbb", b"aaa"] and batch["read_error"][:3] == [""] * 3
-    assert batch["bytes"][3] == b"" and "gone.png: cannot read: FileNotFoundError" in batch["read_error"][3]
+    assert batch["bytes"][3] == b"" and batch["read_error"][3] == f"{tmp_path / 'gone.png'}: no such file"
 
 
 def test_a_killed_actor_loses_and_doubles_nothing(ray_local, cnn_export, tmp_path):
@@ -179,4 +180,4 @@ def test_cli_run_on_the_session_ray_and_bad_arguments(ray_local, cnn_export, tmp
     ]
     for args, needle in cases:
         assert_clean_error(run_ferry("batch", *args, "--out", str(tmp_path / "o")), needle)
-    assert_clean_error(run_ferry("batch", model, str(folder), "--out", str(tmp_path / "out")), "not an empty folder")
+    assert_clean_error(run_ferry("batch", model, str(folder), "--out", str(tmp_path / "out")), "already holds this job's")

@@ -1,34 +1,70 @@
-"""`run_batch(options)`: batch inference on Ray Data, from a local folder to a cluster.
+"""`run_batch(options)`: batch inference on Ray Data, from a local folder to a cluster with object storage.
 
-Ray Data reads the files' bytes; a pool of actors each holds one `Classifier` (the runtime's own
-decoding, preprocessing and prediction, as `ferry predict` does), with onnxruntime's intra-op
-threads set to the CPUs the actor reserves; results are written as Parquet, one row per input
-(path, index, label, probability, top_k, provider, error). A bad file is a row with its error. The
-job checks its own output: every input path exactly once, or it fails loudly.
+Inputs and `--out` are local paths or URIs (`ferry.batch.storage`: pyarrow's filesystems). The inputs
+are cut, in order, into parts of a fixed size; a part is the unit of work and of output:
 
-Without an address a local Ray is started with bounded memory and no dashboard, and shut down at
-the end; with `address` ("auto", "HOST:PORT" or "ray://HOST:PORT") the job joins a cluster.
+- a read task fetches a part's files (threads, for a store's latency), an actor holding one runtime
+  `Classifier` predicts them (the runtime's own decoding and preprocessing, as `ferry predict`), and
+  the same actor writes the part's rows straight to `--out` as `part-NNNNNN.parquet`: one row per
+  input (path, index, label, probability, top_k, provider, error), a bad input a row with its error.
+  A part's file appears whole or not at all (an object store's upload, or a rename), and a part done
+  twice (a killed actor's retry) is the same file written again. The driver gets a few numbers a
+  part back, never rows, and never needs to see a worker's disk.
+- Commit is explicit: once every part's file is there and its footer checks out (its job, its
+  inputs' digest, its row count), the driver writes `_SUCCESS.json` (the files, their row and error
+  counts, the model's sha256, the inputs' count and digest) last. Readers trust only output listed
+  there (`read_results`).
+- `_ferry_job.json`, written first, names the job (model sha256, inputs digest, top-k, part size):
+  `--resume` after a crash skips the parts already complete and does the rest; an `--out` that holds
+  another job's output is refused.
+
+Everything that can be checked without Ray is checked before Ray starts: the options, the model, the
+inputs' listing, the store's bucket and credentials, `--out`'s contents (and that it can be written).
+Without an address a local Ray is started with bounded memory and no dashboard, and shut down at the
+end; with `address` ("auto", "HOST:PORT" or "ray://HOST:PORT") the job joins a cluster.
 """
 
 from __future__ import annotations
 
 import glob as globlib
+import hashlib
+import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ferry.batch.storage import (
+    OBJECT_STORES,
+    FileSystems,
+    check_bucket,
+    filesystem,
+    first_line,
+    is_uri,
+    read_bytes,
+    reason,
+    scheme,
+    storage_endpoint,
+    write_bytes,
+)
 from ferry.core.errors import FerryError
 
 READ_CPUS = 0.25  # Ray Data's read tasks only move bytes: a small reservation keeps them from being starved
 LIST_SUFFIXES = (".txt", ".lst", ".list")
-READ_BATCH_BYTES = 32 * 2**20  # bytes of files a read batch aims at
+READ_BATCH_BYTES = 32 * 2**20  # bytes of files a part aims at (a part's bytes cross the object store at once)
+PARTS_TARGET = 64  # a job is cut into about this many parts, unless its part size hits a bound
+READ_THREADS = 16  # concurrent reads of one part's files from an object store
+JOB_FILE = "_ferry_job.json"
+SUCCESS_FILE = "_SUCCESS.json"
+PART_META_KEY = b"ferry.batch"
+JOB_SCHEMA = "ferry.batch-job/1"
+SUCCESS_SCHEMA = "ferry.batch-success/1"
 
 
 @dataclass
@@ -36,8 +72,8 @@ class BatchOptions:
     """One batch job. Zero means "choose for this machine or cluster" (docs: "Batch inference")."""
 
     model: str
-    input: str  # a folder, a glob, or a text file listing paths/URIs
-    out: str  # output folder of Parquet files
+    input: str  # a folder, a glob, a text file listing paths/URIs, or a URI (a prefix or one object)
+    out: str  # output folder or URI prefix: part-NNNNNN.parquet files and _SUCCESS.json
     address: str | None = None  # None: a local Ray; "auto", "HOST:PORT" or "ray://HOST:PORT": a cluster
     workers: int = 0  # actors in the pool (0: one per CPU locally, or per GPU with gpus_per_worker)
     cpus_per_worker: float = 0.0  # CPUs each actor reserves (0: share the CPUs left after reading)
@@ -46,7 +82,10 @@ class BatchOptions:
     top_k: int = 5
     provider: str = "auto"
     object_store_mb: int = 256  # local Ray only: the object store's size
-    throttle_ms: int = 0  # sleep per batch in each actor: only to make a test job last long enough to kill an actor
+    resume: bool = False  # finish an earlier run of the same job on the same `out` (its complete parts are kept)
+    storage_endpoint: str | None = None  # an S3-compatible store's URL (None: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, or AWS)
+    part_rows: int = 0  # inputs per part file (0: chosen from the inputs; a resumed job keeps its first run's)
+    throttle_ms: int = 0  # sleep per inference batch in each actor: only to make a test job last long enough to kill
 
 
 @dataclass
@@ -60,94 +99,341 @@ class BatchSummary:
     cpus_per_worker: float
     threads_per_worker: int
     providers: list[str] = field(default_factory=list)
+    parts: int = 0
+    resumed_parts: int = 0  # parts found complete from an earlier run and kept
 
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds else float("nan")
 
     def describe(self) -> str:
+        kept = f", {self.resumed_parts} of {self.parts} parts kept from an earlier run" if self.resumed_parts else ""
         return (f"{self.images} images, {self.failures} failed, {self.images_per_second:.1f} images/s "
-                f"({self.seconds:.1f} s; starting Ray took {self.ray_start_seconds:.1f} s); {self.workers} workers x "
+                f"({self.seconds:.1f} s; starting Ray took {self.ray_start_seconds:.1f} s){kept}; {self.workers} workers x "
                 f"{self.cpus_per_worker:g} CPU, {self.threads_per_worker} onnxruntime thread(s) each, provider "
-                f"{', '.join(self.providers) or '-'}; results in {self.out}")
+                f"{', '.join(self.providers) or '-'}; results committed in {self.out} ({SUCCESS_FILE})")
 
 
 # --- inputs ------------------------------------------------------------------------------------
 
 
-def _is_uri(p: str) -> bool:
-    return "://" in p
-
-
-def resolve_inputs(spec: str) -> list[str]:
+def resolve_inputs(spec: str, endpoint: str | None = None) -> list[str]:
     """A folder (its files, recursively, sorted, hidden ones skipped), a glob, a text file listing
-    paths or URIs (one per line, '#' comments), a single file, or a URI (passed to Ray as is)."""
+    paths or URIs (one per line, '#' comments; relative entries are relative to the list's folder or
+    prefix), a single file, or a URI: a prefix (its objects, recursively, sorted) or one object."""
     from ferry.runtime.inputs import expand_inputs
 
-    if _is_uri(spec):
-        return _list_uri(spec)
+    if is_uri(spec):
+        return _list_uri(spec, endpoint)
     path = Path(spec)
     if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-        items = [ln for ln in lines if ln and not ln.startswith("#")]
-        return [i if _is_uri(i) else str(Path(i) if Path(i).is_absolute() else (path.parent / i)) for i in items]
+        return _list_entries(path.read_text(encoding="utf-8"), str(path.parent))
     if path.exists():
         return expand_inputs([spec])
     if any(ch in spec for ch in "*?["):
         return sorted(str(p) for p in map(Path, globlib.glob(spec, recursive=True)) if p.is_file())
-    raise FerryError(f"input {spec} does not exist (give a folder, a glob, or a text file listing paths)")
+    raise FerryError(f"input {spec} does not exist (give a folder, a glob, a text file listing paths, or a URI)")
 
 
-def _list_uri(uri: str) -> list[str]:
-    """A URI of one file -> [uri]; of a folder (prefix) -> its files' URIs, recursively, sorted."""
+def _list_entries(text: str, base: str) -> list[str]:
+    lines = [ln.strip() for ln in text.splitlines()]
+    items = [ln for ln in lines if ln and not ln.startswith("#")]
+    if is_uri(base):
+        return [i if is_uri(i) else f"{base.rstrip('/')}/{i}" for i in items]
+    return [i if is_uri(i) else str(Path(i) if Path(i).is_absolute() else (Path(base) / i)) for i in items]
+
+
+def _list_uri(uri: str, endpoint: str | None) -> list[str]:
+    """A URI of one object -> [uri] (or its entries, for a list file); of a prefix -> its objects' URIs,
+    recursively, sorted, hidden names skipped."""
     import pyarrow.fs as pafs
 
+    fs, inner = filesystem(uri, endpoint)
+    check_bucket(fs, uri, inner, "input", endpoint)
     try:
-        fs, inner = pafs.FileSystem.from_uri(uri)
         info = fs.get_file_info(inner)
         if info.type == pafs.FileType.File:
+            if Path(inner).suffix.lower() in LIST_SUFFIXES:
+                return _list_entries(read_bytes(fs, inner).decode("utf-8"), uri.rsplit("/", 1)[0])
             return [uri]
         if info.type != pafs.FileType.Directory:
             raise FerryError(f"input {uri} does not exist")
-        base = uri.rstrip("/")
         files = [i.path for i in fs.get_file_info(pafs.FileSelector(inner, recursive=True)) if i.type == pafs.FileType.File]
-    except (OSError, ValueError) as exc:  # pyarrow: unknown scheme, no credentials, unreachable
-        raise FerryError(f"cannot list {uri}: {str(exc).splitlines()[0][:200]}") from exc
-    root = inner.rstrip("/")
-    return sorted(base + f[len(root):] for f in files if not Path(f).name.startswith("."))
+    except OSError as exc:
+        raise FerryError(f"cannot list input {uri}: {reason(exc)}") from exc
+    base, root = uri.rstrip("/"), inner.rstrip("/")
+    rel = [f[len(root):].lstrip("/") for f in files]
+    return sorted(f"{base}/{r}" for r in rel if not any(part.startswith(".") for part in r.split("/")))
+
+
+def read_files(batch: dict[str, Any], endpoint: str | None = None, filesystems: FileSystems | None = None) -> dict[str, list]:
+    """Rows of paths -> rows of (path, bytes, read_error: "" when read): plain file reads, or pyarrow's
+    filesystem for a URI's scheme (s3://, gs://, hdfs://, ...), URIs read by a few threads at once
+    (a store's latency, not its bandwidth, bounds small objects). A file that cannot be read (missing,
+    no permission) is a row with its error, not a failed job.
+
+    Why not `ray.data.read_binary_files`: its own per-file machinery costs more than reading a small
+    file (docs: "Batch inference"; Ray's own issue #37499 reports the same for read_images)."""
+    paths = [str(p) for p in batch["path"]]
+    filesystems = filesystems or FileSystems(endpoint)
+
+    def one(p: str) -> tuple[bytes, str]:
+        try:
+            if is_uri(p):
+                fs, inner = filesystems.get(p)
+                return read_bytes(fs, inner), ""
+            with open(p, "rb") as fh:
+                return fh.read(), ""
+        except Exception as exc:  # noqa: BLE001 - one unreadable file is one row's error
+            why = reason(exc)
+            return b"", f"{p}: {why}" if why in ("no such file", "permission denied", "is a folder") else f"{p}: cannot read: {why}"
+
+    if any(is_uri(p) for p in paths) and len(paths) > 1:
+        with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(paths))) as pool:
+            results = list(pool.map(one, paths))
+    else:
+        results = [one(p) for p in paths]
+    return {"path": paths, "bytes": [r[0] for r in results], "read_error": [r[1] for r in results]}
+
+
+def read_batch_rows(paths: list[str], floor: int) -> int:
+    """Files per read batch: about READ_BATCH_BYTES of them (sizes from a sample of up to 100 local
+    files), at least `floor` (the inference batch) and at most 1024; 256 when nothing is local."""
+    sample = [p for p in paths[:: max(1, len(paths) // 100)][:100] if not is_uri(p)]
+    sizes = [os.path.getsize(p) for p in sample if os.path.isfile(p)]
+    if not sizes:
+        return max(floor, 256)
+    return int(min(1024, max(floor, READ_BATCH_BYTES // max(1, sum(sizes) // len(sizes)))))
+
+
+def choose_part_rows(paths: list[str], batch_size: int) -> int:
+    """Inputs per part: about PARTS_TARGET parts a job (resume loses at most a part's work per
+    worker), at least one inference batch, at most a read batch's bytes (`read_batch_rows`)."""
+    return max(1, min(read_batch_rows(paths, batch_size), max(batch_size, math.ceil(len(paths) / PARTS_TARGET))))
+
+
+def _digest(paths: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
+def part_name(part: int) -> str:
+    return f"part-{part:06d}.parquet"
+
+
+# --- the job's record in --out -------------------------------------------------------------------
+
+
+@dataclass
+class Destination:
+    """`--out` as seen by the driver: its filesystem, its path inside it, and what it holds."""
+
+    location: str  # as given (a URI), or the absolute local path
+    endpoint: str | None
+    fs: Any
+    root: str
+    job: dict | None = None  # _ferry_job.json, when there
+    committed: dict | None = None  # _SUCCESS.json, when there
+    parts: dict[int, str] = field(default_factory=dict)  # part files present: part -> path
+
+    @property
+    def in_place(self) -> bool:
+        return scheme(self.location) in OBJECT_STORES
+
+    def path(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}"
+
+
+def open_destination(out: str, endpoint: str | None) -> Destination:
+    """Reach `--out` and read what it holds; a FerryError for a missing bucket, refused credentials,
+    a file, or a folder holding anything but a ferry batch job's files."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(out, endpoint)
+    location = out if is_uri(out) else root
+    check_bucket(fs, out, root, "--out", endpoint)
+    dest = Destination(location, endpoint, fs, root.rstrip("/") or root)
+    try:
+        info = fs.get_file_info(dest.root)
+        if info.type == pafs.FileType.File:
+            raise FerryError(f"--out {out} is a file; give a folder or a URI prefix for the results")
+        entries = fs.get_file_info(pafs.FileSelector(dest.root, recursive=False)) if info.type == pafs.FileType.Directory else []
+        foreign = []
+        for e in entries:
+            name = e.path.rsplit("/", 1)[-1]
+            if name == JOB_FILE:
+                dest.job = json.loads(read_bytes(fs, e.path))
+            elif name == SUCCESS_FILE:
+                dest.committed = json.loads(read_bytes(fs, e.path))
+            elif name.startswith("part-") and name.endswith(".parquet") and name[5:-8].isdigit() and e.type == pafs.FileType.File:
+                dest.parts[int(name[5:-8])] = e.path
+            elif not (name.startswith(".") and name.endswith(".tmp")):  # a killed writer's temporary file is ignored
+                foreign.append(name)
+    except OSError as exc:
+        raise FerryError(f"cannot read --out {out}: {reason(exc)}") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FerryError(f"--out {out} holds a damaged {JOB_FILE} or {SUCCESS_FILE} ({first_line(exc)}); "
+                         f"results are never written over: choose another --out") from exc
+    if foreign or ((dest.parts or dest.committed) and not dest.job):
+        example = (foreign or sorted(part_name(p) for p in dest.parts) or [SUCCESS_FILE])[0]
+        raise FerryError(f"--out {out} holds files that are not this job's (e.g. {example}); results are never "
+                         f"written over: give a new or empty folder or prefix")
+    return dest
+
+
+def _job_record(opts: BatchOptions, model_sha256: str, model_name: str, items: list[str], part_rows: int) -> dict:
+    record = {"schema": JOB_SCHEMA, "model": {"name": model_name, "file": Path(opts.model).name, "sha256": model_sha256},
+              "inputs": {"spec": opts.input, "count": len(items), "sha256": _digest(items)}, "top_k": opts.top_k,
+              "part_rows": part_rows, "parts": math.ceil(len(items) / part_rows)}
+    key = json.dumps([model_sha256, record["inputs"]["sha256"], opts.top_k, part_rows]).encode()
+    record["job"] = hashlib.sha256(key).hexdigest()[:16]
+    return record
+
+
+def _differs(old: dict, model_sha256: str, items_sha256: str, count: int, top_k: int) -> str | None:
+    """Why an earlier job's record names another job than this one, or None."""
+    try:
+        if old.get("schema") != JOB_SCHEMA:
+            return f"its {JOB_FILE} is not one this version of ferry writes"
+        if old["model"]["sha256"] != model_sha256:
+            return f"another model (sha256 {old['model']['sha256'][:12]}, {old['model'].get('file')})"
+        if old["inputs"]["sha256"] != items_sha256:
+            return f"other inputs ({old['inputs']['count']} listed then, {count} now)"
+        if old["top_k"] != top_k:
+            return f"another --top-k ({old['top_k']})"
+        int(old["part_rows"]), int(old["parts"]), str(old["job"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return f"its {JOB_FILE} is damaged"
+    return None
+
+
+def read_part_footer(fs: Any, path: str) -> tuple[dict, int]:
+    """(the part's ferry metadata, its row count) from a part file's Parquet footer."""
+    import pyarrow.parquet as pq
+
+    with fs.open_input_file(path) as f:
+        md = pq.read_metadata(f)
+    return json.loads(md.metadata[PART_META_KEY]), md.num_rows
+
+
+def _complete_parts(dest: Destination, job: dict, items: list[str], candidates: list[int]) -> dict[int, dict]:
+    """The parts among `candidates` whose file in `dest` is complete: readable, this job's, this
+    part's inputs (their digest), one row each. Others are to be (re)done."""
+    rows = job["part_rows"]
+
+    def check(part: int) -> dict | None:
+        try:
+            meta, n = read_part_footer(dest.fs, dest.path(part_name(part)))
+        except Exception:  # noqa: BLE001 - unreadable (cut short, damaged): not complete
+            return None
+        paths = items[part * rows:(part + 1) * rows]
+        if meta.get("job") != job["job"] or meta.get("part") != part or n != len(paths) or meta.get("paths_sha256") != _digest(paths):
+            return None
+        return {**meta, "rows": n}
+
+    with ThreadPoolExecutor(max_workers=READ_THREADS if dest.in_place else 4) as pool:
+        found = dict(zip(candidates, pool.map(check, candidates)))
+    return {p: m for p, m in found.items() if m is not None}
+
+
+def _commit(dest: Destination, job: dict, done: dict[int, dict], seconds: float) -> dict:
+    files = [{"name": part_name(p), "rows": m["rows"], "errors": m["errors"]} for p, m in sorted(done.items())]
+    manifest = {"schema": SUCCESS_SCHEMA, "job": job["job"], "committed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "model": job["model"], "inputs": job["inputs"], "top_k": job["top_k"],
+                "rows": sum(f["rows"] for f in files), "errors": sum(f["errors"] for f in files),
+                "providers": sorted({m.get("provider") for m in done.values() if m.get("provider")}),
+                "seconds": round(seconds, 3), "files": files}
+    write_bytes(dest.fs, dest.path(SUCCESS_FILE), (json.dumps(manifest, indent=2) + "\n").encode(), in_place=dest.in_place)
+    if not dest.in_place:  # temporary files of writers killed mid-write
+        import pyarrow.fs as pafs
+
+        for e in dest.fs.get_file_info(pafs.FileSelector(dest.root)):
+            name = e.path.rsplit("/", 1)[-1]
+            if name.startswith(".part-") and name.endswith(".tmp"):
+                dest.fs.delete_file(e.path)
+    return manifest
+
+
+def read_results(out: str, endpoint: str | None = None):
+    """The committed results of a job as one pyarrow Table: only the files its `_SUCCESS.json`
+    lists (a FerryError when there is none: the job has not finished)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    endpoint = storage_endpoint(endpoint)
+    fs, root = filesystem(out, endpoint)
+    root = root.rstrip("/") or root
+    try:
+        manifest = json.loads(read_bytes(fs, f"{root}/{SUCCESS_FILE}"))
+    except FileNotFoundError as exc:
+        raise FerryError(f"{out} holds no committed results (no {SUCCESS_FILE}): the job has not finished; "
+                         f"run it again with --resume") from exc
+    tables = [pq.read_table(f"{root}/{f['name']}", filesystem=fs) for f in manifest["files"]]
+    table = pa.concat_tables(tables) if tables else _schema().empty_table()
+    if table.num_rows != manifest["rows"]:
+        raise FerryError(f"{out}: {table.num_rows} rows in the listed files, {manifest['rows']} in {SUCCESS_FILE}")
+    return table
 
 
 # --- the actor -----------------------------------------------------------------------------------
 
 
-class PredictBatch:
-    """One Classifier per actor; `__call__` turns a batch of (path, bytes) rows into result rows."""
+def read_part(batch, endpoint: str | None = None):
+    """Ray Data stage: rows of (part, paths) -> rows of (part, paths, data, read_error), each part's
+    files read at once (`read_files`)."""
+    import pyarrow as pa
 
-    def __init__(self, model: str | Any, model_name: str, provider: str, threads: int, top_k: int, throttle_ms: int = 0):
+    out: dict[str, list] = {"part": [], "paths": [], "data": [], "read_error": []}
+    filesystems = FileSystems(endpoint)
+    for part, paths in zip(batch.column("part").to_pylist(), batch.column("paths").to_pylist()):
+        got = read_files({"path": paths}, filesystems=filesystems)
+        out["part"].append(part)
+        out["paths"].append(paths)
+        out["data"].append(got["bytes"])
+        out["read_error"].append(got["read_error"])
+    return pa.table(out, schema=pa.schema([("part", pa.int64()), ("paths", pa.list_(pa.string())),
+                                           ("data", pa.large_list(pa.large_binary())), ("read_error", pa.list_(pa.string()))]))
+
+
+class PredictPart:
+    """One Classifier per actor; `__call__` predicts whole parts and writes each part's file to `out`,
+    returning a row of counts per part."""
+
+    def __init__(self, model: str | Any, model_name: str, provider: str, threads: int, top_k: int, batch_size: int,
+                 out: str, endpoint: str | None, job: str, throttle_ms: int = 0):
         """`model`: a path every node can read (a local job), or an ObjectRef of the model's bytes
         (a cluster job: the model travels once through the object store)."""
+        import ray
+
         from ferry.runtime import Classifier
 
         if isinstance(model, str):
             path = Path(model)
         else:
-            import ray
-
             path = Path(tempfile.mkdtemp(prefix="ferry-batch-")) / model_name
             path.write_bytes(ray.get(model))
         self.clf = Classifier.from_onnx(path, provider=provider, threads=threads)
-        self.top_k, self.throttle = top_k, throttle_ms / 1000.0
+        self.top_k, self.batch_size, self.throttle = top_k, batch_size, throttle_ms / 1000.0
+        self.fs, root = filesystem(out, endpoint)
+        self.root = root.rstrip("/") or root
+        self.in_place = scheme(out) in OBJECT_STORES
+        self.job = job
+        self.node = ray.get_runtime_context().get_node_id()
 
-    def __call__(self, batch: dict[str, Any]):
-        """Rows of (path, bytes, read_error) -> result rows, through the runtime's own `predict_many`."""
+    def predict(self, paths: list[str], data: list[bytes], read_errors: list[str]):
+        """Result rows for one part's inputs, in order, through the runtime's own `predict_many`."""
         import pyarrow as pa
 
-        paths = [str(p) for p in batch["path"]]
-        read_errors = [str(e) for e in batch["read_error"]]
         readable = [i for i, e in enumerate(read_errors) if not e]
-        outcomes = dict(zip(readable, self.clf.predict_many([bytes(batch["bytes"][i]) for i in readable],
-                                                            names=[paths[i] for i in readable], top_k=self.top_k,
-                                                            batch_size=max(1, len(readable)))))
+        outcomes: dict[int, Any] = {}
+        for start in range(0, len(readable), self.batch_size):
+            chunk = readable[start:start + self.batch_size]
+            outcomes.update(zip(chunk, self.clf.predict_many([data[i] for i in chunk], names=[paths[i] for i in chunk],
+                                                             top_k=self.top_k, batch_size=len(chunk))))
+            if self.throttle:
+                time.sleep(self.throttle)
         out: dict[str, list] = {k: [] for k in ("path", "index", "label", "probability", "top_k", "provider", "error")}
         for i, path in enumerate(paths):
             o = outcomes.get(i)
@@ -159,63 +445,34 @@ class PredictBatch:
             out["top_k"].append([c.__dict__ for c in p.top_k] if p else [])
             out["provider"].append(self.clf.provider.used)
             out["error"].append(o.error if o else read_errors[i])
-        if self.throttle:
-            time.sleep(self.throttle)
         return pa.Table.from_pydict(out, schema=_schema())  # one schema for every file, null columns included
 
+    def __call__(self, batch):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-def read_files(batch: dict[str, Any]) -> dict[str, list]:
-    """Rows of paths -> rows of (path, bytes, read_error: "" when read), read with plain file reads or, for a URI,
-    pyarrow's filesystem for its scheme (s3://, gs://, hdfs://, ...). A file that cannot be read
-    (deleted since it was listed, no permission) is a row with its error, not a failed job.
-
-    Why not `ray.data.read_binary_files`: its own per-file machinery costs more than reading a small
-    file (docs: "Batch inference"; Ray's own issue #37499 reports the same for read_images)."""
-    paths = [str(p) for p in batch["path"]]
-    data: list[bytes] = []
-    errors: list[str] = []  # "" when read (a column of only None would not survive Ray's numpy batches)
-    filesystems: dict[str, Any] = {}
-    for p in paths:
-        try:
-            if _is_uri(p):
-                fs, inner = _filesystem_for(p, filesystems)
-                with fs.open_input_stream(inner) as stream:
-                    data.append(stream.read())
-            else:
-                with open(p, "rb") as fh:
-                    data.append(fh.read())
-            errors.append("")
-        except Exception as exc:  # noqa: BLE001 - one unreadable file is one row's error
-            data.append(b"")
-            errors.append(f"{p}: cannot read: {type(exc).__name__}: {str(exc)[:200]}")
-    return {"path": paths, "bytes": data, "read_error": errors}
+        done: dict[str, list] = {"part": [], "rows": [], "errors": [], "node": []}
+        for row in batch.to_pylist():
+            table = self.predict(row["paths"], row["data"], row["read_error"])
+            written = table.column("path").to_pylist()
+            meta = {"job": self.job, "part": row["part"], "rows": table.num_rows,
+                    "errors": table.num_rows - table.column("error").null_count, "paths_sha256": _digest(written),
+                    "node": self.node, "provider": self.clf.provider.used}
+            sink = pa.BufferOutputStream()
+            pq.write_table(table.replace_schema_metadata({PART_META_KEY: json.dumps(meta).encode()}), sink)
+            write_bytes(self.fs, f"{self.root}/{part_name(row['part'])}", sink.getvalue().to_pybytes(), in_place=self.in_place)
+            for k in done:
+                done[k].append(meta[k])
+        return pa.table(done, schema=pa.schema([("part", pa.int64()), ("rows", pa.int64()), ("errors", pa.int64()),
+                                                ("node", pa.string())]))
 
 
-def read_batch_rows(paths: list[str], floor: int) -> int:
-    """Files per read batch: about READ_BATCH_BYTES of them (sizes from a sample of up to 100 local
-    files), at least `floor` (the inference batch) and at most 1024; 256 when nothing is local."""
-    sample = [p for p in paths[:: max(1, len(paths) // 100)][:100] if not _is_uri(p)]
-    sizes = [os.path.getsize(p) for p in sample if os.path.isfile(p)]
-    if not sizes:
-        return max(floor, 256)
-    return int(min(1024, max(floor, READ_BATCH_BYTES // max(1, sum(sizes) // len(sizes)))))
+def _schema():
+    import pyarrow as pa
 
-
-def _filesystem_for(uri: str, cache: dict[str, Any]) -> tuple[Any, str]:
-    """(pyarrow filesystem, path inside it) for a URI; one filesystem per scheme://host, as creating
-    one may cost a network round trip (an S3 region lookup)."""
-    import pyarrow.fs as pafs
-
-    key = "/".join(uri.split("/", 3)[:3])
-    rest = uri.split("://", 1)[1]
-    if key in cache:
-        fs, strip = cache[key]
-        if strip is not None:
-            return fs, rest[strip:]
-    fs, inner = pafs.FileSystem.from_uri(uri)
-    # s3://bucket/key -> "bucket/key" (strip 0); hdfs://host:port/p -> "/p" (strip the host)
-    cache[key] = (fs, len(rest) - len(inner) if rest.endswith(inner) else None)
-    return fs, inner
+    cand = pa.struct([("index", pa.int64()), ("label", pa.string()), ("probability", pa.float64())])
+    return pa.schema([("path", pa.string()), ("index", pa.int64()), ("label", pa.string()), ("probability", pa.float64()),
+                      ("top_k", pa.list_(cand)), ("provider", pa.string()), ("error", pa.string())])
 
 
 # --- Ray -----------------------------------------------------------------------------------------
@@ -237,67 +494,146 @@ def plan_workers(opts: BatchOptions, cluster_cpus: float, cluster_gpus: float) -
     return workers, cpus, max(1, round(cpus))
 
 
-def run_batch(opts: BatchOptions, *, log: Callable[[str], None] = print) -> BatchSummary:
-    from ferry.runtime import Classifier
+def _check_options(opts: BatchOptions) -> None:
     from ferry.runtime.engines import CHOICES
 
     if opts.provider not in CHOICES:
         raise FerryError(f"unknown provider {opts.provider!r}; choose one of {', '.join(CHOICES)}")
-    for name, value, low in (("--batch-size", opts.batch_size, 1), ("--top-k", opts.top_k, 1), ("--workers", opts.workers, 0)):
+    for name, value, low in (("--batch-size", opts.batch_size, 1), ("--top-k", opts.top_k, 1), ("--workers", opts.workers, 0),
+                             ("part_rows", opts.part_rows, 0)):
         if value < low:
             raise FerryError(f"{name} must be >= {low} (got {value})")
     if opts.cpus_per_worker < 0 or opts.gpus_per_worker < 0:
         raise FerryError("--cpus-per-worker and --gpus-per-worker must be >= 0")
+
+
+def run_batch(opts: BatchOptions, *, log: Callable[[str], None] = print) -> BatchSummary:
+    from ferry.core.fileio import sha256_file
+    from ferry.runtime import Classifier
+
+    # --- before Ray: everything that can be checked here is ---
+    _check_options(opts)
     model_path = Path(opts.model)
-    probe = Classifier.from_onnx(model_path, provider="cpu", threads=1)  # a bad or stale model fails here, before Ray
+    probe = Classifier.from_onnx(model_path, provider="cpu", threads=1)  # a bad or stale model fails here
+    model_sha256 = sha256_file(model_path)
     provider = opts.provider if opts.provider != "auto" or not opts.gpus_per_worker else "cuda"
-    items = [p if _is_uri(p) else os.path.abspath(p) for p in resolve_inputs(opts.input)]
+    endpoint = storage_endpoint(opts.storage_endpoint)
+    items = [p if is_uri(p) else os.path.abspath(p) for p in resolve_inputs(opts.input, endpoint)]
     if not items:
         raise FerryError(f"no input files in {opts.input}")
     if len(set(items)) != len(items):
         raise FerryError(f"{opts.input} lists {len(items) - len(set(items))} path(s) more than once; each image once, please")
-    missing = [p for p in items if not _is_uri(p) and not Path(p).is_file()]
-    present = [p for p in items if p not in set(missing)]
-    out = Path(opts.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FerryError(f"--out {out} exists and is not an empty folder (results are never written over)")
-
-    import ray
-
-    from ferry.cluster import start_ray
-
-    started, ray_seconds = start_ray(opts.address, object_store_mb=opts.object_store_mb)
-    try:
-        resources = ray.cluster_resources()
-        workers, cpus, threads = plan_workers(opts, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
-        log(f"ferry batch: {len(items)} inputs, model {probe.name}, {workers} workers x {cpus:g} CPU"
-            + (f" x {opts.gpus_per_worker:g} GPU" if opts.gpus_per_worker else "") + f", {threads} thread(s) each, "
-            f"batch {opts.batch_size}; Ray {'started' if started else 'joined'} in {ray_seconds:.1f} s")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
-        t0 = time.perf_counter()
+    dest = open_destination(opts.out, endpoint)
+    items_sha256 = _digest(items)
+    if dest.job is not None:
+        why = _differs(dest.job, model_sha256, items_sha256, len(items), opts.top_k)
+        if why:
+            raise FerryError(f"--out {opts.out} holds another job's output ({why}); results are never written over: "
+                             f"choose another --out")
+        if dest.committed is not None and not opts.resume:
+            raise FerryError(f"--out {opts.out} already holds this job's committed results ({SUCCESS_FILE}); "
+                             f"choose another --out, or --resume to accept them")
+        if dest.committed is None and dest.parts and not opts.resume:  # a record alone (Ray never ran) holds no work
+            raise FerryError(f"--out {opts.out} holds an unfinished run of this job ({len(dest.parts)} of "
+                             f"{dest.job['parts']} part files); add --resume to finish it, or choose another --out")
+        job = dest.job
+    else:
+        job = _job_record(opts, model_sha256, probe.name, items, opts.part_rows or choose_part_rows(items, opts.batch_size))
         try:
-            if present:
-                _run_dataset(ray, opts, present, tmp, workers=workers, cpus=cpus, threads=threads, provider=provider)
-            if missing:
-                _write_missing(missing, tmp / "missing-inputs.parquet")
-            table = _verify(tmp, items)
-            seconds = time.perf_counter() - t0
-            out.parent.mkdir(parents=True, exist_ok=True)
-            if out.exists():
-                out.rmdir()
-            os.replace(tmp, out)
+            if not dest.in_place:
+                dest.fs.create_dir(dest.root, recursive=True)
+            write_bytes(dest.fs, dest.path(JOB_FILE), (json.dumps(job, indent=2) + "\n").encode(), in_place=dest.in_place)
+        except OSError as exc:
+            raise FerryError(f"cannot write to --out {opts.out}: {reason(exc)}") from exc
+    rows, parts = job["part_rows"], job["parts"]
+    t0 = time.perf_counter()
+    done = _complete_parts(dest, job, items, sorted(p for p in dest.parts if p < parts))
+    kept = len(done)
+    if dest.committed is not None and kept == parts:
+        log(f"ferry batch: {opts.out} already holds this job's committed results; nothing to do")
+        return _summary(dest.committed, dest, time.perf_counter() - t0, 0.0, (0, 0.0, 0), kept)
+    todo = [p for p in range(parts) if p not in done]
+    if dest.committed is not None:  # committed once, then a part went missing: no longer committed until redone
+        try:
+            dest.fs.delete_file(dest.path(SUCCESS_FILE))
+        except OSError as exc:
+            raise FerryError(f"cannot write to --out {opts.out}: {reason(exc)}") from exc
+
+    started, ray_seconds, plan = False, 0.0, (0, 0.0, 0)
+    if todo:
+        import ray
+
+        from ferry.cluster import start_ray
+
+        started, ray_seconds = start_ray(opts.address, object_store_mb=opts.object_store_mb)
+        try:
+            resources = ray.cluster_resources()
+            plan = plan_workers(opts, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
+            plan = (min(plan[0], len(todo)), *plan[1:])  # an actor a part at most: no actor started for nothing
+            log(f"ferry batch: {len(items)} inputs in {parts} parts of {rows}" + (f" ({kept} done earlier)" if kept else "")
+                + f", model {probe.name}, {plan[0]} workers x {plan[1]:g} CPU"
+                + (f" x {opts.gpus_per_worker:g} GPU" if opts.gpus_per_worker else "") + f", {plan[2]} thread(s) each, "
+                f"batch {opts.batch_size}; Ray {'joined' if opts.address or not started else 'started'} in {ray_seconds:.1f} s")
+            t0 = time.perf_counter()
+            _check_nodes_see(ray, dest, job["job"])
+            _run_dataset(ray, opts, items, job, todo, dest, endpoint, plan=plan, provider=provider)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    finally:
-        if started:
-            ray.shutdown()
-    failures = sum(e is not None for e in table.column("error").to_pylist())
-    providers = sorted({p for p in table.column("provider").to_pylist() if p})
-    return BatchSummary(len(items), failures, seconds, ray_seconds, str(out), workers, cpus, threads, providers)
+            if started:
+                ray.shutdown()
+    found = _complete_parts(dest, job, items, todo)
+    missing = [p for p in todo if p not in found]
+    if missing:
+        raise FerryError(f"{len(missing)} part file(s) missing or incomplete in {opts.out} after the job (e.g. "
+                         f"{part_name(missing[0])}); nothing was committed: run again with --resume")
+    done.update(found)
+    seconds = time.perf_counter() - t0
+    manifest = _commit(dest, job, done, seconds)
+    return _summary(manifest, dest, seconds, ray_seconds, plan, kept)
 
 
-def _run_dataset(ray, opts: BatchOptions, paths: list[str], tmp: Path, *, workers: int, cpus: float, threads: int,
-                 provider: str) -> None:
+def _summary(manifest: dict, dest: Destination, seconds: float, ray_seconds: float, plan: tuple[int, float, int],
+             kept: int) -> BatchSummary:
+    return BatchSummary(manifest["rows"], manifest["errors"], seconds, ray_seconds, dest.location, plan[0], plan[1], plan[2],
+                        list(manifest["providers"]), len(manifest["files"]), kept)
+
+
+def _check_nodes_see(ray, dest: Destination, job: str) -> None:
+    """On a cluster of several nodes, every node must reach `--out` (a local folder only on a shared
+    filesystem; an object store with the credentials in each node's environment): a FerryError now
+    rather than results scattered over the nodes' own disks."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+
+    @ray.remote(num_cpus=0)
+    def sees(location: str, endpoint: str | None) -> str:
+        try:
+            fs, root = filesystem(location, endpoint)
+            record = json.loads(read_bytes(fs, f"{root.rstrip('/')}/{JOB_FILE}"))
+            return "" if record.get("job") == job else "another job's record"
+        except Exception as exc:  # noqa: BLE001 - reported to the driver
+            return reason(exc)
+
+    refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(dest.location, dest.endpoint)
+            for n in nodes]
+    try:
+        answers = ray.get(refs, timeout=300)
+    except Exception as exc:  # noqa: BLE001 - a node that does not answer: one line, not Ray's traceback
+        raise FerryError(f"cannot check that every node of the cluster reaches --out {dest.location}: "
+                         f"{first_line(exc)}") from exc
+    problems = [(n, why) for n, why in zip(nodes, answers) if why]
+    if problems:
+        node, why = problems[0]
+        hint = ("a local folder works on a cluster only where it is a filesystem shared by every node; use an object "
+                "store (s3://...)") if not is_uri(dest.location) else "each node needs the store's credentials in its environment"
+        raise FerryError(f"--out {dest.location} cannot be read from {len(problems)} of {len(nodes)} nodes of the cluster "
+                         f"(node {node[:12]}: {why}); {hint}")
+
+
+def _run_dataset(ray, opts: BatchOptions, items: list[str], job: dict, todo: list[int], dest: Destination,
+                 endpoint: str | None, *, plan: tuple[int, float, int], provider: str) -> None:
     import ray.data
 
     from ferry.cluster import quiet_ray_data
@@ -306,61 +642,35 @@ def _run_dataset(ray, opts: BatchOptions, paths: list[str], tmp: Path, *, worker
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     ctx.print_on_execution_start = False
-    # one read batch of files per block, a batch about READ_BATCH_BYTES: small files in batches of
-    # up to a thousand (a task per few files costs more in Ray than the reading), big ones in fewer
-    # (and at least four blocks a worker, or the workers wait: a read batch is one block downstream)
-    rows = min(read_batch_rows(paths, opts.batch_size), math.ceil(len(paths) / (4 * workers)))
-    blocks = min(math.ceil(len(paths) / rows), 2000)
-    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks)
-    ds = ds.map_batches(read_files, batch_size=rows, num_cpus=READ_CPUS)
+    workers, cpus, threads = plan
+    rows = job["part_rows"]
+    parts = [{"part": p, "paths": items[p * rows:(p + 1) * rows]} for p in todo]
+    # one part a block: a read task reads a whole part, an actor call predicts and writes it
+    ds = ray.data.from_items(parts, override_num_blocks=min(len(parts), 5000))
+    ds = ds.map_batches(read_part, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS, fn_kwargs={"endpoint": endpoint})
     model = str(Path(opts.model).resolve()) if not opts.address else ray.put(Path(opts.model).read_bytes())
     ds = ds.map_batches(
-        PredictBatch,
-        fn_constructor_kwargs={"model": model, "model_name": Path(opts.model).name, "provider": provider,
-                               "threads": threads, "top_k": opts.top_k, "throttle_ms": opts.throttle_ms},
-        batch_size=opts.batch_size,
-        batch_format="numpy",
+        PredictPart,
+        fn_constructor_kwargs={"model": model, "model_name": Path(opts.model).name, "provider": provider, "threads": threads,
+                               "top_k": opts.top_k, "batch_size": opts.batch_size, "out": dest.location, "endpoint": endpoint,
+                               "job": job["job"], "throttle_ms": opts.throttle_ms},
+        batch_size=1,
+        batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=cpus,
         num_gpus=opts.gpus_per_worker or None,
     )
-    ds.write_parquet(str(tmp))
-
-
-def _schema():
-    import pyarrow as pa
-
-    cand = pa.struct([("index", pa.int64()), ("label", pa.string()), ("probability", pa.float64())])
-    return pa.schema([("path", pa.string()), ("index", pa.int64()), ("label", pa.string()), ("probability", pa.float64()),
-                      ("top_k", pa.list_(cand)), ("provider", pa.string()), ("error", pa.string())])
-
-
-def _write_missing(paths: list[str], target: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    n = len(paths)
-    table = pa.table({"path": paths, "index": [None] * n, "label": [None] * n, "probability": [None] * n,
-                      "top_k": [[] for _ in paths], "provider": [None] * n,
-                      "error": [f"{p}: no such file" for p in paths]}, schema=_schema())
-    pq.write_table(table, target)
-
-
-def _verify(folder: Path, expected: list[str]):
-    """Every input path exactly once in the output, or a FerryError (nothing lost, nothing doubled)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    files = sorted(folder.glob("*.parquet"))
-    table = pa.concat_tables([pq.read_table(f).select(["path", "error", "provider"]) for f in files]) if files else None
-    got = table.column("path").to_pylist() if table is not None else []
-    counts: dict[str, int] = {}
-    for p in got:
-        counts[p] = counts.get(p, 0) + 1
-    doubled = sorted(p for p, c in counts.items() if c > 1)
-    lost = sorted(set(expected) - set(counts))
-    extra = sorted(set(counts) - set(expected))
-    if doubled or lost or extra:
-        raise FerryError(f"batch output is inconsistent: {len(lost)} input(s) lost, {len(doubled)} doubled, {len(extra)} "
-                         f"unexpected (e.g. {(lost + doubled + extra)[0]}); nothing was written to --out")
-    return table
+    try:
+        for _ in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            pass  # a few numbers a part; the rows are in --out already
+    except FerryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Ray's wrapping of a worker's error: one line for the user
+        cause: BaseException = exc
+        for _ in range(10):  # Ray wraps a worker's exception (RayTaskError, UserCodeException): its cause
+            inner = getattr(cause, "cause", None) or cause.__cause__
+            if not isinstance(inner, BaseException) or inner is cause:
+                break
+            cause = inner
+        raise FerryError(f"the job failed on a worker: {reason(cause)}; the parts written so far are kept: fix the "
+                         f"cause and run again with --resume") from exc

@@ -1,0 +1,185 @@
+"""Where `ferry batch` reads and writes: local paths and URIs, through pyarrow's filesystems.
+
+One code path for every place: a local path (pyarrow's `LocalFileSystem`), `s3://` (pyarrow's
+`S3FileSystem`; an S3-compatible store through `endpoint`, from `--storage-endpoint`,
+`$AWS_ENDPOINT_URL_S3` or `$AWS_ENDPOINT_URL`), and the other schemes pyarrow knows (`gs://`,
+`abfs://`, `hdfs://`, `file://`) or, when it does not, fsspec's filesystem for the scheme.
+
+Every process builds its own filesystem from its own environment (credentials: the provider's usual
+variables or files), so no secret travels through Ray. Errors are turned into short reasons
+(`reason`): "no such file", "permission denied", "credentials refused", ...
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+from ferry.core.errors import FerryError
+
+# stores where an object appears whole when its upload completes, or not at all: written in place;
+# anywhere else a file is written under a temporary name and renamed
+OBJECT_STORES = ("s3", "gs", "gcs", "abfs", "abfss", "az")
+
+
+def is_uri(p: str) -> bool:
+    return "://" in p
+
+
+def scheme(p: str) -> str:
+    return p.split("://", 1)[0].lower() if is_uri(p) else ""
+
+
+def storage_endpoint(flag: str | None = None) -> str | None:
+    """The S3-compatible endpoint to use: the flag, else $AWS_ENDPOINT_URL_S3, else $AWS_ENDPOINT_URL
+    (None: Amazon S3 itself)."""
+    return flag or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def filesystem(location: str, endpoint: str | None = None) -> tuple[Any, str]:
+    """(pyarrow filesystem, path inside it) for a local path or a URI. Raises FerryError for a
+    scheme that neither pyarrow nor fsspec knows."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), os.path.abspath(location)
+    kind = scheme(location)
+    rest = location.split("://", 1)[1]
+    if kind == "s3":
+        if endpoint:
+            return pafs.S3FileSystem(endpoint_override=endpoint), rest.rstrip("/")
+        try:
+            return pafs.FileSystem.from_uri(location)
+        except (OSError, ValueError) as exc:
+            raise FerryError(f"cannot open {location}: {first_line(exc)}") from exc
+    try:
+        return pafs.FileSystem.from_uri(location)
+    except pa.ArrowInvalid as exc:
+        if "nrecognized filesystem" not in str(exc):
+            raise FerryError(f"cannot open {location}: {first_line(exc)}") from exc
+    except OSError as exc:
+        raise FerryError(f"cannot open {location}: {first_line(exc)}") from exc
+    try:  # a scheme pyarrow lacks: fsspec's implementation, when installed
+        import fsspec
+
+        fs = fsspec.filesystem(kind)
+    except (ImportError, ValueError) as exc:
+        raise FerryError(f"{location}: no filesystem for {kind}:// (pyarrow's: s3, gs, abfs, hdfs, file; others "
+                         f"need fsspec and its package for {kind})") from exc
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), fs._strip_protocol(location)
+
+
+class FileSystems:
+    """Filesystems by scheme://authority, each built once and reused for every object there
+    (creating one may cost a round trip to the store: an S3 bucket's region)."""
+
+    def __init__(self, endpoint: str | None = None):
+        self.endpoint = endpoint
+        self._cache: dict[str, tuple[Any, int | None]] = {}
+
+    def get(self, location: str) -> tuple[Any, str]:
+        if not is_uri(location):
+            import pyarrow.fs as pafs
+
+            return pafs.LocalFileSystem(), os.path.abspath(location)
+        key = "/".join(location.split("/", 3)[:3])
+        rest = location.split("://", 1)[1]
+        cached = self._cache.get(key)
+        if cached is not None and cached[1] is not None:
+            return cached[0], rest[cached[1]:]
+        fs, inner = filesystem(location, self.endpoint)
+        # s3://bucket/key -> "bucket/key" (strip 0); hdfs://host:port/p -> "/p" (strip the authority)
+        self._cache[key] = (fs, len(rest) - len(inner) if rest.endswith(inner) else None)
+        return fs, inner
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]
+
+
+def reason(exc: BaseException) -> str:
+    """A store's or the OS's error in a few words, the same for every scheme."""
+    text = str(exc)
+    if isinstance(exc, FileNotFoundError) or "NO_SUCH_KEY" in text or "NoSuchKey" in text:
+        return "no such file"
+    if isinstance(exc, PermissionError) or "ACCESS_DENIED" in text or "AccessDenied" in text:
+        return "permission denied"
+    if "NO_SUCH_BUCKET" in text or "NoSuchBucket" in text:
+        return "no such bucket"
+    if any(s in text for s in ("INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "InvalidAccessKeyId",
+                               "SignatureDoesNotMatch", "EXPIRED_TOKEN", "ExpiredToken")):
+        return "credentials refused"
+    if "NETWORK_CONNECTION" in text or isinstance(exc, ConnectionError):
+        return f"cannot connect ({first_line(exc, 120)})"
+    if isinstance(exc, IsADirectoryError):
+        return "is a folder"
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def bucket_of(location: str, inner: str) -> str | None:
+    """The bucket (container) of an object-store location, or None elsewhere."""
+    return inner.split("/", 1)[0] if scheme(location) in OBJECT_STORES else None
+
+
+def check_bucket(fs: Any, location: str, inner: str, what: str, endpoint: str | None) -> None:
+    """An object store's bucket must exist and let these credentials in; a FerryError now otherwise.
+    Some stores deny the bucket's HEAD to credentials scoped to a few buckets or prefixes (and then say
+    "denied" for a missing bucket too): a listing of an unused prefix tells those cases apart."""
+    import pyarrow.fs as pafs
+
+    bucket = bucket_of(location, inner)
+    if not bucket:
+        return
+    where = f" at {endpoint}" if endpoint and scheme(location) == "s3" else ""
+    try:
+        if fs.get_file_info(bucket).type != pafs.FileType.NotFound:
+            return
+        why = "no such bucket"
+    except OSError:
+        try:
+            fs.get_file_info(pafs.FileSelector(f"{bucket}/.ferry-probe-{uuid.uuid4().hex[:8]}"))
+            return
+        except FileNotFoundError:
+            return  # the bucket is there and can be listed (the prefix is not)
+        except OSError as exc:
+            why = reason(exc)
+            cause: BaseException | None = exc
+    else:
+        cause = None
+    if why == "no such bucket":
+        raise FerryError(f"{what} {location}: bucket {bucket!r} does not exist{where} (ferry never creates buckets)") from cause
+    if why.startswith("cannot connect"):
+        raise FerryError(f"{what} {location}: cannot reach the store{where}: {why}") from cause
+    hint = ("check the credentials in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or the provider's own) "
+            "and the endpoint (--storage-endpoint)") if why in ("permission denied", "credentials refused") else ""
+    raise FerryError(f"{what} {location}: the store refused bucket {bucket!r}{where}: {why}"
+                     + (f"; {hint}" if hint else "")) from cause
+
+
+def read_bytes(fs: Any, path: str) -> bytes:
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def write_bytes(fs: Any, path: str, data: bytes, *, in_place: bool) -> None:
+    """Write a whole file so that readers see all of it or nothing: in place on an object store
+    (`in_place`), else under a hidden temporary name in the same folder, then renamed."""
+    if in_place:
+        with fs.open_output_stream(path) as out:
+            out.write(data)
+        return
+    folder, name = path.rsplit("/", 1)
+    tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        with fs.open_output_stream(tmp) as out:
+            out.write(data)
+        fs.move(tmp, path)
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except OSError:
+            pass
+        raise
