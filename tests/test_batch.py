@@ -62,6 +62,16 @@ def test_batch_equals_predict_and_turns_hostile_inputs_into_rows(ray_local, cnn_
             name = Path(row["path"]).name
             assert row["index"] is None and BAD_IMAGES[name] in row["error"] and name in row["error"]
 
+    # the decode stage of GPU jobs (decoding in CPU tasks ahead of the actors), here on the CPU: the same rows
+    run_batch(BatchOptions(model=str(cnn_export[0]), input=str(folder), out=str(tmp_path / "decoded"), batch_size=7,
+                           top_k=3, decode_stage=True, decode_cpus=0.25), log=lambda _m: None)
+    decoded = {r["path"]: r for r in read_rows(tmp_path / "decoded")}
+    assert sorted(decoded) == files
+    for row in rows:
+        other = decoded[row["path"]]
+        assert (other["index"], other["label"], other["error"]) == (row["index"], row["label"], row["error"])
+        assert other["probability"] == row["probability"] or abs(other["probability"] - row["probability"]) <= 1e-6
+
 
 def test_a_list_file_with_a_missing_path_and_a_glob(ray_local, cnn_export, tmp_path):
     from ferry.batch.job import BatchOptions, run_batch

@@ -307,3 +307,27 @@ def test_one_classifier_shared_by_threads(cnn_export, bad_folder, tmp_path):
         futures = [pool.submit(worker, k) for k in range(12)]
         results = [f.result(timeout=120) for f in futures]  # re-raises any exception of a thread
     assert len(results) == 12 and all(r == expected for r in results)
+
+
+def test_the_fast_paths_compute_what_the_general_ones_do(cnn_export):
+    """The per-call shortcuts change no bit: an MNIST-like uint8 digit by one table lookup equals the
+    float path; one prediction over a few classes in plain Python equals the numpy softmax and its
+    stable top-k (ties to the lower index)."""
+    from ferry.runtime.classifier import _check_array
+    from ferry.runtime.presets import normalize_unit_digit, standardize_digit
+
+    clf = Classifier.from_onnx(cnn_export[0], provider="cpu")
+    x, _ = synthetic_digits(300, seed=11)
+    x[:, :2], x[:, -2:], x[:, :, :2], x[:, :, -2:] = 0, 0, 0, 0  # dark borders: the passthrough case
+    for img in x:
+        assert np.array_equal(clf.prepare(img), standardize_digit(normalize_unit_digit(_check_array(img, "mnist")), clf.spec))
+    light = np.full((28, 28), 255, np.uint8)  # a light border: not MNIST-like, the general path
+    light[8:20, 12:16] = 0
+    assert np.array_equal(clf.prepare(light), standardize_digit(normalize_unit_digit(_check_array(light, "mnist")), clf.spec))
+    rng = np.random.default_rng(3)
+    rows = [rng.standard_normal(10).astype(np.float32) for _ in range(100)] + [np.zeros(10, np.float32)]  # a full tie
+    for row in rows:
+        small = clf.predictions(row[None], 5)[0]
+        wide = clf.predictions(np.stack([row, row]), 5)[0]  # two rows: the numpy path
+        assert [c.index for c in small.top_k] == [c.index for c in wide.top_k]
+        assert [c.probability for c in small.top_k] == pytest.approx([c.probability for c in wide.top_k], abs=1e-15)

@@ -86,6 +86,8 @@ class BatchOptions:
     storage_endpoint: str | None = None  # an S3-compatible store's URL (None: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, or AWS)
     part_rows: int = 0  # inputs per part file (0: chosen from the inputs; a resumed job keeps its first run's)
     throttle_ms: int = 0  # sleep per inference batch in each actor: only to make a test job last long enough to kill
+    decode_stage: bool | None = None  # decode and preprocess in CPU tasks ahead of the actors (None: on with GPUs)
+    decode_cpus: float = 1.0  # CPUs each decode task reserves
 
 
 @dataclass
@@ -397,12 +399,54 @@ def read_part(batch, endpoint: str | None = None):
                                            ("data", pa.large_list(pa.large_binary())), ("read_error", pa.list_(pa.string()))]))
 
 
+def prepare_part(batch, preprocess: dict | None = None):
+    """Ray Data stage (the decode stage of GPU jobs): each part's images decoded and preprocessed on a
+    CPU worker, with the runtime's own code, into float32 tensors of the model's input shape (bytes
+    of C-order arrays), so the GPU actors only infer. An image that cannot be used keeps its error."""
+    import numpy as np
+    import pyarrow as pa
+
+    from ferry.runtime.images import decode_image
+    from ferry.runtime.presets import Preprocess
+    from ferry.runtime.presets import preprocess as prepare
+
+    spec = Preprocess.from_dict(preprocess)
+    out: dict[str, list] = {"part": [], "paths": [], "data": [], "read_error": []}
+    for row in batch.to_pylist():
+        tensors, errors = [], []
+        for path, data, error in zip(row["paths"], row["data"], row["read_error"]):
+            if error:
+                tensors.append(b"")
+                errors.append(error)
+                continue
+            try:
+                tensors.append(np.ascontiguousarray(prepare(decode_image(data, path), spec), np.float32).tobytes())
+                errors.append("")
+            except FerryError as exc:
+                tensors.append(b"")
+                errors.append(_one_line(exc, path))
+            except Exception as exc:  # noqa: BLE001 - one undecodable input must not stop the part
+                tensors.append(b"")
+                errors.append(f"{path}: {type(exc).__name__}: {exc}"[:300])
+        out["part"].append(row["part"])
+        out["paths"].append(row["paths"])
+        out["data"].append(tensors)
+        out["read_error"].append(errors)
+    return pa.table(out, schema=pa.schema([("part", pa.int64()), ("paths", pa.list_(pa.string())),
+                                           ("data", pa.large_list(pa.large_binary())), ("read_error", pa.list_(pa.string()))]))
+
+
+def _one_line(exc: Exception, source: str) -> str:
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return msg if msg.startswith(source) else f"{source}: {msg}"
+
+
 class PredictPart:
     """One Classifier per actor; `__call__` predicts whole parts and writes each part's file to `out`,
     returning a row of counts per part."""
 
     def __init__(self, model: str | Any, model_name: str, provider: str, threads: int, top_k: int, batch_size: int,
-                 out: str, endpoint: str | None, job: str, throttle_ms: int = 0):
+                 out: str, endpoint: str | None, job: str, throttle_ms: int = 0, prepared: bool = False):
         """`model`: a path every node can read (a local job), or an ObjectRef of the model's bytes
         (a cluster job: the model travels once through the object store)."""
         import ray
@@ -421,6 +465,7 @@ class PredictPart:
         self.in_place = scheme(out) in OBJECT_STORES
         self.job = job
         self.node = ray.get_runtime_context().get_node_id()
+        self.prepared = prepared  # the decode stage sent tensors, not encoded images
 
     def predict(self, paths: list[str], data: list[bytes], read_errors: list[str]):
         """Result rows for one part's inputs, in order, through the runtime's own `predict_many`."""
@@ -430,8 +475,18 @@ class PredictPart:
         outcomes: dict[int, Any] = {}
         for start in range(0, len(readable), self.batch_size):
             chunk = readable[start:start + self.batch_size]
-            outcomes.update(zip(chunk, self.clf.predict_many([data[i] for i in chunk], names=[paths[i] for i in chunk],
-                                                             top_k=self.top_k, batch_size=len(chunk))))
+            if self.prepared:  # tensors from the decode stage: straight to the engine
+                import numpy as np
+
+                from ferry.runtime.classifier import Outcome
+
+                shape = self.clf.spec.input_shape
+                x = np.stack([np.frombuffer(data[i], np.float32).reshape(shape) for i in chunk])
+                preds = self.clf.predictions(self.clf.infer(x), self.top_k)
+                outcomes.update({i: Outcome(paths[i], prediction=p) for i, p in zip(chunk, preds)})
+            else:
+                outcomes.update(zip(chunk, self.clf.predict_many([data[i] for i in chunk], names=[paths[i] for i in chunk],
+                                                                 top_k=self.top_k, batch_size=len(chunk))))
             if self.throttle:
                 time.sleep(self.throttle)
         out: dict[str, list] = {k: [] for k in ("path", "index", "label", "probability", "top_k", "provider", "error")}
@@ -538,7 +593,12 @@ def run_batch(opts: BatchOptions, *, log: Callable[[str], None] = print) -> Batc
                              f"{dest.job['parts']} part files); add --resume to finish it, or choose another --out")
         job = dest.job
     else:
-        job = _job_record(opts, model_sha256, probe.name, items, opts.part_rows or choose_part_rows(items, opts.batch_size))
+        part_rows = opts.part_rows or choose_part_rows(items, opts.batch_size)
+        if (opts.gpus_per_worker > 0 if opts.decode_stage is None else opts.decode_stage) and not opts.part_rows:
+            # decoded tensors are larger than the files: a part's tensors stay about a read batch's bytes
+            tensor_bytes = 4 * math.prod(probe.spec.input_shape)
+            part_rows = max(1, min(part_rows, max(opts.batch_size, READ_BATCH_BYTES // tensor_bytes)))
+        job = _job_record(opts, model_sha256, probe.name, items, part_rows)
         try:
             if not dest.in_place:
                 dest.fs.create_dir(dest.root, recursive=True)
@@ -648,12 +708,19 @@ def _run_dataset(ray, opts: BatchOptions, items: list[str], job: dict, todo: lis
     # one part a block: a read task reads a whole part, an actor call predicts and writes it
     ds = ray.data.from_items(parts, override_num_blocks=min(len(parts), 5000))
     ds = ds.map_batches(read_part, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS, fn_kwargs={"endpoint": endpoint})
+    decode = opts.gpus_per_worker > 0 if opts.decode_stage is None else opts.decode_stage
+    if decode:  # GPU jobs: decoding on CPU workers (as many as the cluster's CPUs allow) feeds the GPU actors
+        from ferry.runtime import contract
+
+        spec = contract.read(opts.model).preprocess.to_dict()
+        ds = ds.map_batches(prepare_part, batch_size=1, batch_format="pyarrow", num_cpus=opts.decode_cpus,
+                            fn_kwargs={"preprocess": spec})
     model = str(Path(opts.model).resolve()) if not opts.address else ray.put(Path(opts.model).read_bytes())
     ds = ds.map_batches(
         PredictPart,
         fn_constructor_kwargs={"model": model, "model_name": Path(opts.model).name, "provider": provider, "threads": threads,
                                "top_k": opts.top_k, "batch_size": opts.batch_size, "out": dest.location, "endpoint": endpoint,
-                               "job": job["job"], "throttle_ms": opts.throttle_ms},
+                               "job": job["job"], "throttle_ms": opts.throttle_ms, "prepared": decode},
         batch_size=1,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=workers),
