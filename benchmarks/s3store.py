@@ -102,7 +102,8 @@ class LocalS3:
             self.proc.wait(timeout=30)
 
 
-def start_local_s3(folder: Path, identities: dict[str, list[str]], *, timeout: float = 90.0) -> LocalS3:
+def start_local_s3(folder: Path, identities: dict[str, list[str]], *, timeout: float = 90.0,
+                   extra_args: tuple[str, ...] = ()) -> LocalS3:
     """Start SeaweedFS with an S3 gateway on 127.0.0.1 (free ports), data under `folder`, one access
     key per identity (`identities`: name -> SeaweedFS actions, e.g. ["Read:bucket", "List", "Write"]).
     Returns once an object can be written and read back. RuntimeError when `weed` is missing or the
@@ -122,7 +123,7 @@ def start_local_s3(folder: Path, identities: dict[str, list[str]], *, timeout: f
             f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.max=0", "-volume.preStopSeconds=0",
             "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
             "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            f"-s3.config={folder / 'identities.json'}"]
+            f"-s3.config={folder / 'identities.json'}", *extra_args]
     log = open(folder / "weed.log", "wb")  # noqa: SIM115 - the server's log, open while it runs
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=folder)
     admin = next((n for n, a in identities.items() if "Admin" in a), None)

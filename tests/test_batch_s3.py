@@ -360,3 +360,23 @@ def test_read_files_from_a_store_names_what_it_cannot_read(s3_store, as_worker):
     got = read_files({"path": uris})
     assert got["bytes"] == [b"aaa", b"", b""]
     assert got["read_error"] == ["", f"{uris[1]}: permission denied", f"{uris[2]}: no such file"]
+
+
+def test_objects_are_read_with_one_get_where_obstore_can(s3_store, as_worker, monkeypatch):
+    """With obstore installed and the credentials in the environment, an s3:// object is read by one
+    GET (obstore), not pyarrow's HEAD + GET: the pyarrow path is not taken, and the bytes and the
+    reasons are the same."""
+    pytest.importorskip("obstore")
+    from ferry.batch import storage
+    from ferry.batch.job import read_files
+
+    fs = s3_store.filesystem()
+    put(fs, "ferry-locked/open/one.bin", b"one")
+
+    def pyarrow_path(*_a, **_k):
+        raise AssertionError("read through pyarrow's HEAD + GET")
+
+    monkeypatch.setattr(storage, "read_bytes", pyarrow_path)
+    uris = ["s3://ferry-locked/open/one.bin", "s3://ferry-locked/open/none.bin"]
+    got = read_files({"path": uris})
+    assert got["bytes"] == [b"one", b""] and got["read_error"] == ["", f"{uris[1]}: no such file"]

@@ -182,8 +182,7 @@ def read_files(batch: dict[str, Any], endpoint: str | None = None, filesystems: 
     def one(p: str) -> tuple[bytes, str]:
         try:
             if is_uri(p):
-                fs, inner = filesystems.get(p)
-                return read_bytes(fs, inner), ""
+                return filesystems.read(p), ""
             with open(p, "rb") as fh:
                 return fh.read(), ""
         except Exception as exc:  # noqa: BLE001 - one unreadable file is one row's error
