@@ -3,8 +3,9 @@
 Ray Data reads the files' bytes; a pool of actors each holds one `Classifier` (the runtime's own
 decoding, preprocessing and prediction, as `ferry predict` does), with onnxruntime's intra-op
 threads set to the CPUs the actor reserves; results are written as Parquet, one row per input
-(path, index, label, probability, top_k, provider, error). A bad file is a row with its error. The
-job checks its own output: every input path exactly once, or it fails loudly.
+(path, index, label, probability, top_k, provider, error; a detector's rows: ferry/batch/detect.py).
+A bad file is a row with its error. The job checks its own output: every input path exactly once, or
+it fails loudly.
 
 Without an address a local Ray is started with bounded memory and no dashboard, and shut down at
 the end; with `address` ("auto", "HOST:PORT" or "ray://HOST:PORT") the job joins a cluster.
@@ -47,6 +48,7 @@ class BatchOptions:
     provider: str = "auto"
     object_store_mb: int = 256  # local Ray only: the object store's size
     throttle_ms: int = 0  # sleep per batch in each actor: only to make a test job last long enough to kill an actor
+    min_score: float | None = None  # detectors: detections scoring at least this (None: the runtime's default)
 
 
 @dataclass
@@ -123,10 +125,11 @@ def _list_uri(uri: str) -> list[str]:
 class PredictBatch:
     """One Classifier per actor; `__call__` turns a batch of (path, bytes) rows into result rows."""
 
-    def __init__(self, model: str | Any, model_name: str, provider: str, threads: int, top_k: int, throttle_ms: int = 0):
+    def __init__(self, model: str | Any, model_name: str, provider: str, threads: int, top_k: int, throttle_ms: int = 0,
+                 min_score: float | None = None):
         """`model`: a path every node can read (a local job), or an ObjectRef of the model's bytes
         (a cluster job: the model travels once through the object store)."""
-        from ferry.runtime import Classifier
+        from ferry.runtime import open_model
 
         if isinstance(model, str):
             path = Path(model)
@@ -135,13 +138,20 @@ class PredictBatch:
 
             path = Path(tempfile.mkdtemp(prefix="ferry-batch-")) / model_name
             path.write_bytes(ray.get(model))
-        self.clf = Classifier.from_onnx(path, provider=provider, threads=threads)
-        self.top_k, self.throttle = top_k, throttle_ms / 1000.0
+        self.clf = open_model(path, provider=provider, threads=threads)
+        self.top_k, self.throttle, self.min_score = top_k, throttle_ms / 1000.0, min_score
 
     def __call__(self, batch: dict[str, Any]):
         """Rows of (path, bytes, read_error) -> result rows, through the runtime's own `predict_many`."""
         import pyarrow as pa
 
+        if self.clf.task == "detect":  # detectors: ferry/batch/detect.py
+            from ferry.batch.detect import detection_table
+
+            table = detection_table(self.clf, batch, min_score=self.min_score)
+            if self.throttle:
+                time.sleep(self.throttle)
+            return table
         paths = [str(p) for p in batch["path"]]
         read_errors = [str(e) for e in batch["read_error"]]
         readable = [i for i, e in enumerate(read_errors) if not e]
@@ -238,7 +248,7 @@ def plan_workers(opts: BatchOptions, cluster_cpus: float, cluster_gpus: float) -
 
 
 def run_batch(opts: BatchOptions, *, log: Callable[[str], None] = print) -> BatchSummary:
-    from ferry.runtime import Classifier
+    from ferry.runtime import open_model
     from ferry.runtime.engines import CHOICES
 
     if opts.provider not in CHOICES:
@@ -249,7 +259,9 @@ def run_batch(opts: BatchOptions, *, log: Callable[[str], None] = print) -> Batc
     if opts.cpus_per_worker < 0 or opts.gpus_per_worker < 0:
         raise FerryError("--cpus-per-worker and --gpus-per-worker must be >= 0")
     model_path = Path(opts.model)
-    probe = Classifier.from_onnx(model_path, provider="cpu", threads=1)  # a bad or stale model fails here, before Ray
+    if opts.min_score is not None and not 0 <= opts.min_score <= 1:
+        raise FerryError(f"--min-score must be in [0, 1] (got {opts.min_score})")
+    probe = open_model(model_path, provider="cpu", threads=1)  # a bad or stale model fails here, before Ray
     provider = opts.provider if opts.provider != "auto" or not opts.gpus_per_worker else "cuda"
     items = [p if _is_uri(p) else os.path.abspath(p) for p in resolve_inputs(opts.input)]
     if not items:
@@ -279,7 +291,7 @@ def run_batch(opts: BatchOptions, *, log: Callable[[str], None] = print) -> Batc
             if present:
                 _run_dataset(ray, opts, present, tmp, workers=workers, cpus=cpus, threads=threads, provider=provider)
             if missing:
-                _write_missing(missing, tmp / "missing-inputs.parquet")
+                _write_missing(missing, tmp / "missing-inputs.parquet", task=probe.task)
             table = _verify(tmp, items)
             seconds = time.perf_counter() - t0
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -317,7 +329,8 @@ def _run_dataset(ray, opts: BatchOptions, paths: list[str], tmp: Path, *, worker
     ds = ds.map_batches(
         PredictBatch,
         fn_constructor_kwargs={"model": model, "model_name": Path(opts.model).name, "provider": provider,
-                               "threads": threads, "top_k": opts.top_k, "throttle_ms": opts.throttle_ms},
+                               "threads": threads, "top_k": opts.top_k, "throttle_ms": opts.throttle_ms,
+                               "min_score": opts.min_score},
         batch_size=opts.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),
@@ -335,9 +348,15 @@ def _schema():
                       ("top_k", pa.list_(cand)), ("provider", pa.string()), ("error", pa.string())])
 
 
-def _write_missing(paths: list[str], target: Path) -> None:
+def _write_missing(paths: list[str], target: Path, task: str = "classify") -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    if task == "detect":
+        from ferry.batch.detect import detection_schema, missing_rows
+
+        pq.write_table(pa.table(missing_rows(paths), schema=detection_schema()), target)
+        return
 
     n = len(paths)
     table = pa.table({"path": paths, "index": [None] * n, "label": [None] * n, "probability": [None] * n,

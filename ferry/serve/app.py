@@ -7,7 +7,9 @@ replicas), over a `Backend` that does the inference.
   GET  /v1/stats                       requests, batches and mean batch size per model
   POST /v1/models/<name>/predict       an image as the raw body or a multipart field; ?top_k=K
 
-A prediction is {"model", "index", "label", "probability", "top_k": [...], "provider", "latency_ms"}.
+A prediction is {"model", "index", "label", "probability", "top_k": [...], "provider", "latency_ms"};
+a detector's is {"model", "detections": [...], "width", "height", "min_score", "provider", "latency_ms"}
+(?min_score=S; ferry/serve/detect.py).
 Bad input is a 4xx with {"error": "<one line>"}, logged as one line, never a traceback; the server
 keeps serving. With an API key every request needs `Authorization: Bearer KEY` (or `X-API-Key`).
 No endpoint reads or writes server files.
@@ -35,7 +37,7 @@ def _describe(clf) -> dict[str, Any]:
     return {"model": m.model, "task": m.task, "precision": m.precision, "labels": list(m.labels),
             "preprocess": m.preprocess.to_dict(), "input": m.input.to_dict(), "output": m.output.to_dict(),
             "weights": m.weights, "untrained": m.untrained, "format_version": m.format_version,
-            "provider": clf.provider.used}
+            "provider": clf.provider.used, **({"detection": m.detection.to_dict()} if m.detection else {})}
 
 
 def create_app(backend, *, api_key: str | None = None, max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20),
@@ -110,6 +112,10 @@ def create_app(backend, *, api_key: str | None = None, max_body_bytes: int = int
         clf = models.get(name)
         if clf is None:
             return error(404, f"unknown model {name!r}; this server has {', '.join(sorted(models))}")
+        if getattr(clf, "task", "classify") == "detect":  # detectors: ferry/serve/detect.py
+            from ferry.serve.detect import predict_detections
+
+            return await predict_detections(request, name, clf, backend, read_image, error, t0)
         raw_k = request.query_params.get("top_k", "1")
         if not raw_k.isdigit() or not 1 <= int(raw_k) <= MAX_TOP_K:
             return error(400, f"top_k must be an integer from 1 to {MAX_TOP_K} (got {raw_k!r})")

@@ -23,7 +23,7 @@ from ferry.core.errors import FerryError
 
 
 class Backend(Protocol):
-    models: dict[str, Any]  # name -> Classifier
+    models: dict[str, Any]  # name -> Classifier or Detector
 
     async def infer(self, name: str, x: np.ndarray) -> np.ndarray:
         """Logits (classes,) for one prepared (C, H, W) input of model `name`."""
@@ -43,13 +43,13 @@ class BatchStats:
 
 
 def load_models(paths: Sequence[str | Path], *, provider: str = "auto", threads: int | None = None) -> dict[str, Any]:
-    """Classifiers keyed by the model name in their metadata (`mnist-cnn`, `resnet50`). When an
-    fp32 model and its variant are served together, the variant is `<name>.<precision>`."""
-    from ferry.runtime import Classifier
+    """Classifiers (and detectors) keyed by the model name in their metadata (`mnist-cnn`, `resnet50`).
+    When an fp32 model and its variant are served together, the variant is `<name>.<precision>`."""
+    from ferry.runtime import open_model
 
     if not paths:
         raise FerryError("give at least one model (.onnx written by `ferry export`)")
-    clfs = [Classifier.from_onnx(p, provider=provider, threads=threads) for p in paths]
+    clfs = [open_model(p, provider=provider, threads=threads) for p in paths]
     shared = {c.name for c in clfs if sum(o.name == c.name for o in clfs) > 1}
     models: dict[str, Any] = {}
     for clf in clfs:
