@@ -96,7 +96,7 @@ def config_from_args(args: argparse.Namespace):
         raise FerryError(f"{', '.join('--' + n.replace('_', '-') for n in wrong)} do(es) not apply to {kind}")
     if cls is DetectConfig and args.arch == CNN:
         raise FerryError(f"--task detect trains a detector; {CNN} is a classifier (use fcos_small or a torchvision detector)")
-    given = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    given = {n: getattr(args, n) for n in names - {"arch"} if hasattr(args, n)}
     if "channels" in given:
         given["channels"] = tuple(given["channels"])
     if cls is not TrainConfig and args.arch:

@@ -80,7 +80,11 @@ class Placed:
 
 
 def _crop_to_ink(digit: np.ndarray) -> np.ndarray:
-    rows, cols = np.flatnonzero(digit.max(1) > 0), np.flatnonzero(digit.max(0) > 0)
+    """The digit cropped to its ink: the pixels above INK_THRESHOLD of its brightest, as the box is measured."""
+    on = digit > INK_THRESHOLD * max(1, int(digit.max()))
+    rows, cols = np.flatnonzero(on.any(1)), np.flatnonzero(on.any(0))
+    if not rows.size:
+        return digit
     return digit[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
 
 
@@ -132,23 +136,23 @@ def _background(rng: np.random.Generator, h: int, w: int, level: float) -> np.nd
     return level + ramp + shade
 
 
-def _clutter(rng: np.random.Generator, h: int, w: int, n: int) -> np.ndarray:
-    """An ink mask of clutter that cannot pass for a digit: lines longer than any digit (thin), frames,
-    and specks smaller than a stroke."""
+def _clutter(rng: np.random.Generator, h: int, w: int, n: int, long: float) -> np.ndarray:
+    """An ink mask of clutter that cannot pass for a digit: thin lines and frames longer than any
+    digit (`long` px at least), and specks smaller than a stroke."""
     img = Image.new("F", (w, h), 0.0)
     draw = ImageDraw.Draw(img)
     for _ in range(n):
         kind = rng.choice(["line", "frame", "specks"], p=[0.45, 0.2, 0.35])
         strength = float(rng.uniform(0.3, 1.0))
         if kind == "line":
-            length = float(rng.uniform(70, 1.5 * max(w, h)))
+            length = float(rng.uniform(long, max(long, 1.5 * max(w, h))))
             angle = rng.uniform(0, math.pi)
             cx, cy = rng.uniform(0, w), rng.uniform(0, h)
             dx, dy = math.cos(angle) * length / 2, math.sin(angle) * length / 2
             draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=strength, width=int(rng.integers(1, 3)))
         elif kind == "frame":
             x0, y0 = rng.uniform(-20, w - 20), rng.uniform(-20, h - 20)
-            x1, y1 = x0 + rng.uniform(70, w), y0 + rng.uniform(70, h)
+            x1, y1 = x0 + rng.uniform(long, max(long, w)), y0 + rng.uniform(long, max(long, h))
             draw.rectangle([x0, y0, x1, y1], outline=strength, width=1)
         else:
             for _ in range(int(rng.integers(3, 25))):
@@ -169,7 +173,7 @@ def render_scene(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarra
     dark = bool(rng.random() < cfg.dark_on_light)
     page = float(rng.uniform(0.75, 1.0) if dark else rng.uniform(0.0, 0.25))
     ink_level = float(rng.uniform(0.0, page - 0.45) if dark else rng.uniform(page + 0.45, 1.0))
-    ink = _clutter(rng, h, w, int(rng.integers(0, cfg.clutter + 1)))
+    ink = _clutter(rng, h, w, int(rng.integers(0, cfg.clutter + 1)), long=1.25 * cfg.max_digit)
     placed: list[Placed] = []
     for _ in range(int(rng.integers(1, cfg.max_digits + 1))):
         i = int(rng.integers(0, len(digits)))
@@ -211,7 +215,8 @@ def digit_pools(mnist_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray
     train_x, train_y = read_mnist(mnist_dir, "train")
     test_x, test_y = read_mnist(mnist_dir, "t10k")
     order = np.random.default_rng(SPLIT_SEED).permutation(len(train_x))
-    held, kept = np.sort(order[:VAL_DIGITS]), np.sort(order[VAL_DIGITS:])
+    n_val = min(VAL_DIGITS, max(1, len(train_x) // 12))  # a small MNIST-format set (tests) keeps most for training
+    held, kept = np.sort(order[:n_val]), np.sort(order[n_val:])
     return {"train": (train_x[kept], train_y[kept]), "val": (train_x[held], train_y[held]), "test": (test_x, test_y)}
 
 

@@ -187,18 +187,31 @@ def _groups(channels: int) -> int:
     return math.gcd(channels, 16)
 
 
+def _small_head(channels: int, num_classes: int, convs: int) -> nn.Module:
+    """torchvision's FCOSHead with GroupNorm of gcd(channels, 16) groups (its own has 32: too many
+    for a narrow head)."""
+    from torchvision.models.detection._utils import BoxLinearCoder
+    from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
+
+    class SmallFCOSHead(FCOSHead):
+        def __init__(self) -> None:
+            nn.Module.__init__(self)
+            norm = partial(nn.GroupNorm, _groups(channels))
+            self.box_coder = BoxLinearCoder(normalize_by_size=True)
+            self.classification_head = FCOSClassificationHead(channels, 1, num_classes, convs, norm_layer=norm)
+            self.regression_head = FCOSRegressionHead(channels, 1, convs, norm_layer=norm)
+
+    return SmallFCOSHead()
+
+
 def build_small(num_classes: int, cfg: SmallConfig, image_size: int, mean, std) -> nn.Module:
     from torchvision.models.detection import FCOS
     from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 
     if cfg.head_convs < 1 or cfg.fpn_channels < 8 or min(cfg.widths) < 4:
         raise FerryError(f"fcos_small: head_convs >= 1, fpn_channels >= 8 and widths >= 4 (got {cfg})")
     backbone = SmallBackbone(cfg)
-    norm = partial(nn.GroupNorm, _groups(cfg.fpn_channels))
-    head = FCOSHead(cfg.fpn_channels, 1, num_classes, cfg.head_convs)
-    head.classification_head = FCOSClassificationHead(cfg.fpn_channels, 1, num_classes, cfg.head_convs, norm_layer=norm)
-    head.regression_head = FCOSRegressionHead(cfg.fpn_channels, 1, cfg.head_convs, norm_layer=norm)
+    head = _small_head(cfg.fpn_channels, num_classes, cfg.head_convs)
     return FCOS(backbone, num_classes, min_size=image_size, max_size=image_size, image_mean=list(mean),
                 image_std=list(std), anchor_generator=AnchorGenerator(((cfg.anchor_size,),), ((1.0,),)), head=head,
                 _skip_resize=True, size_divisible=32)
