@@ -170,12 +170,20 @@ def test_training_writes_a_self_describing_checkpoint_and_resumes(detector_expor
     run = Path(detector_export["config"].out)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epochs"][0]["val_map"] is not None and (run / "curves.png").stat().st_size > 1000
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy)
-    cfg = dataclasses.replace(detector_export["config"], out=str(copy), epochs=2)
+    # an interrupted two-epoch run, resumed: it continues after its last completed epoch
+    cfg = dataclasses.replace(detector_export["config"], out=str(tmp_path / "run"), epochs=2)
+
+    def stop_after_epoch_1(message: str) -> None:
+        if message.startswith("epoch   1/2"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_detector(cfg, progress=False, log=stop_after_epoch_1)
+    first = checkpoint.load_detector_state(tmp_path / "run" / "checkpoint.pt")
+    assert first["epoch"] == 1
     resumed = train_detector(cfg, resume=True, progress=False, log=lambda _m: None)
     assert [r["epoch"] for r in resumed["epochs"]] == [1, 2]
-    assert resumed["epochs"][0] == metrics["epochs"][0]  # the first epoch's record is the checkpoint's
+    assert resumed["epochs"][0] == first["history"][0]  # the first epoch's record is the checkpoint's, not a rerun
     with pytest.raises(FerryError, match="different recipe"):
         train_detector(dataclasses.replace(cfg, lr=0.5), resume=True, progress=False, log=lambda _m: None)
 
@@ -215,6 +223,7 @@ def test_weights_unavailable_offline_exit_3(monkeypatch, tmp_path, capsys):
     code = main(["train", "--task", "detect", "--arch", "fasterrcnn_mobilenet_v3_large_fpn", "--data-dir", str(folder),
                  "--annotations", str(tmp_path / "instances.json"), "--out", str(tmp_path / "run"), "--image-size", "64"])
     err = capsys.readouterr().err
+    assert code == 3 and "Offline?" in err, err
     assert code == 3 and "Offline?" in err and "--weights none" in err and len(err.strip().splitlines()) == 1
     assert main(["export", "ssdlite320_mobilenet_v3_large", "--weights", "DEFAULT", "--out", str(tmp_path / "m")]) == 3
     assert "Offline?" in capsys.readouterr().err and not (tmp_path / "m" / "ssdlite320_mobilenet_v3_large.onnx").exists()
@@ -381,28 +390,32 @@ def test_serve_a_detector(detector_export, cnn_export):
     assert proc.returncode == 0 and "Traceback" not in err, err
 
 
-def test_batch_rows_of_a_detector(detector_export, ray_local, tmp_path):
-    """One row per input with its detections (a bad file: its error); the job's own check holds."""
+def test_batch_rows_of_a_detector(detector_export, tmp_path):
+    """The batch actor on a detector (called as Ray Data calls it, without Ray): one row per input with
+    its detections, a bad file a row with its error; a missing file's row has the same schema."""
     import pyarrow.parquet as pq
 
-    from ferry.batch.job import BatchOptions, run_batch
+    from ferry.batch.job import PredictBatch, _verify, _write_missing
 
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for name in ("000000.png", "000002.png"):
-        shutil.copy(detector_export["scenes"] / "val" / name, inputs / name)
-    (inputs / "notes.txt").write_text("not an image")
-    summary = run_batch(BatchOptions(model=str(detector_export["path"]), input=str(inputs), out=str(tmp_path / "out"),
-                                     address="auto", workers=1, batch_size=2, provider="cpu", min_score=0.0),
-                        log=lambda _m: None)
-    assert summary.images == 3 and summary.failures == 1
-    table = pq.read_table(tmp_path / "out").to_pylist()
-    rows = {Path(r["path"]).name: r for r in table}
-    assert set(rows) == {"000000.png", "000002.png", "notes.txt"}
+    actor = PredictBatch(str(detector_export["path"]), "digits.onnx", "cpu", 1, 5, min_score=0.0)
+    scenes = [detector_export["scenes"] / "val" / n for n in ("000000.png", "000002.png")]
+    paths = [str(p) for p in scenes] + [str(tmp_path / "notes.txt"), str(tmp_path / "gone.png")]
+    batch = {"path": paths, "bytes": [p.read_bytes() for p in scenes] + [b"not an image", b""],
+             "read_error": ["", "", "", f"{paths[3]}: cannot read: FileNotFoundError"]}
+    table = actor(batch)
+    rows = {Path(r["path"]).name: r for r in table.to_pylist()}
     assert rows["000000.png"]["error"] is None and rows["000000.png"]["count"] == len(rows["000000.png"]["detections"]) > 0
-    assert "not an image" in rows["notes.txt"]["error"] and rows["notes.txt"]["detections"] == []
     box = rows["000000.png"]["detections"][0]["box"]
     assert len(box) == 4 and 0 <= box[0] < box[2] <= rows["000000.png"]["width"]
+    assert "not an image" in rows["notes.txt"]["error"] and rows["notes.txt"]["detections"] == []
+    assert "cannot read" in rows["gone.png"]["error"] and rows["gone.png"]["count"] is None
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(table.slice(0, 3), out / "part.parquet")
+    _write_missing([str(tmp_path / "missing.png")], out / "missing-inputs.parquet", task="detect")
+    verified = _verify(out, paths[:3] + [str(tmp_path / "missing.png")])  # every input once, both files one schema
+    assert verified.num_rows == 4
+    assert pq.read_table(out).schema.names == table.schema.names
 
 
 # --- the canvas reads a number ------------------------------------------------------------------------

@@ -147,9 +147,19 @@ def resolve_weights(arch: str, weights: str) -> Weights:
             return Weights(f"file {path.name} (sha256 {sha256_file(path)[:16]})", path=path)
         raise FerryError(f"{DEFAULT_ARCH} has no pretrained weights: use --weights none (its recipe trains from scratch) "
                          "or a state-dict file")
-    from ferry.models.tvmodels import resolve_weights as resolve
+    import torchvision.models as tvm
 
-    return resolve(arch, weights)
+    enum = tvm.get_model_weights(arch)
+    names = list(enum.__members__)
+    if weights.upper() in names:
+        member = enum[weights.upper()]
+        return Weights(member.name if weights.upper() != "DEFAULT" else f"DEFAULT ({member.name})", enum=member)
+    path = Path(weights)
+    if path.is_file():
+        from ferry.core.fileio import sha256_file
+
+        return Weights(f"file {path.name} (sha256 {sha256_file(path)[:16]})", path=path)
+    raise FerryError(f"--weights {weights!r} is not a file, nor one of {arch}'s weights: {', '.join(names)}, or none")
 
 
 # --- fcos_small ----------------------------------------------------------------------------------
