@@ -44,31 +44,34 @@ SCALE_JITTER = (0.8, 1.25)
 # --- data ----------------------------------------------------------------------------------------
 
 
-class DetectionDataset(torch.utils.data.Dataset):
-    """Images decoded by the runtime's decoder, scaled by the letterbox rule (no padding: the model
-    pads each batch, with zeros after normalizing, as the letterbox pads with the mean colour), and
-    their boxes scaled alike; crowd regions are left out. Labels are category index + 1."""
+def scaled_size(im: CocoImage, spec: Preprocess, factor: float) -> tuple[int, int]:
+    """(width, height) of an image once letterboxed and rescaled by `factor` (within the input)."""
+    new_w, new_h = letterbox_size(im.width, im.height, spec)
+    factor = min(factor, spec.size[1] / new_w, spec.size[0] / new_h)
+    return max(8, round(new_w * factor)), max(8, round(new_h * factor))
 
-    def __init__(self, data: CocoSet, images: list[CocoImage], spec: Preprocess, *, augment: bool) -> None:
-        self.data, self.images, self.spec, self.augment = data, images, spec, augment
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """Images decoded by the runtime's decoder, scaled by the letterbox rule (and an augmentation
+    factor; no padding: the model pads each batch, with zeros after normalizing, as the letterbox
+    pads with the mean colour), and their boxes scaled alike; crowd regions are left out. Labels are
+    category index + 1. Items are (index, factor) pairs, from SizeBatches."""
+
+    def __init__(self, data: CocoSet, images: list[CocoImage], spec: Preprocess) -> None:
+        self.data, self.images, self.spec = data, images, spec
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-
+    def __getitem__(self, item: tuple[int, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from ferry.runtime.images import load_image
         from ferry.runtime.presets import INTERPOLATIONS, to_rgb
 
+        i, factor = item
         im = self.images[i]
         img = to_rgb(load_image(self.data.path(im)))
         w, h = img.size
-        new_w, new_h = letterbox_size(w, h, self.spec)
-        if self.augment:
-            factor = float(torch.empty(()).uniform_(*SCALE_JITTER))
-            limit = min(self.spec.size[1] / new_w, self.spec.size[0] / new_h)
-            factor = min(factor, limit)
-            new_w, new_h = max(8, round(new_w * factor)), max(8, round(new_h * factor))
+        new_w, new_h = scaled_size(im, self.spec, factor)
         if (new_w, new_h) != (w, h):
             img = img.resize((new_w, new_h), INTERPOLATIONS[self.spec.interpolation])
         x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div_(255)
@@ -80,6 +83,40 @@ class DetectionDataset(torch.utils.data.Dataset):
 
 def _collate(batch):
     return [b[0] for b in batch], [b[1] for b in batch]
+
+
+class SizeBatches(torch.utils.data.Sampler):
+    """Each epoch's batches, of images of similar size: the model pads a batch to its largest image,
+    so mixing 128 px and 256 px scenes would cost a 256 px scene each. The images are shuffled (and,
+    with augmentation, given a random rescaling factor), taken in chunks of GROUP batches, each chunk
+    sorted by the images' longer side and cut into batches, and the batches shuffled. Seeded by
+    `seed`: the same epoch gives the same batches (so --resume is exact)."""
+
+    GROUP = 16
+
+    def __init__(self, images: list[CocoImage], spec: Preprocess, batch_size: int, *, augment: bool, seed: int) -> None:
+        self.images, self.spec, self.batch_size, self.augment, self.seed = images, spec, batch_size, augment, seed
+
+    def batches(self) -> list[list[tuple[int, float]]]:
+        gen = torch.Generator().manual_seed(self.seed)
+        n = len(self.images)
+        order = torch.randperm(n, generator=gen).tolist()
+        low, high = SCALE_JITTER
+        factors = (torch.rand(n, generator=gen) * (high - low) + low).tolist() if self.augment else [1.0] * n
+        chunk = self.batch_size * self.GROUP
+        out: list[list[tuple[int, float]]] = []
+        for start in range(0, n, chunk):
+            part = sorted(order[start:start + chunk], key=lambda i: max(scaled_size(self.images[i], self.spec, factors[i])))
+            out += [[(i, factors[i]) for i in part[k:k + self.batch_size]] for k in range(0, len(part), self.batch_size)]
+        if len(out) > 1 and len(out[-1]) < self.batch_size // 2:
+            out = out[:-1]  # no tiny last batch (its few images are in the next epoch's)
+        return [out[i] for i in torch.randperm(len(out), generator=gen).tolist()]
+
+    def __iter__(self):
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())
 
 
 def load_data(cfg: DetectConfig, *, saved: dict[str, Any] | None, log: Callable[[str], None]
@@ -152,10 +189,10 @@ def lr_factor(step: int, total: int, warmup: float) -> float:
 # --- the loop ------------------------------------------------------------------------------------------
 
 
-def _loader(dataset, cfg: DetectConfig, *, seed: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(dataset) > cfg.batch_size,
-                                       num_workers=cfg.workers, collate_fn=_collate,
-                                       generator=torch.Generator().manual_seed(seed), persistent_workers=False)
+def _loader(dataset: DetectionDataset, cfg: DetectConfig, *, seed: int) -> torch.utils.data.DataLoader:
+    sampler = SizeBatches(dataset.images, dataset.spec, cfg.batch_size, augment=cfg.augment, seed=seed)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=_collate,
+                                       persistent_workers=False)
 
 
 def train_one_epoch(model, optimizer, loader, cfg: DetectConfig, *, epoch: int, steps_per_epoch: int,
@@ -279,7 +316,7 @@ def train_detector(cfg: DetectConfig, *, resume: bool = False, progress: bool = 
         history = list(saved["history"])
         start_epoch = int(saved["epoch"]) + 1
         log(f"resuming from {ckpt_path} after epoch {saved['epoch']}")
-    steps = max(1, len(train_images) // cfg.batch_size) if len(train_images) > cfg.batch_size else 1
+    steps = len(SizeBatches(train_images, spec, cfg.batch_size, augment=False, seed=0))
     log(f"training {cfg.arch} on {device_name(device)}: {len(train_images)} images, {len(train.categories)} categories, "
         f"input {spec.size[1]}x{spec.size[0]} (letterbox{', upscaled' if spec.upscale else ''}), {cfg.epochs} epochs of "
         f"{steps} steps; {note}")
@@ -287,9 +324,9 @@ def train_detector(cfg: DetectConfig, *, resume: bool = False, progress: bool = 
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0, cpu0 = time.perf_counter(), time.process_time()
         torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # each epoch draws from its own seed: resume is exact
-        dataset = DetectionDataset(train, train_images, spec, augment=cfg.augment)
-        losses = train_one_epoch(model, optimizer, _loader(dataset, cfg, seed=cfg.seed * 1_000_003 + epoch), cfg,
-                                 epoch=epoch, steps_per_epoch=steps, device=device, progress=progress)
+        loader = _loader(DetectionDataset(train, train_images, spec), cfg, seed=cfg.seed * 1_000_003 + epoch)
+        losses = train_one_epoch(model, optimizer, loader, cfg, epoch=epoch, steps_per_epoch=steps, device=device,
+                                 progress=progress)
         train_seconds, train_cpu = time.perf_counter() - t0, time.process_time() - cpu0
         ev = validate(model, cfg.arch, spec, post, val, device)
         history.append({"epoch": epoch, "train_loss": losses["loss"], "losses": losses, "val_map": ev["map"],
