@@ -154,7 +154,8 @@ def prepare_torch(spec: BackendSpec, model: str, checkpoint: str | None, *, thre
 
     def run(x: np.ndarray):
         with torch.inference_mode():
-            return net(torch.from_numpy(x).to(device)).cpu()
+            out = net(torch.from_numpy(x).to(device))
+            return tuple(t.cpu() for t in out) if isinstance(out, tuple) else out.cpu()  # a detector: boxes, scores, labels
 
     sync = torch.cuda.synchronize if spec.device == "cuda" else (lambda: None)
     load = time.perf_counter() - t0

@@ -18,6 +18,7 @@ from PIL import Image
 from ferry.core.errors import FerryError
 from ferry.runtime import coco
 from tests.conftest import BAD_IMAGES, REPO, assert_clean_error, run_ferry, write_bad_images
+from tests.test_draw import xvfb  # noqa: F401 - the fixture of the GUI test below
 
 BLOCK_TORCH = """
 import sys
@@ -473,3 +474,37 @@ def test_numbers_benchmark_small_version(detector_export):
     assert len(result["first_misses"]) == round(3 * (1 - result["exact"]))
     with pytest.raises(ValueError, match="need 16 digits"):
         measure_numbers(det, images, labels, numbers=4)
+
+
+@pytest.mark.gui
+def test_number_window_under_xvfb(detector_export, tmp_path, request):
+    """`ferry draw --detector`: the real window; two strokes written with the mouse are read when each
+    ends (the tiny model's reading is not checked, the window's path is), and Escape clears it."""
+    import os
+    import time
+
+    from tests.test_draw import _drag, _wait_for_lines, _xdo
+
+    display = request.getfixturevalue("xvfb")
+    log = tmp_path / "draw.log"
+    with open(log, "w") as f:
+        app = subprocess.Popen([sys.executable, "-m", "ferry", "draw", "--detector", str(detector_export["path"]),
+                                "--provider", "cpu"], cwd=REPO, env={**os.environ, "DISPLAY": display, "PYTHONUNBUFFERED": "1"},
+                               stdout=f, stderr=subprocess.STDOUT)
+    try:
+        wid = _xdo(display, "search", "--sync", "--name", "ferry draw: numbers").split()[0]
+        geo = dict(line.split("=") for line in _xdo(display, "getwindowgeometry", "--shell", wid).split())
+        ox, oy = int(geo["X"]) + 12, int(geo["Y"]) + 12
+        _drag(display, [(ox + 100, oy + 60 + 8 * i) for i in range(13)])  # a "1"
+        _drag(display, [(ox + 200 + 6 * i, oy + 60 + (0 if i < 6 else 12 * (i - 5))) for i in range(12)])  # a "7"
+        lines = _wait_for_lines(log, 2)
+        assert all("provider CPUExecutionProvider" in ln and "ms" in ln for ln in lines), lines
+        _xdo(display, "mousemove", str(ox + 320), str(oy + 120))  # no window manager: keys go to the window under the pointer
+        _xdo(display, "key", "Escape")  # Clear
+        deadline = time.time() + 20
+        while "write a number" not in log.read_text() and time.time() < deadline:
+            time.sleep(0.1)
+        assert "write a number" in log.read_text() and "Traceback" not in log.read_text(), log.read_text()
+    finally:
+        app.terminate()
+        app.wait(timeout=10)

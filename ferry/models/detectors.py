@@ -305,17 +305,19 @@ def nms_mask(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, sc
     (N, C, P) 1.0 where box p survives in class c (its score above `score_threshold`, no better box
     of its class overlapping it by IoU above `iou_threshold`, and among the `max_per_class` best of
     its class), else 0.0. ONNX's NonMaxSuppression computes the same (export/detect.py)."""
-    from torchvision.ops import nms
+    from torchvision.ops import batched_nms
 
     out = torch.zeros_like(scores)
     n, c, _ = scores.shape
-    for b in range(n):
-        for k in range(c):
-            s = scores[b, k]
-            idx = torch.nonzero(s > score_threshold).flatten()
-            if idx.numel():
-                keep = nms(boxes[b, idx], s[idx], iou_threshold)[:max_per_class]
-                out[b, k, idx[keep]] = 1.0
+    for b in range(n):  # one batched (per-class) NMS per image, as torchvision's detectors do
+        cls, idx = torch.nonzero(scores[b] > score_threshold, as_tuple=True)
+        if not idx.numel():
+            continue
+        keep = batched_nms(boxes[b, idx], scores[b, cls, idx], cls, iou_threshold)  # best first
+        onehot = torch.nn.functional.one_hot(cls[keep], c)
+        rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # each survivor's place within its class
+        keep = keep[rank < max_per_class]
+        out[b, cls[keep], idx[keep]] = 1.0
     return out
 
 
