@@ -111,7 +111,8 @@ export-detect: $(STAMP)
 
 eval-detect: $(STAMP)
 	$(BIN)/python -m ferry.bench.detect_map --model $(MODELS)/digits.onnx --data-dir $(SCENES_DIR)/test \
-		--annotations $(SCENES_DIR)/test.json --checkpoint $(DETECT_RUN)/checkpoint.pt --out $(RUNS)/digits-test-map.json
+		--annotations $(SCENES_DIR)/test.json --checkpoint $(DETECT_RUN)/checkpoint.pt --out $(RUNS)/digits-test-map.json \
+		--figure $(RUNS)/digits-detections.png
 	$(BIN)/ferry predict $(MODELS)/digits.onnx $(SCENES_DIR)/test/000000.png $(SCENES_DIR)/test/000001.png \
 		$(SCENES_DIR)/test/000002.png --draw $(RUNS)/digits-drawn
 

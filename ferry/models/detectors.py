@@ -71,7 +71,7 @@ class SmallConfig:
     """The shape of `fcos_small`."""
 
     widths: tuple[int, int, int, int] = (16, 32, 64, 128)  # the four backbone stages (strides 2, 4, 8, 16)
-    fpn_channels: int = 64  # the pyramid's and the head's width
+    fpn_channels: int = 32  # the pyramid's and the head's width
     head_convs: int = 2  # convolutions in each head branch (classification; box and centre-ness)
     anchor_size: int = 8  # the anchor points' scale (FCOS: box distances are in units of it)
 
