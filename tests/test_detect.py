@@ -210,6 +210,13 @@ def test_export_matches_pytorch_and_states_its_tolerances(detector_export):
     assert compare_detections((boxes, scores, labels), (boxes + [2, 0, 2, 0], scores, labels))["unmatched"] == 2
     assert compare_detections((boxes, scores, labels), (boxes, scores, np.array([[4, -1]])))["unmatched"] == 2
 
+    from ferry.export.triton import config_pbtxt, validate_config
+
+    text = config_pbtxt(meta, name="digits")  # Triton: the three outputs, labels as int64
+    assert 'name: "labels" data_type: TYPE_INT64 dims: [ 100 ]' in text and 'name: "boxes" data_type: TYPE_FP32 dims: [ 100, 4 ]' in text
+    parsed = validate_config(text)
+    assert parsed is None or [o.name for o in parsed.output] == ["boxes", "scores", "labels"]
+
 
 def test_weights_unavailable_offline_exit_3(monkeypatch, tmp_path, capsys):
     from torchvision.models._api import WeightsEnum
