@@ -129,7 +129,7 @@ def load_data(cfg: DetectConfig, *, saved: dict[str, Any] | None, log: Callable[
             raise FerryError(f"--resume: {cfg.annotations} has other categories than the checkpoint was trained with")
     if cfg.val_annotations:
         val = coco.load_coco(cfg.val_data_dir or cfg.data_dir, cfg.val_annotations, categories=train.categories, progress=log)
-        train_images, source = train.images, f"{Path(cfg.val_annotations).name}"
+        train_images, source = train.images, "--val-annotations"
     else:
         kept, held = coco.split_held_out(train, cfg.val_fraction, SPLIT_SEED)
         val = train.subset(held)
@@ -318,7 +318,7 @@ def train_detector(cfg: DetectConfig, *, resume: bool = False, progress: bool = 
         log(f"resuming from {ckpt_path} after epoch {saved['epoch']}")
     steps = len(SizeBatches(train_images, spec, cfg.batch_size, augment=False, seed=0))
     log(f"training {cfg.arch} on {device_name(device)}: {len(train_images)} images, {len(train.categories)} categories, "
-        f"input {spec.size[1]}x{spec.size[0]} (letterbox{', upscaled' if spec.upscale else ''}), {cfg.epochs} epochs of "
+        f"input {spec.size[1]}x{spec.size[0]} (letterbox{', upscaled' if spec.upscale else ''}), {cfg.epochs} epoch(s) of "
         f"{steps} steps; {note}")
 
     for epoch in range(start_epoch, cfg.epochs + 1):
