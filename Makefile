@@ -15,9 +15,15 @@ STAMP := $(VENV)/.ferry-installed
 
 FASHION_DIR ?= data/fashion
 FASHION_IDX ?= /usr/share/datasets/fashion-mnist
+# detection: the digit scenes (made from $(DATA_DIR)'s MNIST) and the detector trained on them
+SCENES_DIR ?= data/digit-scenes
+DETECT_RUN ?= $(RUNS)/digits
+DETECTOR_ARCH ?= retinanet_resnet50_fpn_v2
+DETECTOR_WEIGHTS ?= DEFAULT
 
 .PHONY: help demo train export predict fidelity bench test docs clean fidelity-full train-avx2 int8-portability \
-	finetune bench-batch bench-serve bench-overload
+	finetune bench-batch bench-serve bench-overload demo-detect scenes train-detect export-detect eval-detect numbers \
+	bench-detect
 
 help:
 	@echo "make demo  [DATA_DIR=data]  train, export both models, predict samples, canvas fidelity, benchmark"
@@ -26,6 +32,8 @@ help:
 	@echo "make docs                   the documentation site (mkdocs build --strict) into build/site/"
 	@echo "more figures of the docs (after make demo): fidelity-full train-avx2 int8-portability finetune bench-batch bench-serve"
 	@echo "                                            bench-overload"
+	@echo "make demo-detect            digit scenes, the detector recipe (timed), its export, test-scene mAP, numbers read on the canvas"
+	@echo "make bench-detect           a ResNet-50-FPN detector at 800x800: PyTorch vs onnxruntime (and OpenVINO) on this machine"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -92,6 +100,42 @@ bench-serve: $(STAMP)
 bench-overload: $(STAMP)
 	$(BIN)/python -m ferry.bench.loadtest --overload --models mnist-cnn --models-dir $(MODELS) --out $(RUNS)/serve-overload
 	$(BIN)/python -m ferry.bench.loadtest --speed-bar --models mnist-cnn resnet50 --models-dir $(MODELS) --out $(RUNS)/serve-speed
+
+# --- detection (docs: "Detection") ---
+
+demo-detect: $(STAMP) scenes train-detect export-detect eval-detect numbers
+
+scenes: $(STAMP)
+	$(BIN)/python -m ferry.train.scenes --mnist-dir $(DATA_DIR) --out $(SCENES_DIR) --train 10000 --val 500 --test 1000
+
+train-detect: $(STAMP)
+	@# the default recipe (fcos_small from scratch); its metrics.json records the training time and the machine
+	$(BIN)/ferry train --task detect --data-dir $(SCENES_DIR)/train --annotations $(SCENES_DIR)/train.json \
+		--val-data-dir $(SCENES_DIR)/val --val-annotations $(SCENES_DIR)/val.json --out $(DETECT_RUN)
+
+export-detect: $(STAMP)
+	$(BIN)/ferry export fcos_small --checkpoint $(DETECT_RUN)/checkpoint.pt --name digits --out $(MODELS) --fp16
+
+eval-detect: $(STAMP)
+	$(BIN)/python -m ferry.bench.detect_map --model $(MODELS)/digits.onnx --data-dir $(SCENES_DIR)/test \
+		--annotations $(SCENES_DIR)/test.json --checkpoint $(DETECT_RUN)/checkpoint.pt --out $(RUNS)/digits-test-map.json \
+		--figure $(RUNS)/digits-detections.png
+	$(BIN)/ferry predict $(MODELS)/digits.onnx $(SCENES_DIR)/test/000000.png $(SCENES_DIR)/test/000001.png \
+		$(SCENES_DIR)/test/000002.png --draw $(RUNS)/digits-drawn
+
+numbers: $(STAMP)
+	$(BIN)/python -m ferry.bench.canvas_numbers --model $(MODELS)/digits.onnx --data-dir $(DATA_DIR) --numbers 1000 \
+		--out $(RUNS)/canvas_numbers.json
+
+bench-detect: $(STAMP)
+	@# COCO weights when online; offline (exit code 3) random weights: speed does not depend on them
+	$(BIN)/ferry export $(DETECTOR_ARCH) --weights $(DETECTOR_WEIGHTS) --out $(MODELS); \
+	rc=$$?; if [ $$rc -eq 3 ]; then \
+		echo "*** $(DETECTOR_ARCH) weights unavailable (offline?): RANDOM weights instead"; \
+		$(BIN)/ferry export $(DETECTOR_ARCH) --weights none --out $(MODELS); \
+	elif [ $$rc -ne 0 ]; then exit $$rc; fi
+	$(BIN)/ferry bench --models-dir $(MODELS) --models $(DETECTOR_ARCH) --backends torch-eager-cpu ort-cpu-fp32 ov-cpu-f32 \
+		torch-eager-cuda ort-cuda-fp32 --out $(RUNS)/bench-detect
 
 test: $(STAMP)
 	FERRY_MNIST_DIR=$(DATA_DIR) $(BIN)/python -m pytest -q

@@ -69,7 +69,7 @@ def prepare_runtime(spec: BackendSpec, model: str, models_dir: Path, *, threads:
     """A model through ferry's own runtime (`Classifier`: onnxruntime, OpenVINO, or its `auto`
     choice), timed without the runtime's input checks (`Classifier.infer`). A stale variant
     (IncoherentModelSet) is an error, not a skip: its figures would describe another model."""
-    from ferry.runtime.classifier import Classifier
+    from ferry.runtime.detector import open_model
     from ferry.runtime.providers import ProviderError
 
     path = onnx_path(models_dir, model, spec.file)
@@ -77,7 +77,7 @@ def prepare_runtime(spec: BackendSpec, model: str, models_dir: Path, *, threads:
         raise Unavailable(f"{path} not found (ferry export {model} ... --{spec.file})")
     t0 = time.perf_counter()
     try:
-        clf = Classifier.from_onnx(path, provider=spec.provider, threads=threads)
+        clf = open_model(path, provider=spec.provider, threads=threads)  # a detector's infer: its whole graph, NMS included
     except ProviderError as exc:
         raise Unavailable(str(exc)) from exc
     load = time.perf_counter() - t0
@@ -96,18 +96,23 @@ prepare_ort = prepare_runtime  # the name the GPU script and older callers use
 def torch_model(model: str, checkpoint: str | None, models_dir: str | Path | None = None):
     """The PyTorch baseline: the trained CNN when a checkpoint is given; otherwise the architecture
     the exported model's metadata names (`source.arch`), with random weights (seed 0; speed does
-    not depend on the weights) and the exported number of classes."""
+    not depend on the weights) and the exported number of classes. A detector: its inference form
+    (`InferenceDetector`, the post-processing included), from its checkpoint when given, else as
+    `ferry export ARCH --weights none` builds it (seed 0)."""
     import torch
 
     from ferry.runtime import contract
 
     source: dict = {}
+    meta = None
     fp32 = onnx_path(models_dir, model, "fp32") if models_dir is not None else None
     if fp32 is not None and fp32.is_file():
         meta = contract.read(fp32)
         source = {**meta.info.get("source", {}), "num_classes": meta.num_classes}
     arch = source.get("arch") or model
     torch.manual_seed(0)
+    if meta is not None and meta.task == "detect":
+        return _torch_detector(meta, arch, checkpoint)
     if arch == "mnist-cnn":
         from ferry.models import checkpoint as ckpt
         from ferry.models.digit_cnn import DigitCNN
@@ -149,7 +154,8 @@ def prepare_torch(spec: BackendSpec, model: str, checkpoint: str | None, *, thre
 
     def run(x: np.ndarray):
         with torch.inference_mode():
-            return net(torch.from_numpy(x).to(device)).cpu()
+            out = net(torch.from_numpy(x).to(device))
+            return tuple(t.cpu() for t in out) if isinstance(out, tuple) else out.cpu()  # a detector: boxes, scores, labels
 
     sync = torch.cuda.synchronize if spec.device == "cuda" else (lambda: None)
     load = time.perf_counter() - t0
@@ -176,3 +182,19 @@ def device_label(device: str) -> str:
     from ferry.core.machine import cpu_model
 
     return cpu_model()
+
+
+def _torch_detector(meta, arch: str, checkpoint: str | None):
+    """A detector's PyTorch inference form, for the baseline rows: what `ferry export` exported."""
+    from ferry.models import checkpoint as ckpt
+    from ferry.models import detectors, tvmodels
+
+    if checkpoint:
+        return ckpt.detector_from_state(ckpt.load_detector_state(checkpoint), checkpoint)[1]
+    spec, det = meta.preprocess, meta.detection
+    small = detectors.SmallConfig.from_dict(meta.info["source"]["small"]) if (meta.info.get("source") or {}).get("small") else None
+    model, _ = detectors.build(arch, len(det.categories), tvmodels.Weights("none"), image_size=spec.size[0], mean=spec.mean,
+                               std=spec.std, small=small)
+    post = detectors.PostProcess(score_threshold=det.score_threshold, iou_threshold=det.iou_threshold,
+                                 max_detections=det.max_detections)
+    return detectors.InferenceDetector(model, arch, spec.size, post)

@@ -12,12 +12,13 @@ DEFAULT_MODELS = ("mnist-cnn", "resnet50")
 
 # Batch sizes per plan. The digit CNN is tiny, so its offline throughput keeps growing to large
 # batches; ImageNet-size models saturate a CPU at small batches and a GPU at a few hundred.
-_SMALL, _IMAGENET = "small", "imagenet"
+# Detection-size inputs (a torchvision detector's 800x800) are heavy at any batch: few sizes.
+_SMALL, _IMAGENET, _LARGE = "small", "imagenet", "large"
 BATCHES: dict[str, dict[str, tuple[int, ...]]] = {
-    "default": {_SMALL: (1, 8, 32, 128, 256, 1024), _IMAGENET: (1, 8, 32)},
-    "quick": {_SMALL: (1, 64), _IMAGENET: (1, 4)},
-    "gpu": {_SMALL: (1, 32, 256, 1024, 4096), _IMAGENET: (1, 8, 32, 64, 128, 256)},
-    "pytest": {_SMALL: (1, 64, 256), _IMAGENET: (1, 8)},
+    "default": {_SMALL: (1, 8, 32, 128, 256, 1024), _IMAGENET: (1, 8, 32), _LARGE: (1, 2)},
+    "quick": {_SMALL: (1, 64), _IMAGENET: (1, 4), _LARGE: (1,)},
+    "gpu": {_SMALL: (1, 32, 256, 1024, 4096), _IMAGENET: (1, 8, 32, 64, 128, 256), _LARGE: (1, 4, 8, 16)},
+    "pytest": {_SMALL: (1, 64, 256), _IMAGENET: (1, 8), _LARGE: (1,)},
 }
 PLANS = tuple(BATCHES)
 KNOWN_INPUT_SHAPES = {"mnist-cnn": (1, 28, 28)}
@@ -126,7 +127,8 @@ def batch_sizes(model: str, plan: str = "default", shape: tuple[int, ...] | None
     if plan not in BATCHES:
         raise ValueError(f"unknown batch plan {plan!r}; choose one of {', '.join(PLANS)}")
     shape = shape or KNOWN_INPUT_SHAPES.get(model, IMAGENET_INPUT_SHAPE)
-    size = _SMALL if shape[-1] * shape[-2] <= 64 * 64 else _IMAGENET
+    area = shape[-1] * shape[-2]
+    size = _SMALL if area <= 64 * 64 else _IMAGENET if area <= 320 * 320 else _LARGE
     return BATCHES[plan][size]
 
 

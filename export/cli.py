@@ -6,6 +6,11 @@ of one export are written as a set: all of them pass, or none replaces the previ
   ferry export resnet50 --weights IMAGENET1K_V2|DEFAULT|none|PATH --out models [--int8 --calib-dir DIR]
   ferry export mobilenet_v3_large --weights none --out models        # any torchvision classifier by name
   ferry export resnet18 --checkpoint runs/r18/checkpoint.pt --out models --int8   # fine-tuned by ferry train
+  ferry export fcos_small --checkpoint runs/digits/checkpoint.pt --name digits --out models --fp16   # a detector
+  ferry export retinanet_resnet50_fpn_v2 --weights DEFAULT --out models   # a torchvision COCO detector
+
+A detector's graph holds its post-processing (score threshold, NMS); it is checked against PyTorch
+(the same detections, and the same COCO mAP within 0.5 points on its validation images).
 
 Exit codes: 0 done, 2 bad input or a failed check, 3 pretrained weights unavailable (offline)."""
 
@@ -16,7 +21,8 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("model", metavar="MODEL", help="mnist-cnn, or a torchvision classification architecture (resnet50, ...)")
+    parser.add_argument("model", metavar="MODEL", help="mnist-cnn, a torchvision classification architecture (resnet50, ...), "
+                        "or a detector (fcos_small, fasterrcnn_mobilenet_v3_large_fpn, retinanet_resnet50_fpn_v2, ...)")
     parser.add_argument("--out", required=True, help="output folder; writes <name>.onnx (and .int8/.fp16 variants)")
     parser.add_argument("--checkpoint", help="mnist-cnn: the checkpoint.pt of `ferry train`; ARCH: the checkpoint.pt of "
                         "`ferry train --arch ARCH` (a model fine-tuned on your images)")
@@ -25,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(random, marked untrained) or a state-dict file (default: DEFAULT)")
     parser.add_argument("--name", help="model name in the metadata and file names (default: MODEL)")
     parser.add_argument("--data-dir", help="mnist-cnn: the MNIST folder (default: data); fine-tuned: the image folder "
-                        "(default: the one the checkpoint was trained on)")
+                        "(default: the one the checkpoint was trained on); detector: the images of --annotations")
+    parser.add_argument("--annotations", metavar="JSON", help="detector: a COCO instances JSON of images to check it on "
+                        "(default: the checkpoint's validation images)")
     parser.add_argument("--int8", action="store_true", help="also write <name>.int8.onnx (static QDQ quantization)")
     parser.add_argument("--fp16", action="store_true", help="also write <name>.fp16.onnx (for GPUs; float32 inputs/outputs)")
     parser.add_argument("--calib-dir", help="pretrained ARCH --int8: folder of calibration images (a few hundred)")
@@ -54,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = export_model(ExportOptions(
         model=args.model, out=args.out, checkpoint=args.checkpoint, weights=args.weights, name=args.name,
-        data_dir=args.data_dir, int8=args.int8, fp16=args.fp16, calib_dir=args.calib_dir,
+        data_dir=args.data_dir, annotations=args.annotations, int8=args.int8, fp16=args.fp16, calib_dir=args.calib_dir,
         int8_max_drop_pp=args.int8_max_drop, opset=args.opset, atol=args.atol,
     ))
     for precision, path in result.paths.items():

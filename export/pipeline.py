@@ -33,12 +33,13 @@ from ferry.runtime.contract import PRECISIONS, DerivedFrom, ModelMetadata, varia
 class ExportOptions:
     """What to export and how to check it."""
 
-    model: str  # mnist-cnn, or a torchvision classification architecture
+    model: str  # mnist-cnn, a torchvision classification architecture, or a detector (fcos_small, torchvision's)
     out: str
     checkpoint: str | None = None  # mnist-cnn: the ferry checkpoint; ARCH: a `ferry train --arch ARCH` checkpoint
     weights: str = "DEFAULT"  # ARCH without --checkpoint: a weights name of ARCH, none, or a state-dict file
     name: str | None = None  # the model's name in its metadata and file names (default: mnist-cnn or ARCH)
-    data_dir: str | None = None  # mnist-cnn: MNIST; fine-tuned: the image folder (default: the checkpoint's)
+    data_dir: str | None = None  # mnist-cnn: MNIST; fine-tuned: the image folder (default: the checkpoint's); detector: the images of `annotations`
+    annotations: str | None = None  # detector: a COCO JSON of images to check it on (default: the checkpoint's validation images)
     int8: bool = False
     fp16: bool = False
     calib_dir: str | None = None  # ARCH --int8 without --checkpoint: folder of calibration images
@@ -60,6 +61,16 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
+def _check_out(opts: ExportOptions) -> Path:
+    """--name and --out, checked; the output folder."""
+    if opts.name is not None and (not opts.name or "/" in opts.name or opts.name.startswith(".")):
+        raise FerryError(f"--name {opts.name!r} is not a usable file name")
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise FerryError(f"--out {out} exists and is not a folder")
+    return out
+
+
 def _check_options(opts: ExportOptions) -> None:
     from ferry.models.tvmodels import check_arch
 
@@ -74,11 +85,9 @@ def _check_options(opts: ExportOptions) -> None:
         raise FerryError("--calib-dir is for pretrained models; a checkpoint's int8 is calibrated on its own training images")
     if opts.opset < 17:
         raise FerryError(f"--opset must be >= 17 (got {opts.opset})")
-    if opts.name is not None and (not opts.name or "/" in opts.name or opts.name.startswith(".")):
-        raise FerryError(f"--name {opts.name!r} is not a usable file name")
-    out = Path(opts.out)
-    if out.exists() and not out.is_dir():
-        raise FerryError(f"--out {out} exists and is not a folder")
+    if opts.annotations:
+        raise FerryError("--annotations is for detectors (a COCO JSON of images to check the detector on)")
+    _check_out(opts)
 
 
 @contextlib.contextmanager
@@ -125,7 +134,14 @@ def export_model(opts: ExportOptions, *, log: Callable[[str], None] = print) -> 
     """Export, validate and write `<model>.onnx` and the asked-for variants into `opts.out` as one
     set: every file is built and checked in a staging folder and moved into place only when all
     passed. Variants of an earlier export that this one does not replace are removed (they were
-    made from the previous fp32 file). A failure leaves the previous set as it was."""
+    made from the previous fp32 file). A failure leaves the previous set as it was. A detector
+    (fcos_small, torchvision's detectors) goes through `ferry.export.detect.export_detector`."""
+    from ferry.models.detectors import is_detector
+
+    if is_detector(opts.model):
+        from ferry.export.detect import export_detector
+
+        return export_detector(opts, log=log)
     _check_options(opts)
     out = Path(opts.out)
     loaded, data, max_drop = _load(opts, log)

@@ -27,19 +27,22 @@ DOCKER_RUN = ("docker run --gpus all --rm -p 8000:8000 -p 8001:8001 -p 8002:8002
 
 def config_pbtxt(meta: ModelMetadata, *, name: str, max_batch_size: int = 64, preferred: tuple[int, ...] = (8, 16, 32),
                  queue_delay_us: int = 1000, instances: int = 1, tensorrt_fp16: bool = False) -> str:
-    """config.pbtxt text for an ONNX classifier whose metadata is `meta` (first dimension: batch)."""
+    """config.pbtxt text for an ONNX model whose metadata is `meta` (first dimension: batch; a
+    detector's three outputs)."""
     if max_batch_size < 1:
         raise FerryError(f"--triton-max-batch must be >= 1 (got {max_batch_size})")
-    inp, out = meta.input, meta.output
+    inp = meta.input
     in_dims = ", ".join(str(d) for d in inp.shape[1:])
-    out_dims = ", ".join(str(d) for d in out.shape[1:])
+    types = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
+    outputs = ", ".join(f'{{ name: "{o.name}" data_type: {types[o.dtype]} dims: [ {", ".join(str(d) for d in o.shape[1:])} ] }}'
+                        for o in meta.all_outputs)
     pref = ", ".join(str(p) for p in preferred if p <= max_batch_size) or str(max_batch_size)
     lines = [
         f'name: "{name}"',
         'backend: "onnxruntime"',
         f"max_batch_size: {max_batch_size}",
         f'input [ {{ name: "{inp.name}" data_type: TYPE_FP32 dims: [ {in_dims} ] }} ]',
-        f'output [ {{ name: "{out.name}" data_type: TYPE_FP32 dims: [ {out_dims} ] }} ]',
+        f"output [ {outputs} ]",
         f"dynamic_batching {{ preferred_batch_size: [ {pref} ] max_queue_delay_microseconds: {queue_delay_us} }}",
         f"instance_group [ {{ count: {instances} kind: KIND_GPU }} ]",
     ]

@@ -100,6 +100,7 @@ class Classifier:
     input_name: str = field(init=False)
     output_name: str = field(init=False)
     load_seconds: float = 0.0
+    task = "classify"  # (a class attribute: ferry.runtime.detector.Detector's is "detect")
 
     def __post_init__(self) -> None:
         self.provider = self.engine.info
@@ -125,6 +126,9 @@ class Classifier:
         t0 = time.perf_counter()
         path = Path(path)
         meta = contract.read(path)  # before the engine: a foreign or broken file is named as such
+        if meta.task != "classify":
+            raise FerryError(f"{path} is a detector ({meta.model}), not a classifier: load it with "
+                             "ferry.runtime.Detector (or ferry.runtime.open_model)")
         contract.check_coherent(path, meta)
         engine = open_engine(path, provider, meta, threads=threads, **session_kwargs)
         return cls(engine=engine, metadata=meta, path=path, load_seconds=time.perf_counter() - t0)

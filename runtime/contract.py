@@ -15,6 +15,13 @@ A ferry model is an ONNX file whose `metadata_props["ferry"]` holds one JSON obj
 Every room that touches a model file calls it: export writes, the runtime, `ferry bench`, `serve`,
 `batch` and `draw` read. A problem is a `MetadataError`: one line naming the file and the field.
 Models written by earlier ferry versions (format 1, `"schema": 1`) still load.
+
+Two tasks share the format: `classify` (one output, `logits`) and `detect` (three outputs, `boxes`
+(batch, K, 4) x1, y1, x2, y2 in input pixels, `scores` (batch, K) and `labels` (batch, K) int64,
+padded: label -1 and score 0 where there is no detection; a `letterbox` preprocessing; and a
+`detection` object: the categories with their COCO ids, the score threshold, the NMS IoU threshold
+and K). A detector file is format 2 too: a ferry that predates detectors refuses it by its task, in
+one line, and every classifier file reads as before.
 """
 
 from __future__ import annotations
@@ -37,8 +44,10 @@ NAME_KEY = "ferry.model"  # a plain copy of the model's name, for tools that lis
 FORMAT_VERSION = 2
 OLDEST_FORMAT = 1  # format 1: ferry 0.1 ("schema": 1); read and upgraded on the fly
 PRECISIONS = ("fp32", "int8", "fp16")  # the files of a model set
-TASKS = ("classify",)
-OUTPUT_KINDS = ("logits",)
+TASKS = ("classify", "detect")
+OUTPUT_KINDS = ("logits", "boxes", "scores", "labels")
+DETECT_OUTPUTS = (("boxes", "float32"), ("scores", "float32"), ("labels", "int64"))  # kind and dtype, in graph order
+DTYPES = ("float32", "int64")
 MIN_FERRY = "0.2"  # what to re-export with, for files this version cannot read
 
 
@@ -74,13 +83,31 @@ class TensorSpec:
     name: str
     shape: tuple[int | str, ...]
     dtype: str = "float32"
-    kind: str = ""  # outputs: "logits"
+    kind: str = ""  # outputs: "logits"; a detector's "boxes", "scores", "labels"
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
         if self.kind:
             d["kind"] = self.kind
         return d
+
+
+@dataclass(frozen=True)
+class DetectionSpec:
+    """What a detector's outputs mean: its categories (class index i is categories[i], with its COCO
+    id), and the post-processing inside its graph."""
+
+    categories: tuple[tuple[int, str], ...]  # (COCO id, name), in class-index order
+    score_threshold: float  # detections scoring at most this were dropped in the graph
+    iou_threshold: float  # per-class NMS
+    max_detections: int  # K: the outputs' second dimension
+    box_format: str = "xyxy"  # x1, y1, x2, y2
+    box_units: str = "input pixels"  # the letterboxed input's; the runtime maps them to the image's
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"categories": [{"id": i, "name": n} for i, n in self.categories], "score_threshold": self.score_threshold,
+                "iou_threshold": self.iou_threshold, "max_detections": self.max_detections,
+                "box_format": self.box_format, "box_units": self.box_units}
 
 
 @dataclass(frozen=True)
@@ -117,6 +144,8 @@ class ModelMetadata:
     derived_from: DerivedFrom | None = None  # variants: the fp32 file they were made from
     original_labels: tuple[str, ...] | None = None  # the source's own names when `labels` replaced them
     labels_source: str = ""  # where `labels` come from when they replaced the originals
+    detection: DetectionSpec | None = None  # task detect: the categories and post-processing
+    outputs: tuple[TensorSpec, ...] = ()  # every output in graph order (a detector's three); () means (output,)
     format_version: int = FORMAT_VERSION
     info: Mapping[str, Any] = field(default_factory=dict)
 
@@ -128,6 +157,10 @@ class ModelMetadata:
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def all_outputs(self) -> tuple[TensorSpec, ...]:
+        return self.outputs or (self.output,)
 
     def replace(self, **changes: Any) -> ModelMetadata:
         return dataclasses.replace(self, **changes)
@@ -151,6 +184,10 @@ class ModelMetadata:
             d["original_labels"] = list(self.original_labels)
         if self.labels_source:
             d["labels_source"] = self.labels_source
+        if self.detection is not None:
+            d["detection"] = self.detection.to_dict()
+        if self.outputs:
+            d["outputs"] = [o.to_dict() for o in self.outputs]
         return {**dict(self.info), **d}
 
     def to_json(self) -> str:
@@ -168,6 +205,24 @@ def new_metadata(*, model: str, labels: list[str], preprocess: Preprocess, **kwa
         model=model, labels=tuple(labels), preprocess=preprocess,
         input=TensorSpec(input_name, ("batch", *preprocess.input_shape)),
         output=TensorSpec(output_name, ("batch", len(labels)), kind="logits"),
+        info={**dict(kwargs.pop("info", {})), **info}, **kwargs)
+    return validate(meta.to_dict(), "the exported model")
+
+
+def new_detector_metadata(*, model: str, categories: list[tuple[int, str]], preprocess: Preprocess, score_threshold: float,
+                          iou_threshold: float, max_detections: int, **kwargs: Any) -> ModelMetadata:
+    """The metadata of a freshly exported detector: input `input` (batch, 3, H, W) float32 and outputs
+    `boxes`, `scores`, `labels` (DETECT_OUTPUTS), checked like a file's. `kwargs` as for `new_metadata`."""
+    typed = {f.name for f in dataclasses.fields(ModelMetadata)}
+    info = {k: kwargs.pop(k) for k in list(kwargs) if k not in typed}
+    k = max_detections
+    outputs = (TensorSpec("boxes", ("batch", k, 4), "float32", "boxes"), TensorSpec("scores", ("batch", k), "float32", "scores"),
+               TensorSpec("labels", ("batch", k), "int64", "labels"))
+    meta = ModelMetadata(
+        model=model, labels=tuple(n for _, n in categories), preprocess=preprocess, task="detect",
+        input=TensorSpec("input", ("batch", *preprocess.input_shape)), output=outputs[0], outputs=outputs,
+        detection=DetectionSpec(tuple((int(i), str(n)) for i, n in categories), float(score_threshold), float(iou_threshold),
+                                int(max_detections)),
         info={**dict(kwargs.pop("info", {})), **info}, **kwargs)
     return validate(meta.to_dict(), "the exported model")
 
@@ -232,16 +287,62 @@ def _show(value: Any) -> str:
 
 
 def _tensor(f: _Fields, key: str, *, output: bool) -> TensorSpec:
-    t = f.nested(key)
+    return _tensor_of(f.nested(key), output=output)
+
+
+def _tensor_of(t: _Fields, *, output: bool) -> TensorSpec:
     name = t.get("name", str)
     if not name:
         raise t.fail("name", "is empty")
     shape = t.get("shape", list, what="a list")
     if not shape or not all(d == "batch" or (isinstance(d, int) and not isinstance(d, bool) and d > 0) for d in shape):
         raise t.fail("shape", f"must list positive sizes, the first may be \"batch\" (got {_show(shape)})")
-    dtype = t.choice("dtype", ("float32",), default="float32")
+    dtype = t.choice("dtype", DTYPES if output else ("float32",), default="float32")
     kind = t.choice("kind", OUTPUT_KINDS) if output else ""
     return TensorSpec(name, tuple(shape), dtype, kind)
+
+
+def _detection(f: _Fields, labels: tuple[str, ...], out: TensorSpec) -> tuple[DetectionSpec, tuple[TensorSpec, ...]]:
+    """A detector's `detection` object and `outputs` list, checked against its labels and each other."""
+    d = f.nested("detection")
+    raw = d.get("categories", list, what="a list of {id, name} objects")
+    cats = []
+    for i, c in enumerate(raw):
+        ok = isinstance(c, dict) and isinstance(c.get("id"), int) and not isinstance(c.get("id"), bool) \
+            and isinstance(c.get("name"), str) and c["name"]
+        if not ok:
+            raise d.fail("categories", f"item {i} must be an object with an integer id and a name (got {_show(c)})")
+        cats.append((c["id"], c["name"]))
+    if not cats:
+        raise d.fail("categories", "is empty")
+    if len({i for i, _ in cats}) != len(cats):
+        raise d.fail("categories", "lists a category id twice")
+    if tuple(n for _, n in cats) != labels:
+        raise f.fail("labels", f"must be the names of detection.categories in order ({len(labels)} labels, {len(cats)} categories)")
+    score = d.get("score_threshold", (int, float), what="a number")
+    iou = d.get("iou_threshold", (int, float), what="a number")
+    if not 0 <= score < 1:
+        raise d.fail("score_threshold", f"must be in [0, 1) (got {score})")
+    if not 0 < iou <= 1:
+        raise d.fail("iou_threshold", f"must be in (0, 1] (got {iou})")
+    k = d.get("max_detections", int)
+    if k < 1:
+        raise d.fail("max_detections", f"must be >= 1 (got {k})")
+    d.choice("box_format", ("xyxy",), default="xyxy")
+    d.choice("box_units", ("input pixels",), default="input pixels")
+    items = f.get("outputs", list, what="a list of 3 tensors")
+    if len(items) != len(DETECT_OUTPUTS) or not all(isinstance(t, dict) for t in items):
+        raise f.fail("outputs", f"must list the {len(DETECT_OUTPUTS)} outputs boxes, scores, labels (got {_show(items)})")
+    outputs = tuple(_tensor_of(_Fields(t, f.where, f"outputs[{i}]."), output=True) for i, t in enumerate(items))
+    shapes = (("batch", k, 4), ("batch", k), ("batch", k))
+    for i, (t, (kind, dtype), shape) in enumerate(zip(outputs, DETECT_OUTPUTS, shapes)):
+        if t.kind != kind or t.dtype != dtype or t.shape != shape:
+            raise f.fail(f"outputs[{i}]", f"must be the {kind} output, {dtype} of shape {_show(list(shape))} "
+                                          f"(got {t.kind or 'no kind'}, {t.dtype}, {_show(list(t.shape))})")
+    if out != outputs[0]:
+        raise f.fail("output", "must be the first of 'outputs' (the boxes)")
+    spec = DetectionSpec(tuple(cats), float(score), float(iou), k)
+    return spec, outputs
 
 
 def _version(raw: dict[str, Any], where: str) -> int:
@@ -280,8 +381,22 @@ def validate(raw: Any, where: str | Path) -> ModelMetadata:
     if tuple(inp.shape[1:]) != preprocess.input_shape:
         raise f.fail("input.shape", f"{_show(list(inp.shape))} does not match the preprocessing's (batch, "
                                     f"{', '.join(map(str, preprocess.input_shape))})")
-    if out.shape[-1] != len(labels):
-        raise f.fail("labels", f"lists {len(labels)} names but the output has {out.shape[-1]} classes")
+    task = f.choice("task", TASKS, default="classify")
+    detection, outputs = None, ()
+    if task == "detect":
+        if preprocess.kind != "letterbox":
+            raise pre.fail("kind", f"must be letterbox for a detector (got {preprocess.kind!r})")
+        detection, outputs = _detection(f, labels, out)
+    else:
+        if preprocess.kind == "letterbox":
+            raise pre.fail("kind", "letterbox is a detector's preprocessing; a classifier's is mnist or imagenet")
+        if out.kind != "logits" or out.dtype != "float32":
+            raise f.fail("output.kind", f"must be logits (float32) for a classifier (got {out.kind}, {out.dtype})")
+        for key in ("detection", "outputs"):
+            if key in raw:
+                raise f.fail(key, f"belongs to a detector, and this model's task is {task}")
+        if out.shape[-1] != len(labels):
+            raise f.fail("labels", f"lists {len(labels)} names but the output has {out.shape[-1]} classes")
     derived = f.nested("derived_from", default=None)
     original = f.strings("original_labels", default=None)
     if original is not None and len(original) != len(labels):
@@ -291,7 +406,7 @@ def validate(raw: Any, where: str | Path) -> ModelMetadata:
     for key in INFO_STRINGS:
         f.get(key, str, default=None)
     typed = {"format_version", "schema", "model", "task", "labels", "preprocess", "input", "output", "precision",
-             "weights", "untrained", "derived_from", "original_labels", "labels_source"}
+             "weights", "untrained", "derived_from", "original_labels", "labels_source", "detection", "outputs"}
     model = f.get("model", str)
     if not model:
         raise f.fail("model", "is empty")
@@ -302,12 +417,14 @@ def validate(raw: Any, where: str | Path) -> ModelMetadata:
         input=inp,
         output=out,
         precision=f.choice("precision", PRECISIONS, default="fp32"),
-        task=f.choice("task", TASKS, default="classify"),
+        task=task,
         weights=f.get("weights", str, default=""),
         untrained=f.get("untrained", bool, default=False),
         derived_from=DerivedFrom(derived.get("file", str), derived.get("sha256", str)) if derived else None,
         original_labels=original,
         labels_source=f.get("labels_source", str, default=""),
+        detection=detection,
+        outputs=outputs,
         format_version=FORMAT_VERSION if version < FORMAT_VERSION else version,
         info={k: v for k, v in raw.items() if k not in typed},
     )
@@ -511,6 +628,7 @@ def _copy(src: BinaryIO, dst: BinaryIO, n: int) -> None:
         n -= len(chunk)
 
 
-__all__ = ["FORMAT_VERSION", "METADATA_KEY", "PRECISIONS", "DerivedFrom", "IncoherentModelSet", "MetadataError",
-           "ModelMetadata", "TensorSpec", "check_coherent", "fp32_sibling", "from_session", "new_metadata", "parse",
+__all__ = ["FORMAT_VERSION", "METADATA_KEY", "PRECISIONS", "DerivedFrom", "DetectionSpec", "IncoherentModelSet", "MetadataError",
+           "ModelMetadata", "TensorSpec", "check_coherent", "fp32_sibling", "from_session", "new_detector_metadata",
+           "new_metadata", "parse",
            "read", "read_props", "rewrite", "validate", "variant_filename", "variant_path", "write"]

@@ -2,7 +2,8 @@
 or bf16 where the CPU has it and the model's bf16 accuracy was validated at export).
 
 `open_engine(path, provider, meta)` returns an `Engine`: `infer(batch)` gives the logits of a
-prepared, checked batch, and `info` says what actually runs it, read back from the engine (the
+prepared, checked batch (`infer_all`: every output, for a detector's boxes, scores and labels),
+and `info` says what actually runs it, read back from the engine (the
 provider onnxruntime's session reports; the device and inference precision OpenVINO's compiled
 model reports). A provider that was asked for and cannot run is a ProviderError with the reason,
 never a quiet fallback; `auto` chooses (ferry.runtime.auto) and says why in `info.note`.
@@ -27,9 +28,13 @@ class Engine(Protocol):
     info: ProviderInfo
     input_name: str
     output_name: str
+    output_names: list[str]
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """Logits for a C-contiguous float32 batch of the model's input shape."""
+
+    def infer_all(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Every output, in the graph's order, for such a batch."""
 
     def input_dims(self) -> list[Any]:
         """The model input's dimensions as the engine sees them (ints, or names/None when dynamic)."""
@@ -49,22 +54,29 @@ class OrtEngine:
         self.session, self.info = session, info
         self.input_name = session.get_inputs()[0].name
         self.output_name = session.get_outputs()[0].name
+        self.output_names = [o.name for o in session.get_outputs()]
         self._outputs = [self.output_name]
         self.n_inputs, self.n_outputs = len(session.get_inputs()), len(session.get_outputs())
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         if self.info.is_gpu:
-            return self._run_io_binding(batch)
+            return self._run_io_binding(batch, self._outputs)[0]
         return self.session.run(self._outputs, {self.input_name: batch})[0]
 
-    def _run_io_binding(self, batch: np.ndarray) -> np.ndarray:
-        # IO binding: the input is copied to the GPU once and the output is allocated there, so
+    def infer_all(self, batch: np.ndarray) -> list[np.ndarray]:
+        if self.info.is_gpu:
+            return self._run_io_binding(batch, self.output_names)
+        return self.session.run(self.output_names, {self.input_name: batch})
+
+    def _run_io_binding(self, batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+        # IO binding: the input is copied to the GPU once and the outputs are allocated there, so
         # onnxruntime does not stage copies through its own CPU buffers on every call.
         binding = self.session.io_binding()
         binding.bind_cpu_input(self.input_name, batch)
-        binding.bind_output(self.output_name, "cuda")
+        for name in outputs:
+            binding.bind_output(name, "cuda")
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return binding.copy_outputs_to_cpu()
 
     def input_dims(self) -> list[Any]:
         return list(self.session.get_inputs()[0].shape)

@@ -70,10 +70,17 @@ class OpenVinoEngine:
         self.compiled, self.info, self._ov = compiled, info, ov
         self.input_name = compiled.input(0).any_name
         self.output_name = compiled.output(0).any_name
+        self.output_names = [o.any_name for o in compiled.outputs]
         self.n_inputs, self.n_outputs = len(compiled.inputs), len(compiled.outputs)
         self._pool: queue.SimpleQueue = queue.SimpleQueue()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self._run(batch, 1)[0]
+
+    def infer_all(self, batch: np.ndarray) -> list[np.ndarray]:
+        return self._run(batch, len(self.output_names))
+
+    def _run(self, batch: np.ndarray, n_outputs: int) -> list[np.ndarray]:
         try:
             request = self._pool.get_nowait()
         except queue.Empty:
@@ -81,7 +88,8 @@ class OpenVinoEngine:
         try:
             request.set_input_tensor(self._ov.Tensor(batch, shared_memory=True))  # no copy of the batch
             request.infer()
-            return request.get_output_tensor(0).data.copy()  # the request's own buffer is reused next call
+            # copies: the request's own buffers are reused by the next call
+            return [request.get_output_tensor(i).data.copy() for i in range(n_outputs)]
         finally:
             self._pool.put(request)
 

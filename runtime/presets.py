@@ -1,9 +1,11 @@
 """The one place for preprocessing: constants, the metadata spec and the image transforms
 (numpy + pillow only).
 
-Training (`train/`) normalizes with the MNIST constants below; export writes `mnist_spec()` or
-`imagenet_spec()` into the model's ONNX metadata; the runtime and the benchmarks call
-`preprocess(image, spec)`. So a model is always fed what it was trained on.
+Training (`train/`) normalizes with the MNIST constants below; export writes `mnist_spec()`,
+`imagenet_spec()` or, for a detector, `letterbox_spec()` into the model's ONNX metadata; the runtime
+and the benchmarks call `preprocess(image, spec)` (a detector: `preprocess_letterbox`, which also
+says where the image went, so boxes map back to its pixels). So a model is always fed what it was
+trained on.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class SpecError(FerryError):
 
 INTERPOLATIONS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
                   "bicubic": Image.Resampling.BICUBIC}
-KINDS = ("mnist", "imagenet")
+KINDS = ("mnist", "imagenet", "letterbox")
 DIGIT_NORMALIZATION = {
     "applies_to": "any image that is not already a 28x28 light-on-dark digit",
     "steps": ["grayscale", "invert dark-on-light", "crop to ink", f"fit {MNIST_BOX}x{MNIST_BOX} keeping aspect",
@@ -57,15 +59,19 @@ class Preprocess:
 
     `mnist`: the digit CNN's MNIST-style normalization to (1, 28, 28). `imagenet`: torchvision's
     ImageClassification preset (resize the shorter side to `resize`, centre-crop `crop`), to
-    (3, H, W). Both scale pixels by 1/255, then subtract `mean` and divide by `std` per channel."""
+    (3, H, W). `letterbox` (detectors): the whole image scaled to fit `size` keeping its aspect
+    ratio (enlarged too only with `upscale`), placed at the top left and padded with the mean
+    colour, to (3, H, W). All scale pixels by 1/255, then subtract `mean` and divide by `std` per
+    channel (the padding is then exactly 0)."""
 
-    kind: str  # mnist | imagenet
+    kind: str  # mnist | imagenet | letterbox
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    size: tuple[int, int] | None = None  # mnist: (28, 28)
+    size: tuple[int, int] | None = None  # mnist: (28, 28); letterbox: (H, W) of the model's input
     resize: int | None = None  # imagenet: the shorter side after resizing
     crop: tuple[int, int] | None = None  # imagenet: (H, W) of the centre crop
-    interpolation: str | None = None  # imagenet: nearest | bilinear | bicubic
+    interpolation: str | None = None  # imagenet, letterbox: nearest | bilinear | bicubic
+    upscale: bool | None = None  # letterbox: whether images smaller than `size` are enlarged to fit it
     layout: str = "NCHW"
     scale: str = "1/255"
 
@@ -78,13 +84,16 @@ class Preprocess:
         """(C, H, W) of one preprocessed image."""
         if self.kind == "mnist":
             return (1, *self.size)
-        return (3, *self.crop)
+        return (3, *(self.size if self.kind == "letterbox" else self.crop))
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"kind": self.kind, "layout": self.layout, "color": self.color, "scale": self.scale,
                              "mean": list(self.mean), "std": list(self.std)}
         if self.kind == "mnist":
             d.update(size=list(self.size), digit_normalization=DIGIT_NORMALIZATION)
+        elif self.kind == "letterbox":
+            d.update(size=list(self.size), interpolation=self.interpolation, upscale=self.upscale,
+                     placement="top-left", pad="mean")
         else:
             d.update(resize=self.resize, crop=list(self.crop), interpolation=self.interpolation)
         return d
@@ -121,6 +130,20 @@ class Preprocess:
             if size != (MNIST_SIZE, MNIST_SIZE):
                 raise SpecError("size", f"must be [{MNIST_SIZE}, {MNIST_SIZE}] (got {list(size)})")
             return cls("mnist", mean, std, size=size)
+        if kind == "letterbox":
+            size = _ints(get("size"), "size", 2)
+            if min(size) < 16 or max(size) > 4096:
+                raise SpecError("size", f"must be 2 sides from 16 to 4096 (got {list(size)})")
+            interpolation = get("interpolation")
+            if interpolation not in INTERPOLATIONS:
+                raise SpecError("interpolation", f"must be one of {', '.join(INTERPOLATIONS)} (got {interpolation!r})")
+            upscale = get("upscale")
+            if not isinstance(upscale, bool):
+                raise SpecError("upscale", f"must be true or false (got {upscale!r})")
+            for key, want in (("placement", "top-left"), ("pad", "mean")):
+                if get(key, want) != want:
+                    raise SpecError(key, f"must be {want} (got {d[key]!r})")
+            return cls("letterbox", mean, std, size=size, interpolation=interpolation, upscale=upscale)
         resize = _ints([get("resize")], "resize", 1)[0]
         crop = _ints(get("crop"), "crop", 2)
         if max(crop) > resize:
@@ -161,6 +184,15 @@ def imagenet_spec(*, resize: int = 256, crop: int = 224, interpolation: str = "b
     if interpolation not in INTERPOLATIONS:
         raise FerryError(f"interpolation {interpolation!r} is not supported; choose one of {', '.join(INTERPOLATIONS)}")
     return Preprocess.from_dict({"kind": "imagenet", "resize": resize, "crop": [crop, crop], "interpolation": interpolation,
+                                 "mean": list(mean), "std": list(std)})
+
+
+def letterbox_spec(*, size: int | tuple[int, int], upscale: bool = False, interpolation: str = "bilinear",
+                   mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> Preprocess:
+    """Preprocessing of a detector, as stored in the ONNX metadata: letterbox into `size` (one side,
+    or (H, W)), checked like a model file's."""
+    hw = [size, size] if isinstance(size, int) else list(size)
+    return Preprocess.from_dict({"kind": "letterbox", "size": hw, "interpolation": interpolation, "upscale": upscale,
                                  "mean": list(mean), "std": list(std)})
 
 
@@ -244,6 +276,57 @@ def _channel_lut(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     v -= np.asarray(mean, dtype=np.float32)[:, None]
     v /= np.asarray(std, dtype=np.float32)[:, None]
     return v
+
+
+# --- letterbox (detectors) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Where an original image went in a detector's letterboxed input: its size, and the input
+    pixels per original pixel along each axis (placed at the top left)."""
+
+    width: int
+    height: int
+    scale_x: float
+    scale_y: float
+
+    def to_original(self, boxes: np.ndarray) -> np.ndarray:
+        """(K, 4) x1, y1, x2, y2 boxes in input pixels -> the original image's pixels, clipped to it."""
+        out = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) / [self.scale_x, self.scale_y, self.scale_x, self.scale_y]
+        np.clip(out[:, 0::2], 0, self.width, out=out[:, 0::2])
+        np.clip(out[:, 1::2], 0, self.height, out=out[:, 1::2])
+        return out
+
+    def to_input(self, boxes: np.ndarray) -> np.ndarray:
+        """(K, 4) boxes in the original image's pixels -> input pixels."""
+        return np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * [self.scale_x, self.scale_y, self.scale_x, self.scale_y]
+
+
+def letterbox_size(width: int, height: int, spec: Preprocess) -> tuple[int, int]:
+    """(width, height) of the image once scaled to fit the input (never enlarged without `upscale`)."""
+    h_max, w_max = spec.size
+    scale = min(w_max / width, h_max / height)
+    if not spec.upscale:
+        scale = min(scale, 1.0)
+    return max(1, min(w_max, round(width * scale))), max(1, min(h_max, round(height * scale)))
+
+
+def preprocess_letterbox(img: Image.Image, spec: Preprocess) -> tuple[np.ndarray, Frame]:
+    """A (3, H, W) float32 detector input and the Frame that maps its boxes back to `img`: the image
+    scaled to fit (`letterbox_size`), at the top left, the rest padded with the mean colour (0 once
+    normalized), every pixel /255 then normalized."""
+    img = to_rgb(img)
+    w, h = img.size
+    new_w, new_h = letterbox_size(w, h, spec)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), INTERPOLATIONS[spec.interpolation])
+    arr = np.asarray(img)
+    lut = _channel_lut(spec.mean, spec.std)
+    out = np.zeros((3, *spec.size), np.float32)
+    for c in range(3):
+        np.take(lut[c], arr[:, :, c], out=out[c, :new_h, :new_w])
+    return out, Frame(w, h, new_w / w, new_h / h)
 
 
 # --- digits ---------------------------------------------------------------------------------
@@ -360,4 +443,6 @@ def preprocess(image: Image.Image | np.ndarray, spec: Preprocess) -> np.ndarray:
         return preprocess_mnist(image, spec)
     if not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image))
+    if spec.kind == "letterbox":
+        return preprocess_letterbox(image, spec)[0]
     return preprocess_imagenet(image, spec)

@@ -234,3 +234,30 @@ def s3_store(tmp_path_factory):
         yield store
     finally:
         store.stop()
+
+
+@pytest.fixture(scope="session")
+def detector_export(tmp_path_factory):
+    """A tiny fcos_small detector trained for one epoch on 24 small digit scenes (synthetic digits) and
+    exported (fp32, checked against PyTorch), for the detection tests. Returns a dict: path (the
+    .onnx), checkpoint, scenes (the scene folder: train/, val/, train.json, val.json), result."""
+    from ferry.export.pipeline import ExportOptions, export_model
+    from ferry.train.detect import train_detector
+    from ferry.train.detect_config import DetectConfig
+    from ferry.train.scenes import SceneConfig, digit_pools, write_split
+
+    root = tmp_path_factory.mktemp("detector")
+    write_fake_mnist(root / "mnist", synthetic_digits(600, seed=1), synthetic_digits(200, seed=2))
+    pools = digit_pools(root / "mnist")
+    small = SceneConfig(min_side=64, max_side=96, min_digit=14, max_digit=28, max_digits=3)
+    scenes = root / "scenes"
+    write_split(scenes, "train", *pools["train"], 24, seed=0, cfg=small)
+    write_split(scenes, "val", *pools["val"], 8, seed=0, cfg=small)
+    cfg = DetectConfig(data_dir=str(scenes / "train"), annotations=str(scenes / "train.json"), val_data_dir=str(scenes / "val"),
+                       val_annotations=str(scenes / "val.json"), out=str(root / "run"), image_size=96, fpn_channels=8,
+                       head_convs=1, epochs=1, batch_size=8, workers=0, device="cpu")
+    train_detector(cfg, progress=False, log=lambda _m: None)
+    result = export_model(ExportOptions(model="fcos_small", checkpoint=str(root / "run" / "checkpoint.pt"),
+                                        out=str(root / "models"), name="digits"), log=lambda _m: None)
+    return {"path": result.paths["fp32"], "checkpoint": root / "run" / "checkpoint.pt", "scenes": scenes, "result": result,
+            "config": cfg, "root": root}

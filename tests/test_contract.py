@@ -194,3 +194,95 @@ def test_an_export_writes_the_schema_and_nothing_stray(cnn_export):
     assert set(raw) <= known, set(raw) - known
     assert raw["format_version"] == contract.FORMAT_VERSION and raw["task"] == "classify"
     assert {"validation", "validated_on", "exported", "precision_checks"} <= set(raw)
+
+
+# --- detectors ------------------------------------------------------------------------------------
+
+# name -> (metadata: a function of a good detector's metadata dict, what the one-line error must say)
+DETECTOR_HOSTILE = {
+    "no detection object": (_mutate(lambda m: m.pop("detection")), "'detection' is missing"),
+    "labels are not the categories": (_mutate(lambda m: m["detection"]["categories"][0].update(name="zero")),
+                                      "'labels' must be the names of detection.categories"),
+    "a category id twice": (_mutate(lambda m: m["detection"]["categories"][1].update(id=1)), "lists a category id twice"),
+    "a category without an id": (_mutate(lambda m: m["detection"]["categories"][2].pop("id")),
+                                 "'detection.categories' item 2 must be an object with an integer id"),
+    "score threshold": (_mutate(lambda m: m["detection"].update(score_threshold=1.5)),
+                        "'detection.score_threshold' must be in [0, 1)"),
+    "no outputs": (_mutate(lambda m: m.pop("outputs")), "'outputs' is missing"),
+    "outputs of another K": (_mutate(lambda m: m["detection"].update(max_detections=50)),
+                             "'outputs[0]' must be the boxes output, float32 of shape"),
+    "labels as floats": (_mutate(lambda m: m["outputs"][2].update(dtype="float32")),
+                         "'outputs[2]' must be the labels output, int64"),
+    "a classifier's preprocessing": (_mutate(lambda m: m.update(preprocess={**m["preprocess"], "kind": "imagenet",
+                                                                            "resize": 96, "crop": [96, 96]})),
+                                     "'preprocess.kind' must be letterbox for a detector"),
+    "upscale not a boolean": (_mutate(lambda m: m["preprocess"].update(upscale="yes")),
+                              "'preprocess.upscale' must be true or false"),
+    "an unknown task": (_mutate(lambda m: m.update(task="segment")), "'task' must be one of classify, detect"),
+}
+
+
+@pytest.fixture(scope="module")
+def hostile_detectors(detector_export, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile_det")
+    good = contract.read(detector_export["path"]).to_dict()
+    paths = {}
+    for i, (name, (make, _)) in enumerate(DETECTOR_HOSTILE.items()):
+        path = root / f"det{i:02d}.onnx"
+        shutil.copy(detector_export["path"], path)
+        _set(path, make(good))
+        paths[name] = path
+    return paths, detector_export["scenes"] / "val" / "000000.png"
+
+
+@pytest.mark.parametrize("case", list(DETECTOR_HOSTILE))
+def test_hostile_detector_metadata_is_one_line(case, hostile_detectors, tmp_path, capsys, monkeypatch):
+    """A detector's metadata is checked like a classifier's: the library and the commands that load
+    models (predict, serve before its server starts, batch before Ray starts) give one line naming
+    the file and the field, exit code 2."""
+    import uvicorn
+
+    import ferry.cluster
+    from ferry.cli import main
+
+    paths, scene = hostile_detectors
+    path, needle = paths[case], DETECTOR_HOSTILE[case][1]
+    with pytest.raises(FerryError) as err:
+        contract.read(path)
+    assert needle in str(err.value) and str(path) in str(err.value), str(err.value)
+
+    def must_not_start(*_a, **_k):
+        raise AssertionError("started despite a broken model")
+
+    monkeypatch.setattr(uvicorn, "run", must_not_start)
+    monkeypatch.setattr(ferry.cluster, "start_ray", must_not_start)
+    for argv in (["predict", str(path), str(scene)], ["serve", str(path), "--port", "0"],
+                 ["batch", str(path), str(scene), "--out", str(tmp_path / "out")]):
+        assert main(argv) == 2, argv
+        err_lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err_lines) == 1 and needle in err_lines[0] and str(path) in err_lines[0], (argv, err_lines)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_classifier_cannot_claim_a_detectors_parts(cnn_export, tmp_path):
+    good = _good(cnn_export)
+    for change, needle in ((lambda m: m.update(detection={"categories": []}), "'detection' belongs to a detector"),
+                           (lambda m: m["output"].update(kind="boxes"), "'output.kind' must be logits"),
+                           (lambda m: m.update(preprocess={"kind": "letterbox", "size": [28, 28], "upscale": False,
+                                                           "interpolation": "bilinear", "mean": [0.1], "std": [0.3]}),
+                            "'preprocess.")):
+        path = tmp_path / "c.onnx"
+        shutil.copy(cnn_export[0], path)
+        _set(path, _mutate(change)(good))
+        with pytest.raises(FerryError, match=needle.replace("(", r"\(")):
+            contract.read(path)
+
+
+def test_a_detector_file_round_trips_through_the_contract(detector_export, tmp_path):
+    meta = contract.read(detector_export["path"])
+    again = contract.validate(json.loads(meta.to_json()), "again")
+    assert again == meta.replace(info=again.info) and again.detection == meta.detection and again.outputs == meta.outputs
+    path = tmp_path / "d.onnx"
+    shutil.copy(detector_export["path"], path)
+    contract.write(path, meta.replace(weights="re-stamped"))
+    assert contract.read(path).weights == "re-stamped" and contract.read(path).task == "detect"

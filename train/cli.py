@@ -1,12 +1,17 @@
-"""Train a classifier. `--arch mnist-cnn` (the default) trains the handwritten-digit CNN on MNIST
-(--data-dir holds MNIST/raw/*-ubyte); any torchvision classification architecture (`--arch resnet18`,
-`mobilenet_v3_large`, `efficientnet_b0`, `convnext_tiny`, ...) is fine-tuned on a folder of images
-(--data-dir holds DATA/<class>/*.jpg, or DATA/train/<class> and DATA/val/<class>). Writes
-checkpoint.pt, metrics.json and plots into --out. Every option's default is the recommended recipe;
-where the two differ, --help shows both.
+"""Train a classifier or a detector. `--arch mnist-cnn` (the default) trains the handwritten-digit CNN
+on MNIST (--data-dir holds MNIST/raw/*-ubyte); any torchvision classification architecture (`--arch
+resnet18`, `mobilenet_v3_large`, `efficientnet_b0`, `convnext_tiny`, ...) is fine-tuned on a folder of
+images (--data-dir holds DATA/<class>/*.jpg, or DATA/train/<class> and DATA/val/<class>). `--task
+detect` trains a detector (`--arch fcos_small`, the default, or a torchvision detector such as
+fasterrcnn_mobilenet_v3_large_fpn, retinanet_resnet50_fpn_v2, fcos_resnet50_fpn,
+ssdlite320_mobilenet_v3_large) on a COCO data set: --data-dir holds the images, --annotations the
+instances JSON. Writes checkpoint.pt, metrics.json and plots into --out. Every option's default is
+the recommended recipe; where they differ, --help shows each.
 
   ferry train --data-dir data                                  # the digit CNN on MNIST
-  ferry train --arch resnet18 --data-dir photos --out runs/r18 # fine-tune on your images"""
+  ferry train --arch resnet18 --data-dir photos --out runs/r18 # fine-tune on your images
+  ferry train --task detect --data-dir scenes/train --annotations scenes/train.json --out runs/digits
+      # a detector (add --val-data-dir scenes/val --val-annotations scenes/val.json for your own validation set)"""
 
 from __future__ import annotations
 
@@ -16,13 +21,15 @@ import dataclasses
 from ferry.core.errors import FerryError
 
 CNN = "mnist-cnn"
+TASKS = ("classify", "detect")
 
 
 def _configs():
     from ferry.train.config import TrainConfig  # dataclasses only: no torch
+    from ferry.train.detect_config import DetectConfig
     from ferry.train.finetune_config import FinetuneConfig
 
-    return TrainConfig, FinetuneConfig
+    return TrainConfig, FinetuneConfig, DetectConfig
 
 
 def _base_type(annotation: str) -> str:
@@ -32,24 +39,25 @@ def _base_type(annotation: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    TrainConfig, FinetuneConfig = _configs()
+    TrainConfig, FinetuneConfig, DetectConfig = _configs()
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--arch", default=CNN, metavar="ARCH",
-                        help=f"{CNN} (default: the digit CNN on MNIST) or a torchvision classification architecture")
-    cnn = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    tv = {f.name: f for f in dataclasses.fields(FinetuneConfig) if f.name != "arch"}
-    for name in dict.fromkeys([*cnn, *tv]):
-        f = cnn.get(name) or tv[name]
+    parser.add_argument("--task", choices=TASKS, default="classify",
+                        help="classify (default) or detect (a detector on a COCO data set)")
+    parser.add_argument("--arch", default=None, metavar="ARCH",
+                        help=f"{CNN} (default: the digit CNN on MNIST) or a torchvision classification architecture; "
+                             "with --task detect: fcos_small (default) or a torchvision detector")
+    kinds = ((CNN, {f.name: f for f in dataclasses.fields(TrainConfig)}),
+             ("torchvision", {f.name: f for f in dataclasses.fields(FinetuneConfig) if f.name != "arch"}),
+             ("detect", {f.name: f for f in dataclasses.fields(DetectConfig) if f.name != "arch"}))
+    for name in dict.fromkeys(n for _, fields in kinds for n in fields):
+        having = [(label, fields[name]) for label, fields in kinds if name in fields]
+        f = having[0][1]
         flag = "--" + name.replace("_", "-")
-        defaults = []
-        for label, fields in ((CNN, cnn), ("torchvision", tv)):
-            if name in fields:
-                d = fields[name].default
-                defaults.append(f"{list(d) if isinstance(d, tuple) else d} for {label}")
-        only = f" [{CNN} only]" if name not in tv else (" [torchvision only]" if name not in cnn else "")
-        text = f.metadata.get("help", "")
-        if name in cnn and name in tv and tv[name].metadata.get("help") != text:
-            text = f"{CNN}: {text}; torchvision: {tv[name].metadata.get('help', '')}"
+        defaults = [f"{list(g.default) if isinstance(g.default, tuple) else g.default} for {label}" for label, g in having]
+        only = f" [{' and '.join(label for label, _ in having)} only]" if len(having) < len(kinds) else ""
+        texts = {g.metadata.get("help", "") for _, g in having}
+        text = f.metadata.get("help", "") if len(texts) == 1 else \
+            "; ".join(f"{label}: {g.metadata.get('help', '')}" for label, g in having)
         help_text = f"{text}{only} (default: {', '.join(defaults)})"
         kind = _base_type(f.type)
         if kind == "bool":
@@ -65,21 +73,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _kind(args: argparse.Namespace):
+    TrainConfig, FinetuneConfig, DetectConfig = _configs()
+    if getattr(args, "task", "classify") == "detect":
+        return DetectConfig
+    return TrainConfig if (args.arch or CNN) == CNN else FinetuneConfig
+
+
 def config_from_args(args: argparse.Namespace):
     """Defaults (or, on --resume, the checkpoint's recipe), overridden by the flags actually given.
-    A flag that belongs to the other kind of model is an error."""
-    TrainConfig, FinetuneConfig = _configs()
-    cls = TrainConfig if args.arch == CNN else FinetuneConfig
+    A flag that belongs to another kind of model is an error."""
+    configs = _configs()
+    TrainConfig, FinetuneConfig, DetectConfig = configs
+    cls = _kind(args)
+    if cls is TrainConfig:
+        args.arch = CNN
     names = {f.name for f in dataclasses.fields(cls)}
-    all_names = {f.name for c in (TrainConfig, FinetuneConfig) for f in dataclasses.fields(c)} - {"arch"}
+    all_names = {f.name for c in configs for f in dataclasses.fields(c)} - {"arch"}
     wrong = sorted(n for n in all_names - names if hasattr(args, n))
     if wrong:
-        kind = f"--arch {args.arch}" if cls is FinetuneConfig else f"the {CNN}"
+        kind = {TrainConfig: f"the {CNN}", FinetuneConfig: f"--arch {args.arch}", DetectConfig: "--task detect"}[cls]
         raise FerryError(f"{', '.join('--' + n.replace('_', '-') for n in wrong)} do(es) not apply to {kind}")
-    given = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    if cls is DetectConfig and args.arch == CNN:
+        raise FerryError(f"--task detect trains a detector; {CNN} is a classifier (use fcos_small or a torchvision detector)")
+    given = {n: getattr(args, n) for n in names - {"arch"} if hasattr(args, n)}
     if "channels" in given:
         given["channels"] = tuple(given["channels"])
-    if cls is FinetuneConfig:
+    if cls is not TrainConfig and args.arch:
         given["arch"] = args.arch
     base = cls(**{k: v for k, v in given.items() if k in ("out", "data_dir", "arch")})
     if args.resume:
@@ -104,7 +124,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     cfg.validate()
     try:
-        if args.arch == CNN:
+        if getattr(args, "task", "classify") == "detect":
+            from ferry.train.detect import train_detector
+
+            metrics = train_detector(cfg, resume=args.resume, progress=not args.quiet, dry_run=args.dry_run)
+            print(f"val_map={metrics['val_map']:.4f} val_map50={metrics['val_map50']:.4f}")
+        elif args.arch == CNN:
             from ferry.train.trainer import train
 
             metrics = train(cfg, resume=args.resume, progress=not args.quiet, dry_run=args.dry_run)
@@ -116,7 +141,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"top1={metrics['top1']:.4f}")
     except KeyboardInterrupt:
         print(f"\nferry train: interrupted; the last completed epoch is saved in {cfg.out}. "
-              f"Continue with: ferry train --resume --arch {args.arch} --out {cfg.out} --data-dir {cfg.data_dir}",
+              f"Continue with: ferry train --resume{' --task detect' if args.task == 'detect' else ''} --arch {cfg_arch(cfg)} "
+              f"--out {cfg.out} --data-dir {cfg.data_dir}" + (f" --annotations {cfg.annotations}" if args.task == "detect" else ""),
               file=sys.stderr)
         return 130
     return 0
+
+
+def cfg_arch(cfg) -> str:
+    return getattr(cfg, "arch", CNN)

@@ -71,3 +71,27 @@ def plot_confusion(confusion: np.ndarray, classes: Sequence[str], path: str | Pa
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
+
+
+def plot_detection_curves(history: list[dict], path: str | Path, *, title: str = "") -> None:
+    """A detector's training loss and validation mAP per epoch."""
+    plt = _pyplot()
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train loss (sum)")
+    for key in sorted({k for r in history for k in r.get("losses", {}) if k != "loss"}):
+        ax_loss.plot(epochs, [r["losses"].get(key) for r in history], ".--", label=key)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_yscale("log")
+    ax_loss.legend(fontsize=8)
+    ax_loss.grid(alpha=0.3)
+    ax_map.plot(epochs, [100 * (r["val_map50"] or 0) for r in history], "o-", label="validation mAP@0.5")
+    ax_map.plot(epochs, [100 * (r["val_map"] or 0) for r in history], "o-", label="validation mAP@[.5:.95]")
+    ax_map.set_xlabel("epoch")
+    ax_map.set_ylabel("mAP (%)")
+    ax_map.legend()
+    ax_map.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)

@@ -5,6 +5,10 @@ turns them into the same white-canvas, black-ink image a scan of a handwritten d
 The model reads the strokes redrawn with an MNIST-like pen (`normalize_pen`: the pen's width in
 proportion to the drawing's size), so a thin or thick pen reads alike; `predict_strokes` sends
 that image through the runtime's MNIST-style normalization.
+
+A detector reads a whole number (`read_number`): several digits written in a row, redrawn with an
+MNIST-like pen and scaled to the digit size the detector was trained on (`number_image`), then
+one detection per place, left to right.
 """
 
 from __future__ import annotations
@@ -88,3 +92,76 @@ def predict_strokes(clf: Classifier, strokes: Sequence[Stroke], size: int = CANV
     if ink_extent(strokes) < 0.1 * size:
         raise EmptyImageError("draw a digit")
     return predict_canvas_image(clf, strokes_to_image(strokes, size), top_k=top_k)
+
+
+# --- a whole number, read by a detector --------------------------------------------------------------
+
+NUMBER_CANVAS = (640, 240)  # the number window's canvas: width, height
+NUMBER_INK_HEIGHT = 40.0  # px: the drawing is scaled so its ink is this tall (the middle of the scenes' 14-56 px digits)
+NUMBER_MARGIN = 12  # px of page around the scaled drawing
+
+
+@dataclass(frozen=True)
+class NumberReading:
+    """What the detector read: the digits left to right, each detection with its box on the canvas."""
+
+    text: str
+    detections: tuple  # ferry.runtime.detector.Detection, boxes in canvas coordinates, left to right
+    image: Image.Image  # what the detector was given
+
+
+def number_image(strokes: Sequence[Stroke], ink_height: float = NUMBER_INK_HEIGHT,
+                 margin: int = NUMBER_MARGIN) -> tuple[Image.Image, float, float, float]:
+    """What a detector reads of a drawing of several digits: the strokes redrawn with an MNIST-like
+    pen (`STROKE_RATIO` of the drawing's height, its digits' height when they stand in a row), scaled
+    so the ink is `ink_height` px tall, on a white page `margin` px larger all round. Returns (image,
+    scale, left, top): canvas point (x, y) is image point ((x - left) * scale, (y - top) * scale)."""
+    pts = [(x, y) for s in strokes for x, y in s.points]
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    height = max(ys) - min(ys)
+    pen = max(1.0, STROKE_RATIO * height)
+    scale = ink_height / max(height + pen, 1.0)
+    left, top = min(xs) - pen / 2 - margin / scale, min(ys) - pen / 2 - margin / scale
+    width = round((max(xs) - min(xs) + pen) * scale + 2 * margin)
+    size = (max(width, 16), round(ink_height + 2 * margin))
+    moved = [Stroke([((x - left) * scale, (y - top) * scale) for x, y in s.points], width=pen * scale) for s in strokes]
+    img = Image.new("L", size, 255)
+    return _render_onto(img, moved), scale, left, top
+
+
+def _render_onto(img: Image.Image, strokes: Sequence[Stroke]) -> Image.Image:
+    draw = ImageDraw.Draw(img)
+    for stroke in strokes:
+        pts = [(float(x), float(y)) for x, y in stroke.points]
+        if len(pts) > 1:
+            draw.line(pts, fill=0, width=max(1, round(stroke.width)), joint="curve")
+        r = stroke.width / 2
+        for x, y in pts:
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=0)
+    return img
+
+
+def one_per_place(found, overlap: float = 0.5) -> list:
+    """The detections of a row of digits, one per place: where boxes of different digits overlap
+    (by more than `overlap` of the narrower one's width), the best scoring stays. Left to right."""
+    kept: list = []
+    for d in sorted(found, key=lambda d: -d.score):
+        x1, _, x2, _ = d.box
+        if all(min(x2, k.box[2]) - max(x1, k.box[0]) <= overlap * min(x2 - x1, k.box[2] - k.box[0]) for k in kept):
+            kept.append(d)
+    return sorted(kept, key=lambda d: d.box[0] + d.box[2])
+
+
+def read_number(det, strokes: Sequence[Stroke], *, min_score: float = 0.5) -> NumberReading:
+    """The app's path from strokes to a number: `number_image`, the detector, one digit per place,
+    left to right; boxes mapped back onto the canvas. No ink: EmptyImageError ("write a number")."""
+    import dataclasses
+
+    if ink_extent(strokes) < 8:
+        raise EmptyImageError("write a number")
+    image, scale, left, top = number_image(strokes)
+    found = det.detect(image, min_score=min_score)
+    digits = one_per_place(found.detections)
+    on_canvas = tuple(dataclasses.replace(d, box=(d.box[0] / scale + left, d.box[1] / scale + top,
+                                                  d.box[2] / scale + left, d.box[3] / scale + top)) for d in digits)
+    return NumberReading("".join(d.label for d in digits), on_canvas, image)

@@ -1,11 +1,14 @@
 """Draw a digit with the mouse and see the model's prediction (Tk; onnxruntime, no torch).
 
   ferry draw [--model models/mnist-cnn.onnx] [--provider auto|cpu|cuda|tensorrt]
+  ferry draw --detector models/digits.onnx       # write a whole number: each digit boxed, the number read
 
 Drag on the canvas to draw; the prediction updates when a stroke ends (or press Predict).
 Clear starts again; the slider (or [ and ]) sets the pen's width. The model reads the strokes
 redrawn with an MNIST-like pen and then the runtime's MNIST-style normalization (crop to the ink,
-fit 20x20, centre by mass in 28x28), so pen width, size and position do not matter."""
+fit 20x20, centre by mass in 28x28), so pen width, size and position do not matter. With --detector
+the canvas is wide: write several digits in a row; a digit detector finds each one, boxes it with
+its digit, and the number is read left to right."""
 
 from __future__ import annotations
 
@@ -26,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--provider", choices=CHOICES, default="auto", help="execution provider (default: auto)")
     parser.add_argument("--pen-width", type=int, default=None,
                         help="pen width in pixels to start with, 6-36 (default: 18; the slider and [ ] change it)")
+    parser.add_argument("--detector", metavar="MODEL",
+                        help="a digit detector (ferry export of a `ferry train --task detect` model): write a whole "
+                             "number and read it")
 
 
 class DrawApp:
@@ -154,9 +160,138 @@ class DrawApp:
         self._show("?", "draw a digit", [0.0] * 10, None)
 
 
+class NumberApp:
+    """The number window: a wide canvas; after each stroke the detector boxes every digit, and the
+    number is shown, read left to right."""
+
+    def __init__(self, root, det, pen_width: int | None = None, min_score: float = 0.5) -> None:
+        import tkinter as tk
+
+        from ferry.app.canvas import NUMBER_CANVAS, PEN_RANGE, PEN_WIDTH, Stroke
+
+        self.tk, self.root, self.det, self.min_score = tk, root, det, min_score
+        self.Stroke = Stroke
+        self.pen_var = tk.IntVar(value=pen_width or PEN_WIDTH)
+        self.pen_range = PEN_RANGE
+        self.strokes: list = []
+        root.title("ferry draw: numbers")
+        root.resizable(False, False)
+        w, h = NUMBER_CANVAS
+        frame = tk.Frame(root, padx=10, pady=10)
+        frame.pack()
+        self.canvas = tk.Canvas(frame, width=w, height=h, bg="white", cursor="pencil", highlightthickness=2,
+                                highlightbackground="#888")
+        self.canvas.pack()
+        row = tk.Frame(frame, pady=8)
+        row.pack(fill="x")
+        tk.Button(row, text="Read", width=10, command=self.read).pack(side="left")
+        tk.Button(row, text="Clear", width=10, command=self.clear).pack(side="left", padx=8)
+        tk.Scale(row, label="pen width  ([ and ])", from_=PEN_RANGE[0], to=PEN_RANGE[1], orient="horizontal",
+                 variable=self.pen_var, length=200).pack(side="right")
+        self.number_var = tk.StringVar(value="?")
+        self.status_var = tk.StringVar(value="write a number")
+        tk.Label(frame, textvariable=self.number_var, font=("Helvetica", 48, "bold")).pack()
+        tk.Label(frame, textvariable=self.status_var, font=("Helvetica", 10), fg="#555").pack()
+        self.canvas.bind("<ButtonPress-1>", self._start)
+        self.canvas.bind("<B1-Motion>", self._move)
+        self.canvas.bind("<ButtonRelease-1>", lambda _e: self.read())
+        root.bind("<Return>", lambda _e: self.read())
+        root.bind("<Escape>", lambda _e: self.clear())
+        root.bind("<bracketleft>", lambda _e: self.set_pen(self.pen - 4))
+        root.bind("<bracketright>", lambda _e: self.set_pen(self.pen + 4))
+
+    @property
+    def pen(self) -> int:
+        return int(self.pen_var.get())
+
+    def set_pen(self, width: int) -> None:
+        self.pen_var.set(max(self.pen_range[0], min(self.pen_range[1], width)))
+        print(f"pen: {self.pen}", flush=True)
+
+    def _start(self, event) -> None:
+        self.strokes.append(self.Stroke(points=[(event.x, event.y)], width=self.pen))
+        r = self.pen / 2
+        self.canvas.create_oval(event.x - r, event.y - r, event.x + r, event.y + r, fill="black", outline="black")
+
+    def _move(self, event) -> None:
+        if not self.strokes:
+            return self._start(event)
+        x0, y0 = self.strokes[-1].points[-1]
+        self.strokes[-1].points.append((event.x, event.y))
+        self.canvas.create_line(x0, y0, event.x, event.y, width=self.pen, fill="black", capstyle=self.tk.ROUND,
+                                joinstyle=self.tk.ROUND)
+
+    def read(self) -> None:
+        from ferry.app.canvas import read_number
+        from ferry.runtime.detector import PALETTE
+        from ferry.runtime.presets import EmptyImageError
+
+        t0 = time.perf_counter()
+        self.canvas.delete("boxes")
+        try:
+            reading = read_number(self.det, self.strokes, min_score=self.min_score)
+        except EmptyImageError:
+            return self._show("?", "write a number", None)
+        except FerryError as exc:
+            return self._show("!", str(exc), None)
+        for d in reading.detections:
+            x1, y1, x2, y2 = d.box
+            color = "#{:02x}{:02x}{:02x}".format(*PALETTE[d.index % len(PALETTE)])
+            self.canvas.create_rectangle(x1, y1, x2, y2, outline=color, width=2, tags="boxes")
+            self.canvas.create_text(x1 + 2, y1 - 2, text=f"{d.label} {d.score:.2f}", anchor="sw", fill=color,
+                                    font=("Helvetica", 11, "bold"), tags="boxes")
+        found = len(reading.detections)
+        self._show(reading.text or "?", f"{found} digit(s) found" if found else "no digit found",
+                   1e3 * (time.perf_counter() - t0))
+
+    def _show(self, number: str, status: str, latency_ms: float | None) -> None:
+        self.number_var.set(number)
+        lat = f"{latency_ms:.1f} ms" if latency_ms is not None else "-"
+        self.status_var.set(f"{status}; provider {self.det.provider.used}; {lat}")
+        print(f"displayed: {number} | {status} | provider {self.det.provider.used} | {lat}", flush=True)
+
+    def clear(self) -> None:
+        self.strokes.clear()
+        self.canvas.delete("all")
+        self._show("?", "write a number", None)
+
+
+def _window():
+    try:
+        import tkinter as tk
+
+        return tk.Tk()
+    except ImportError as exc:
+        raise FerryError("Tkinter is not available in this Python (install python3-tk / tk-dev)") from exc
+    except Exception as exc:  # noqa: BLE001 - TclError: no display
+        raise FerryError(f"cannot open a window: {exc} (is $DISPLAY set?)") from exc
+
+
+def run_numbers(args: argparse.Namespace) -> int:
+    from ferry.runtime.detector import Detector
+
+    model = Path(args.detector)
+    if not model.exists():
+        raise FerryError(f"no detector at {model}: run `make demo-detect` (it trains and exports one), or export one "
+                         "with `ferry export fcos_small --checkpoint CKPT --name digits --out models`")
+    det = Detector.from_onnx(model, provider=args.provider)
+    if set(det.labels) - set("0123456789"):
+        raise FerryError(f"{model} detects {', '.join(det.labels[:5])}...; ferry draw --detector needs a digit detector "
+                         "(categories 0-9)")
+    if args.pen_width is not None and not 6 <= args.pen_width <= 36:
+        raise FerryError(f"--pen-width must be 6-36 (got {args.pen_width})")
+    root = _window()
+    NumberApp(root, det, pen_width=args.pen_width)
+    print(f"ferry draw: {det.name} (detector) on {det.provider.describe()}", flush=True)
+    root.mainloop()
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from ferry.runtime.classifier import Classifier
 
+    if getattr(args, "detector", None):
+        return run_numbers(args)
     model = Path(args.model)
     if not model.exists():
         raise FerryError(f"no digit model at {model}: run `make demo` (it trains and exports one), or "

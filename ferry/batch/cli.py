@@ -1,6 +1,7 @@
 """Predict a folder, a glob, a list of paths/URIs or an object-store prefix of images on Ray Data,
 locally or on a cluster, and write one Parquet row per input (path, index, label, probability,
-top_k, provider, error) to a local folder or an object store. A bad file is a row with its error.
+top_k, provider, error; a detector's: path, detections, count, width, height, provider, error) to a
+local folder or an object store. A bad file is a row with its error.
 
 Workers write the result files straight to --out; the job commits by writing _SUCCESS.json last
 (files, row counts, the model's sha256, the inputs' count): read only what it lists. After a crash,
@@ -45,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs each actor reserves (selects CUDA)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per inference batch (default: 32)")
     parser.add_argument("--top-k", type=int, default=5, help="candidates kept per image (default: 5)")
+    parser.add_argument("--min-score", type=float, default=None,
+                        help="detectors: keep detections scoring at least this, 0 to 1 (default: 0.5)")
     parser.add_argument("--provider", choices=CHOICES, default="auto", help="execution provider (default: auto)")
     parser.add_argument("--object-store-mb", type=int, default=256, help="local Ray's object store in MiB (default: 256)")
 
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, input=args.input, out=args.out, address=args.address, workers=args.workers,
         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, batch_size=args.batch_size,
         top_k=args.top_k, provider=args.provider, object_store_mb=args.object_store_mb, resume=args.resume,
-        storage_endpoint=args.storage_endpoint,
+        storage_endpoint=args.storage_endpoint, min_score=args.min_score,
     ))
     print(summary.describe())
     return 1 if summary.failures else 0

@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -88,6 +89,7 @@ class BatchOptions:
     throttle_ms: int = 0  # sleep per inference batch in each actor: only to make a test job last long enough to kill
     decode_stage: bool | None = None  # decode and preprocess in CPU tasks ahead of the actors (None: on with GPUs)
     decode_cpus: float = 1.0  # CPUs each decode task reserves
+    min_score: float | None = None  # detectors: detections scoring at least this (None: the runtime's 0.5)
 
 
 @dataclass
@@ -287,13 +289,15 @@ def open_destination(out: str, endpoint: str | None) -> Destination:
 def _job_record(opts: BatchOptions, model_sha256: str, model_name: str, items: list[str], part_rows: int) -> dict:
     record = {"schema": JOB_SCHEMA, "model": {"name": model_name, "file": Path(opts.model).name, "sha256": model_sha256},
               "inputs": {"spec": opts.input, "count": len(items), "sha256": _digest(items)}, "top_k": opts.top_k,
-              "part_rows": part_rows, "parts": math.ceil(len(items) / part_rows)}
-    key = json.dumps([model_sha256, record["inputs"]["sha256"], opts.top_k, part_rows]).encode()
+              "min_score": opts.min_score, "part_rows": part_rows, "parts": math.ceil(len(items) / part_rows)}
+    key = json.dumps([model_sha256, record["inputs"]["sha256"], opts.top_k, part_rows]
+                     + ([opts.min_score] if opts.min_score is not None else [])).encode()
     record["job"] = hashlib.sha256(key).hexdigest()[:16]
     return record
 
 
-def _differs(old: dict, model_sha256: str, items_sha256: str, count: int, top_k: int) -> str | None:
+def _differs(old: dict, model_sha256: str, items_sha256: str, count: int, top_k: int,
+             min_score: float | None = None) -> str | None:
     """Why an earlier job's record names another job than this one, or None."""
     try:
         if old.get("schema") != JOB_SCHEMA:
@@ -304,6 +308,8 @@ def _differs(old: dict, model_sha256: str, items_sha256: str, count: int, top_k:
             return f"other inputs ({old['inputs']['count']} listed then, {count} now)"
         if old["top_k"] != top_k:
             return f"another --top-k ({old['top_k']})"
+        if old.get("min_score") != min_score:
+            return f"another --min-score ({old.get('min_score')})"
         int(old["part_rows"]), int(old["parts"]), str(old["job"])
     except (KeyError, TypeError, ValueError, AttributeError):
         return f"its {JOB_FILE} is damaged"
@@ -445,20 +451,24 @@ class PredictPart:
     returning a row of counts per part."""
 
     def __init__(self, model: str | Any, model_name: str, provider: str, threads: int, top_k: int, batch_size: int,
-                 out: str, endpoint: str | None, job: str, throttle_ms: int = 0, prepared: bool = False):
+                 out: str, endpoint: str | None, job: str, throttle_ms: int = 0, prepared: bool = False,
+                 min_score: float | None = None):
         """`model`: a path every node can read (a local job), or an ObjectRef of the model's bytes
         (a cluster job: the model travels once through the object store)."""
         import ray
 
-        from ferry.runtime import Classifier
+        from ferry.runtime import open_model
 
         if isinstance(model, str):
-            path = Path(model)
-        else:
-            path = Path(tempfile.mkdtemp(prefix="ferry-batch-")) / model_name
-            path.write_bytes(ray.get(model))
-        self.clf = Classifier.from_onnx(path, provider=provider, threads=threads)
-        self.top_k, self.batch_size, self.throttle = top_k, batch_size, throttle_ms / 1000.0
+            self.clf = open_model(Path(model), provider=provider, threads=threads)  # a Classifier or a Detector
+        else:  # the engine holds the model once loaded: the temporary copy goes at once
+            folder = Path(tempfile.mkdtemp(prefix="ferry-batch-"))
+            try:
+                (folder / model_name).write_bytes(ray.get(model))
+                self.clf = open_model(folder / model_name, provider=provider, threads=threads)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+        self.top_k, self.batch_size, self.throttle, self.min_score = top_k, batch_size, throttle_ms / 1000.0, min_score
         self.fs, root = filesystem(out, endpoint)
         self.root = root.rstrip("/") or root
         self.in_place = scheme(out) in OBJECT_STORES
@@ -470,6 +480,19 @@ class PredictPart:
         """Result rows for one part's inputs, in order, through the runtime's own `predict_many`."""
         import pyarrow as pa
 
+        if self.clf.task == "detect":  # a detector's rows: ferry/batch/detect.py
+            from ferry.batch.detect import detection_rows, detection_schema
+
+            out: dict[str, list] = {}
+            for start in range(0, len(paths), self.batch_size):
+                end = start + self.batch_size
+                rows = detection_rows(self.clf, paths[start:end], data[start:end], read_errors[start:end],
+                                      min_score=self.min_score)
+                for k, v in rows.items():
+                    out.setdefault(k, []).extend(v)
+                if self.throttle:
+                    time.sleep(self.throttle)
+            return pa.Table.from_pydict(out, schema=detection_schema())
         readable = [i for i, e in enumerate(read_errors) if not e]
         outcomes: dict[int, Any] = {}
         for start in range(0, len(readable), self.batch_size):
@@ -488,7 +511,7 @@ class PredictPart:
                                                                  top_k=self.top_k, batch_size=len(chunk))))
             if self.throttle:
                 time.sleep(self.throttle)
-        out: dict[str, list] = {k: [] for k in ("path", "index", "label", "probability", "top_k", "provider", "error")}
+        out = {k: [] for k in ("path", "index", "label", "probability", "top_k", "provider", "error")}
         for i, path in enumerate(paths):
             o = outcomes.get(i)
             p = o.prediction if o else None
@@ -553,6 +576,8 @@ def _check_options(opts: BatchOptions) -> None:
 
     if opts.provider not in CHOICES:
         raise FerryError(f"unknown provider {opts.provider!r}; choose one of {', '.join(CHOICES)}")
+    if opts.min_score is not None and not 0 <= opts.min_score <= 1:
+        raise FerryError(f"--min-score must be in [0, 1] (got {opts.min_score})")
     for name, value, low in (("--batch-size", opts.batch_size, 1), ("--top-k", opts.top_k, 1), ("--workers", opts.workers, 0),
                              ("part_rows", opts.part_rows, 0)):
         if value < low:
@@ -563,12 +588,14 @@ def _check_options(opts: BatchOptions) -> None:
 
 def run_batch(opts: BatchOptions, *, log: Callable[[str], None] = print) -> BatchSummary:
     from ferry.core.fileio import sha256_file
-    from ferry.runtime import Classifier
+    from ferry.runtime import open_model
 
     # --- before Ray: everything that can be checked here is ---
     _check_options(opts)
     model_path = Path(opts.model)
-    probe = Classifier.from_onnx(model_path, provider="cpu", threads=1)  # a bad or stale model fails here
+    probe = open_model(model_path, provider="cpu", threads=1)  # a bad or stale model fails here
+    if probe.task == "detect" and opts.decode_stage:
+        raise FerryError("the decode stage runs classifiers only: a detector decodes in its actors (drop decode_stage)")
     model_sha256 = sha256_file(model_path)
     provider = opts.provider if opts.provider != "auto" or not opts.gpus_per_worker else "cuda"
     endpoint = storage_endpoint(opts.storage_endpoint)
@@ -580,7 +607,7 @@ def run_batch(opts: BatchOptions, *, log: Callable[[str], None] = print) -> Batc
     dest = open_destination(opts.out, endpoint)
     items_sha256 = _digest(items)
     if dest.job is not None:
-        why = _differs(dest.job, model_sha256, items_sha256, len(items), opts.top_k)
+        why = _differs(dest.job, model_sha256, items_sha256, len(items), opts.top_k, opts.min_score)
         if why:
             raise FerryError(f"--out {opts.out} holds another job's output ({why}); results are never written over: "
                              f"choose another --out")
@@ -593,7 +620,7 @@ def run_batch(opts: BatchOptions, *, log: Callable[[str], None] = print) -> Batc
         job = dest.job
     else:
         part_rows = opts.part_rows or choose_part_rows(items, opts.batch_size)
-        if (opts.gpus_per_worker > 0 if opts.decode_stage is None else opts.decode_stage) and not opts.part_rows:
+        if _decodes_ahead(opts, probe.task) and not opts.part_rows:
             # decoded tensors are larger than the files: a part's tensors stay about a read batch's bytes
             tensor_bytes = 4 * math.prod(probe.spec.input_shape)
             part_rows = max(1, min(part_rows, max(opts.batch_size, READ_BATCH_BYTES // tensor_bytes)))
@@ -691,6 +718,20 @@ def _check_nodes_see(ray, dest: Destination, job: str) -> None:
                          f"(node {node[:12]}: {why}); {hint}")
 
 
+def _decodes_ahead(opts: BatchOptions, task: str | None = None) -> bool:
+    """Whether a decode stage runs ahead of the actors: on for GPU jobs unless told; never for a
+    detector (its rows need each image's own size, known in the actor that decodes it)."""
+    if (task or _task(opts.model)) == "detect":
+        return False
+    return opts.gpus_per_worker > 0 if opts.decode_stage is None else bool(opts.decode_stage)
+
+
+def _task(model: str) -> str:
+    from ferry.runtime import contract
+
+    return contract.read(model).task
+
+
 def _run_dataset(ray, opts: BatchOptions, items: list[str], job: dict, todo: list[int], dest: Destination,
                  endpoint: str | None, *, plan: tuple[int, float, int], provider: str) -> None:
     import ray.data
@@ -707,7 +748,7 @@ def _run_dataset(ray, opts: BatchOptions, items: list[str], job: dict, todo: lis
     # one part a block: a read task reads a whole part, an actor call predicts and writes it
     ds = ray.data.from_items(parts, override_num_blocks=min(len(parts), 5000))
     ds = ds.map_batches(read_part, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS, fn_kwargs={"endpoint": endpoint})
-    decode = opts.gpus_per_worker > 0 if opts.decode_stage is None else opts.decode_stage
+    decode = _decodes_ahead(opts)
     if decode:  # GPU jobs: decoding on CPU workers (as many as the cluster's CPUs allow) feeds the GPU actors
         from ferry.runtime import contract
 
@@ -719,7 +760,8 @@ def _run_dataset(ray, opts: BatchOptions, items: list[str], job: dict, todo: lis
         PredictPart,
         fn_constructor_kwargs={"model": model, "model_name": Path(opts.model).name, "provider": provider, "threads": threads,
                                "top_k": opts.top_k, "batch_size": opts.batch_size, "out": dest.location, "endpoint": endpoint,
-                               "job": job["job"], "throttle_ms": opts.throttle_ms, "prepared": decode},
+                               "job": job["job"], "throttle_ms": opts.throttle_ms, "prepared": decode,
+                               "min_score": opts.min_score},
         batch_size=1,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=workers),

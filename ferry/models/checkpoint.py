@@ -5,6 +5,9 @@
 - `DIGIT_CNN_FORMAT`: the digit CNN (`ferry train`): weights, optimizer, training config, epoch, history.
 - `CLASSIFIER_FORMAT`: a fine-tuned torchvision classifier (`ferry train --arch`): also the
   architecture, classes, preprocessing, head, weights source and the held-out files.
+- `DETECTOR_FORMAT`: a detector (`ferry train --task detect`): the architecture, categories (with
+  their COCO ids), preprocessing, post-processing, weights source, and its data (the annotation
+  files and the validation image ids).
 """
 
 from __future__ import annotations
@@ -84,3 +87,33 @@ def classifier_from_state(state: dict[str, Any], path: str | Path):
     except RuntimeError as exc:
         raise FerryError(f"checkpoint {path} does not match {state['arch']}: {str(exc).splitlines()[0][:200]}") from exc
     return model.eval()
+
+
+DETECTOR_FORMAT = "ferry.detector/1"
+DETECTOR_KEYS = ("arch", "categories", "preprocess", "postprocess", "model", "config", "data", "epoch", "history")
+
+
+def load_detector_state(path: str | Path) -> dict[str, Any]:
+    """A detector's checkpoint (`ferry train --task detect`), checked."""
+    return load(path, fmt=DETECTOR_FORMAT, kind="detector", required=DETECTOR_KEYS)
+
+
+def detector_from_state(state: dict[str, Any], path: str | Path):
+    """(the trained detector in its training form, eval mode; its inference form, ready to export):
+    the architecture built empty (no weights download) and the checkpoint's weights loaded into it."""
+    from ferry.models import detectors, tvmodels
+    from ferry.runtime.presets import Preprocess, SpecError
+
+    try:
+        spec = Preprocess.from_dict(state["preprocess"])
+    except SpecError as exc:
+        raise FerryError(f"checkpoint {path}: {exc}") from exc
+    small = detectors.SmallConfig.from_dict(state["small"]) if state.get("small") else None
+    model, _ = detectors.build(state["arch"], len(state["categories"]), tvmodels.Weights("none"), image_size=spec.size[0],
+                               mean=spec.mean, std=spec.std, small=small)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise FerryError(f"checkpoint {path} does not match {state['arch']}: {str(exc).splitlines()[0][:200]}") from exc
+    post = detectors.PostProcess(**state["postprocess"])
+    return model.eval(), detectors.InferenceDetector(model, state["arch"], spec.size, post)

@@ -8,10 +8,12 @@ or Ray Serve replicas), over a `Backend` that does the inference (backend.py).
   GET  /v1/models                      the models and their metadata (labels, preprocessing, precision)
   GET  /v1/stats                       requests, batches and mean batch size per model
   POST /v1/models/<name>/predict       an image as the raw body or a multipart field; ?top_k=K
+                                       (a detector: ?min_score=S; detect.py)
   POST /v1/admin/reload                load the model files again (as SIGHUP does)
 
 A prediction is {"model", "index", "label", "probability", "top_k": [...], "provider", "latency_ms",
-"request_id"}. An error is {"error": "<one line>", "request_id"}; 4xx are logged as one line, 5xx
+"request_id"}; a detector's is {"model", "detections": [...], "width", "height", "min_score", "provider",
+"latency_ms", "request_id"}. An error is {"error": "<one line>", "request_id"}; 4xx are logged as one line, 5xx
 with their traceback, both with the request id, which every answer carries (`X-Request-ID`,
 echoed when the client sends a valid one).
 
@@ -40,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from ferry.core.errors import FerryError
+from ferry.serve.detect import parse_min_score
 
 LOG = logging.getLogger("ferry.serve")
 DEFAULT_MAX_BODY_MB = 16.0
@@ -123,6 +126,8 @@ def _describe(name: str, clf, load_seconds: float | None) -> dict[str, Any]:
          "preprocess": m.preprocess.to_dict(), "input": m.input.to_dict(), "output": m.output.to_dict(),
          "weights": m.weights, "untrained": m.untrained, "format_version": m.format_version,
          "provider": clf.provider.used, "threads": clf.provider.threads}
+    if m.detection is not None:
+        d["detection"] = m.detection.to_dict()
     if load_seconds is not None:
         d["load_seconds"] = round(load_seconds, 4)
     return d
@@ -359,6 +364,7 @@ def create_app(backend, config: AppConfig | None = None, *, state: ServerState |
         name = request.path_params["name"]
         try:
             top_k = parse_top_k(request.query_params.getlist("top_k"))
+            min_score = parse_min_score(request.query_params.getlist("min_score"))
         except FerryError as exc:
             return error(request, 400, str(exc))
         entry = backend.entry(name)
@@ -383,7 +389,7 @@ def create_app(backend, config: AppConfig | None = None, *, state: ServerState |
                 gauge.inc()
             try:
                 deadline = asyncio.get_running_loop().time() + timeout_s - (time.monotonic() - scope["ferry.t0"])
-                return await _within(deadline, answer(request, entry, top_k))
+                return await _within(deadline, answer(request, entry, top_k, min_score))
             except (TimeoutError, asyncio.TimeoutError):
                 self_app.throttle.note(f"504 {name}", f"504 model {name}: not answered within {timeout_s:g} s (--timeout-s)",
                                        scope["ferry.request_id"])
@@ -396,22 +402,29 @@ def create_app(backend, config: AppConfig | None = None, *, state: ServerState |
         finally:
             entry.release()
 
-    async def answer(request: Request, entry, top_k: int):
+    async def answer(request: Request, entry, top_k: int, min_score: float | None):
         data = await read_body(request)
         if isinstance(data, Response):
             return data
         if not data:
             return error(request, 400, "empty body: send an image (raw bytes, or a multipart file field)")
+        detector = entry.clf.task == "detect"
         try:
-            x = await asyncio.get_running_loop().run_in_executor(None, entry.clf.prepare, data, "image")
+            prepare = entry.clf.prepare_frame if detector else entry.clf.prepare
+            x = await asyncio.get_running_loop().run_in_executor(None, prepare, data, "image")
         except ImageTooLarge as exc:
             return error(request, 413, str(exc))
         except FerryError as exc:  # ImageError included
             return error(request, 400, str(exc))
-        logits = await entry.submit(x)
-        pred = entry.clf.predictions(np.asarray(logits)[None], top_k)[0]
+        if detector:  # a detector's answer: detect.py
+            x, frame = x
+            row = await entry.submit(x)
+            found = entry.clf.detections(np.asarray(row), frame, min_score).to_dict()
+        else:
+            logits = await entry.submit(x)
+            found = entry.clf.predictions(np.asarray(logits)[None], top_k)[0].to_dict()
         scope = request.scope
-        return JSONResponse({"model": entry.name, **pred.to_dict(),
+        return JSONResponse({"model": entry.name, **found,
                              "latency_ms": round(1e3 * (time.monotonic() - scope["ferry.t0"]), 3),
                              "request_id": scope["ferry.request_id"]})
 

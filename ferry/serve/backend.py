@@ -29,7 +29,7 @@ from ferry.core.errors import FerryError
 
 class ModelEntry(Protocol):
     name: str
-    clf: Any  # a ferry.runtime.Classifier
+    clf: Any  # a ferry.runtime.Classifier or Detector
     users: int  # requests holding this entry
 
     async def submit(self, x: np.ndarray) -> np.ndarray:
@@ -69,13 +69,13 @@ class ReloadResult:
 
 
 def load_models(paths: Sequence[str | Path], *, provider: str = "auto", threads: int | None = None) -> dict[str, Any]:
-    """Classifiers keyed by the model name in their metadata (`mnist-cnn`, `resnet50`). When an
+    """Classifiers (and detectors) keyed by the model name in their metadata (`mnist-cnn`, `resnet50`). When an
     fp32 model and its variant are served together, the variant is `<name>.<precision>`."""
-    from ferry.runtime import Classifier
+    from ferry.runtime import open_model
 
     if not paths:
         raise FerryError("give at least one model (.onnx written by `ferry export`)")
-    clfs = [Classifier.from_onnx(p, provider=provider, threads=threads) for p in paths]
+    clfs = [open_model(p, provider=provider, threads=threads) for p in paths]  # classifiers and detectors
     shared = {c.name for c in clfs if sum(o.name == c.name for o in clfs) > 1}
     models: dict[str, Any] = {}
     for clf in clfs:

@@ -68,6 +68,9 @@ def openapi_spec(models: list[str], *, auth: bool, max_body_bytes: int, max_top_
         {"name": "top_k", "in": "query", "required": False,
          "description": f"How many of the most probable classes to return, 1 to {max_top_k} (default 1)",
          "schema": {"type": "integer", "minimum": 1, "maximum": max_top_k, "default": 1}},
+        {"name": "min_score", "in": "query", "required": False,
+         "description": "Detectors: the lowest score of a detection returned, 0 to 1 (default 0.5); classifiers ignore it",
+         "schema": {"type": "number", "minimum": 0, "maximum": 1}},
     ]
     binary = {"schema": {"type": "string", "format": "binary"}}
     paths = {
@@ -101,12 +104,13 @@ def openapi_spec(models: list[str], *, auth: bool, max_body_bytes: int, max_top_
             "Batching statistics", "Requests computed, batches and mean batch size per model, across every worker "
             "process or replica.", {200: _ok("Statistics", _json(_ref("Stats")))}, operation_id="stats")},
         "/v1/models/{name}/predict": {"post": op(
-            "Classify an image",
+            "Classify an image, or find the objects in it",
             f"The image is the raw body (any content type) or the first file field of a multipart/form-data body "
             f"(preferably named `image`). At most {max_body_bytes:,} bytes; at most {max_queue} requests per model are "
             f"admitted at once (more get 503 with Retry-After, at once); a request not answered within {timeout_s:g} s "
             f"gets 504 and its work is dropped.",
-            {200: _ok("The prediction", _json(_ref("Prediction"))), 400: _error(400), 404: _error(404, "No such model"),
+            {200: _ok("The prediction (a classifier) or the detections (a detector)",
+                      _json({"oneOf": [_ref("Prediction"), _ref("Detections")]})), 400: _error(400), 404: _error(404, "No such model"),
              413: _error(413), 503: _error(503), 504: _error(504)},
             parameters=predict_params, operation_id="predict",
             requestBody={"required": True, "description": "An encoded image (PNG, JPEG, GIF, BMP, WebP, TIFF ...)",
@@ -141,6 +145,16 @@ def openapi_spec(models: list[str], *, auth: bool, max_body_bytes: int, max_top_
             "provider": {"type": "string", "description": "The onnxruntime execution provider that ran the model"},
             "latency_ms": {"type": "number", "description": "Server time from arrival to answer"},
             "request_id": {"type": "string"}}},
+        "Detection": {"type": "object", "required": ["label", "category_id", "index", "score", "box"], "properties": {
+            "label": {"type": "string"}, "category_id": {"type": "integer"}, "index": {"type": "integer"},
+            "score": {"type": "number", "minimum": 0, "maximum": 1},
+            "box": {"type": "array", "minItems": 4, "maxItems": 4, "items": {"type": "number"},
+                    "description": "x1, y1, x2, y2 in the image's own pixels"}}},
+        "Detections": {"type": "object", "required": ["model", "detections", "width", "height", "min_score", "provider",
+                                                      "latency_ms", "request_id"], "properties": {
+            "model": {"type": "string"}, "detections": {"type": "array", "items": _ref("Detection")},
+            "width": {"type": "integer"}, "height": {"type": "integer"}, "min_score": {"type": "number"},
+            "provider": {"type": "string"}, "latency_ms": {"type": "number"}, "request_id": {"type": "string"}}},
         "Model": {"type": "object", "required": ["name", "model", "precision", "labels", "provider"], "properties": {
             "name": {"type": "string", "description": "The name to use in /v1/models/{name}/predict"},
             "model": {"type": "string"}, "task": {"type": "string"}, "precision": {"type": "string"},
