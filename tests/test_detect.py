@@ -229,7 +229,8 @@ def test_weights_unavailable_offline_exit_3(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
     folder, _ = _coco_folder(tmp_path)
     code = main(["train", "--task", "detect", "--arch", "fasterrcnn_mobilenet_v3_large_fpn", "--data-dir", str(folder),
-                 "--annotations", str(tmp_path / "instances.json"), "--out", str(tmp_path / "run"), "--image-size", "64"])
+                 "--annotations", str(tmp_path / "instances.json"), "--val-annotations", str(tmp_path / "instances.json"),
+                 "--out", str(tmp_path / "run"), "--image-size", "64"])
     err = capsys.readouterr().err
     assert code == 3 and "Offline?" in err, err
     assert code == 3 and "Offline?" in err and "--weights none" in err and len(err.strip().splitlines()) == 1
