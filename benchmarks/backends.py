@@ -191,6 +191,12 @@ def _torch_detector(meta, arch: str, checkpoint: str | None):
 
     if checkpoint:
         return ckpt.detector_from_state(ckpt.load_detector_state(checkpoint), checkpoint)[1]
+    if not meta.untrained:  # NMS's work depends on the scores: random weights would time another workload
+        raise Unavailable(f"no PyTorch baseline for the trained detector {meta.model} without its checkpoint "
+                          f"(--checkpoint {meta.model}=PATH)")
+    import torch
+
+    torch.manual_seed(0)  # as `ferry export` seeds an untrained detector: the same random weights on both sides
     spec, det = meta.preprocess, meta.detection
     small = detectors.SmallConfig.from_dict(meta.info["source"]["small"]) if (meta.info.get("source") or {}).get("small") else None
     model, _ = detectors.build(arch, len(det.categories), tvmodels.Weights("none"), image_size=spec.size[0], mean=spec.mean,

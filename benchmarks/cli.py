@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ferry.core.errors import FerryError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ferry.bench.matrix import BACKENDS, DEFAULT_MODELS
@@ -26,7 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"subset of: {', '.join(BACKENDS)} (default: all)")
     parser.add_argument("--cnn-batches", type=int, nargs="+", metavar="B", help="digit-CNN batch sizes (default: 1 8 32 128 256 1024)")
     parser.add_argument("--resnet-batches", type=int, nargs="+", metavar="B", help="ResNet-50 batch sizes (default: 1 8 32)")
-    parser.add_argument("--checkpoint", help="trained CNN checkpoint for the PyTorch baseline (default: random weights)")
+    parser.add_argument("--checkpoint", action="append", metavar="[MODEL=]PATH",
+                        help="a checkpoint for a PyTorch baseline: PATH for mnist-cnn, MODEL=PATH for another model, "
+                             "e.g. digits=runs/digits/checkpoint.pt (repeatable; default: the CNN with random weights, "
+                             "a trained detector without a baseline)")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads for torch and onnxruntime (default: all cores)")
     parser.add_argument("--min-seconds", type=float, default=2.0, help="GPU rows: minimum timed seconds per measurement (default: 2)")
     parser.add_argument("--max-seconds", type=float, default=90.0,
@@ -34,6 +39,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-all-batches", action="store_true",
                         help="torch.compile every batch size (default: batch 1 only; each size compiles again)")
     parser.add_argument("--quick", action="store_true", help="short measurements and few batch sizes (a smoke test, noisy)")
+
+
+def checkpoints(given: list[str] | None) -> str | dict[str, str] | None:
+    """--checkpoint values -> BenchConfig.checkpoint: one bare PATH (mnist-cnn's), or model -> path."""
+    if not given:
+        return None
+    if len(given) == 1 and "=" not in given[0]:
+        return given[0]
+    out: dict[str, str] = {}
+    for item in given:
+        model, sep, path = item.partition("=")
+        if not sep:
+            model, path = "mnist-cnn", item
+        if not model or not path:
+            raise FerryError(f"--checkpoint {item!r}: give PATH (mnist-cnn's) or MODEL=PATH")
+        out[model] = path
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_seconds <= 0:
         raise FerryError("--max-seconds must be > 0")
     cfg = BenchConfig(models_dir=args.models_dir, models=tuple(args.models), backends=tuple(args.backends),
-                      batch_sizes=batches, checkpoint=args.checkpoint, threads=args.threads,
+                      batch_sizes=batches, checkpoint=checkpoints(args.checkpoint), threads=args.threads,
                       min_seconds=0.3 if args.quick else args.min_seconds, min_calls=10 if args.quick else 50,
                       warmup=2 if args.quick else 5, compile_all_batches=args.compile_all_batches,
                       min_rounds=3 if args.quick else 8, round_seconds=0.01 if args.quick else 0.05,

@@ -39,7 +39,7 @@ class BenchConfig:
     backends: tuple[str, ...] = tuple(matrix.BACKENDS)
     batch_sizes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per model; default: the matrix's
     gpu_batch_sizes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per model, GPU backends (default: batch_sizes)
-    checkpoint: str | None = None  # trained CNN for the PyTorch baseline (else random weights)
+    checkpoint: str | dict[str, str] | None = None  # for the PyTorch baselines: mnist-cnn's path, or model -> path
     threads: int = 0  # intra-op threads for torch, onnxruntime and OpenVINO (0: their defaults, read back)
     min_seconds: float = 2.0  # GPU rows: per measurement
     min_calls: int = 50  # GPU rows: per single-stream measurement (offline: 10)
@@ -63,7 +63,8 @@ def _inputs(shape: tuple[int, ...], batch: int, seed: int) -> np.ndarray:
 def prepare_backend(spec: matrix.BackendSpec, model: str, cfg: BenchConfig) -> bk.Prepared:
     threads = cfg.threads or None
     if spec.engine in ("torch", "torch-compile"):
-        return bk.prepare_torch(spec, model, cfg.checkpoint if model == "mnist-cnn" else None, threads=threads,
+        ck = cfg.checkpoint.get(model) if isinstance(cfg.checkpoint, dict) else (cfg.checkpoint if model == "mnist-cnn" else None)
+        return bk.prepare_torch(spec, model, ck, threads=threads,
                                 models_dir=cfg.models_dir)
     return bk.prepare_runtime(spec, model, Path(cfg.models_dir), threads=threads)
 

@@ -127,6 +127,10 @@ def load_detector(opts, log: Callable[[str], None]) -> LoadedDetector:
             val = val.subset(data["val_ids"])  # the held-out share of the training JSON
         calibration = []
         if opts.int8:
+            if not (Path(data["root"]).is_dir() and Path(data["annotations"]).is_file()):
+                raise FerryError(f"--int8 calibrates on the training images {opts.checkpoint} was trained on "
+                                 f"({data['annotations']}, images in {data['root']}), which are not on this machine; "
+                                 "export int8 where they are, or without --int8")
             train = coco.load_coco(data["root"], data["annotations"], categories=cats, check_files=False)
             held = set(data["val_ids"]) if Path(data["annotations"]) == Path(data["val_annotations"]) else set()
             calibration = [train.path(im) for im in train.images if im.id not in held][:CALIBRATION_IMAGES]

@@ -170,7 +170,7 @@ def test_training_writes_a_self_describing_checkpoint_and_resumes(detector_expor
     assert state["data"]["val_ids"] == list(range(1, 9))
     run = Path(detector_export["config"].out)
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["epochs"][0]["val_map"] is not None and (run / "curves.png").stat().st_size > 1000
+    assert 0 <= metrics["epochs"][0]["val_map"] <= 1 and (run / "curves.png").stat().st_size > 1000
     # an interrupted two-epoch run, resumed: it continues after its last completed epoch
     cfg = dataclasses.replace(detector_export["config"], out=str(tmp_path / "run"), epochs=2)
 
@@ -215,7 +215,9 @@ def test_export_matches_pytorch_and_states_its_tolerances(detector_export):
     text = config_pbtxt(meta, name="digits")  # Triton: the three outputs, labels as int64
     assert 'name: "labels" data_type: TYPE_INT64 dims: [ 100 ]' in text and 'name: "boxes" data_type: TYPE_FP32 dims: [ 100, 4 ]' in text
     parsed = validate_config(text)
-    assert parsed is None or [o.name for o in parsed.output] == ["boxes", "scores", "labels"]
+    if parsed is None:
+        pytest.skip("tritonclient is not installed: the config could not be parsed")
+    assert [o.name for o in parsed.output] == ["boxes", "scores", "labels"]
 
 
 def test_weights_unavailable_offline_exit_3(monkeypatch, tmp_path, capsys):
@@ -266,12 +268,13 @@ def test_torchvision_detectors_train_and_run_at_tiny_sizes(arch, size):
     sum(losses.values()).backward()
     opt.step()
     assert any(not torch.equal(a, b) for a, b in zip(before, [p for p in model.parameters() if p.requires_grad]))
-    module = detectors.InferenceDetector(model, arch, (size, size), detectors.PostProcess(max_detections=20))
+    # a threshold under the heads' prior (RetinaNet's 0.01): random weights still give detections to check
+    module = detectors.InferenceDetector(model, arch, (size, size), detectors.PostProcess(score_threshold=0.001, max_detections=20))
     with torch.no_grad():
         boxes, scores, labels = module(torch.randn(2, 3, size, size))
     assert boxes.shape == (2, 20, 4) and scores.shape == (2, 20) and labels.shape == (2, 20) and labels.dtype == torch.int64
     valid = labels >= 0
-    assert bool((scores[valid] > 0.05).all()) and bool((labels[valid] < 3).all()) and bool((scores[~valid] == 0).all())
+    assert bool(valid.any()) and bool((scores[valid] > 0.001).all()) and bool((labels[valid] < 3).all()) and bool((scores[~valid] == 0).all())
     assert bool((boxes >= 0).all()) and bool((boxes <= size).all())
 
 
@@ -550,3 +553,42 @@ def test_letterbox_maps_boxes_back_to_a_larger_image():
     small = Image.new("RGB", (48, 40), (255, 255, 255))  # a smaller image is not enlarged (upscale off)
     _, frame = preprocess_letterbox(small, spec)
     assert (frame.scale_x, frame.scale_y) == (1.0, 1.0)
+
+
+def test_a_flat_drawing_stays_a_small_image():
+    """A dash or a dot on the number canvas is not blown up to the digits' height (a 600 px dash once
+    became an image ~24,000 px wide); a row of digits is still scaled to the trained ink height."""
+    from ferry.app.canvas import NUMBER_INK_HEIGHT, Stroke, number_image
+
+    image, scale, _, _ = number_image([Stroke([(20, 100), (620, 101)], width=8)])
+    assert image.width <= 600 and scale <= 1.0
+    image, _, _, _ = number_image([Stroke([(50, 50), (50, 50)], width=8)])
+    assert image.width < 200 and image.height < 200
+    image, scale, _, _ = number_image([Stroke([(100, 40), (100, 200)], width=10), Stroke([(200, 40), (260, 200)], width=10)])
+    assert scale == pytest.approx(NUMBER_INK_HEIGHT / (160 * 1.14), rel=0.05)
+
+
+def test_bench_checkpoints_per_model():
+    """`ferry bench --checkpoint`: a bare path is the digit CNN's; MODEL=PATH names another model."""
+    from ferry.bench.cli import checkpoints
+
+    assert checkpoints(None) is None and checkpoints(["runs/c.pt"]) == "runs/c.pt"
+    assert checkpoints(["runs/c.pt", "digits=runs/d.pt"]) == {"mnist-cnn": "runs/c.pt", "digits": "runs/d.pt"}
+    with pytest.raises(FerryError, match="MODEL=PATH"):
+        checkpoints(["digits="])
+
+
+def test_bench_times_a_detector_against_its_own_weights(detector_export):
+    """`ferry bench` on a trained detector: the PyTorch row runs the checkpoint's weights (NMS's work
+    depends on the scores), or is skipped with the reason, never timed on random weights."""
+    from ferry.bench.suite import BenchConfig, run_benchmarks
+
+    path = Path(detector_export["path"])
+    base = dict(models_dir=str(path.parent), models=("digits",), backends=("torch-eager-cpu", "ort-cpu-fp32"),
+                batch_sizes={"digits": (1,)}, min_seconds=0.01, min_calls=3, warmup=1, round_seconds=0.002,
+                max_seconds_batch1=2, max_seconds_offline=1)
+    results = run_benchmarks(BenchConfig(**base))
+    assert {r["backend"] for r in results["rows"]} == {"ort-cpu-fp32"}
+    assert any(s["backend"] == "torch-eager-cpu" and "checkpoint" in s["reason"] for s in results["skipped"]), results["skipped"]
+    results = run_benchmarks(BenchConfig(**base, checkpoint={"digits": str(detector_export["checkpoint"])}))
+    assert {r["backend"] for r in results["rows"]} == {"ort-cpu-fp32", "torch-eager-cpu"}

@@ -118,7 +118,8 @@ def number_image(strokes: Sequence[Stroke], ink_height: float = NUMBER_INK_HEIGH
     scale, left, top): canvas point (x, y) is image point ((x - left) * scale, (y - top) * scale)."""
     pts = [(x, y) for s in strokes for x, y in s.points]
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    height = max(ys) - min(ys)
+    # a flat drawing (a dash, a dot) counts as a tenth of its width tall: never scaled into a giant image
+    height = max(max(ys) - min(ys), (max(xs) - min(xs)) / 10)
     pen = max(1.0, STROKE_RATIO * height)
     scale = ink_height / max(height + pen, 1.0)
     left, top = min(xs) - pen / 2 - margin / scale, min(ys) - pen / 2 - margin / scale

@@ -1,6 +1,6 @@
 """Detectors in `ferry batch`: one Parquet row per input with its detections. The batch actor
-(job.PredictBatch) hands detectors here; the job's own checks (every input exactly once) read the
-path, error and provider columns, which both schemas share.
+(job.PredictPart) hands detectors here; the job's own checks (every input exactly once) read the
+path and error columns, which both schemas share.
 
 A row: path, detections (a list of {label, category_id, index, score, box: [x1, y1, x2, y2]} in the
 image's pixels, best first), count, width, height, provider, error. A file that cannot be read or
@@ -39,19 +39,3 @@ def detection_rows(det: Any, paths: list[str], blobs: list[bytes], read_errors: 
         out["provider"].append(det.provider.used)
         out["error"].append(o.error if o else read_errors[i])
     return out
-
-
-def detection_table(det: Any, batch: dict[str, Any], *, min_score: float | None = None):
-    """A Ray Data batch of (path, bytes, read_error) -> the result table (detection_schema)."""
-    import pyarrow as pa
-
-    paths = [str(p) for p in batch["path"]]
-    rows = detection_rows(det, paths, [bytes(b) for b in batch["bytes"]], [str(e) for e in batch["read_error"]],
-                          min_score=min_score)
-    return pa.Table.from_pydict(rows, schema=detection_schema())
-
-
-def missing_rows(paths: list[str]) -> dict[str, list]:
-    n = len(paths)
-    return {"path": paths, "detections": [[] for _ in paths], "count": [None] * n, "width": [None] * n,
-            "height": [None] * n, "provider": [None] * n, "error": [f"{p}: no such file" for p in paths]}

@@ -257,7 +257,8 @@ def build(arch: str, num_classes: int, weights: Weights, *, image_size: int, mea
         note = _load_matching(model, _download(arch, weights), arch, weights.source)
     elif weights.path is not None:
         note = _load_matching(model, _state_dict_file(weights.path), arch, weights.source)
-    size_divisible = 32
+    # SSD's default boxes are sized by the padded batch: pad every batch to the whole input, as export sees it
+    size_divisible = image_size if family(arch) == "ssd" else 32
     model.transform = GeneralizedRCNNTransform(image_size, image_size, list(mean), list(std),
                                                size_divisible=size_divisible, _skip_resize=True)
     return model, note
