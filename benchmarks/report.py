@@ -103,7 +103,9 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
         "",
         *(["## Checks (batch 1, interleaved rounds)", "",
             "Each: the first backend's latency over the fastest of the others, round by round (median and ~95% interval); "
-            "met: the whole interval within the bound; met within noise: the median within it.", "",
+            "met: the whole interval within the bound; met within noise: the median within it; within noise: the "
+            "interval crosses the bound, the median beyond it (not shown to be slower); not met: the whole interval "
+            "beyond it.", "",
             "| model | check | verdict | ratio | interval | bound |", "| --- | --- | --- | ---: | --- | ---: |",
             *[f"| {c['model']} | {c['check']} | **{c['verdict']}** | "
               + (f"{c['ratio']:.3f} | {c['ci'][0]:.3f}-{c['ci'][1]:.3f} | {c['factor']:.3g} |" if "ratio" in c else f"- | {c.get('why', '')} | - |")

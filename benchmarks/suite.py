@@ -262,11 +262,23 @@ def ratios(rows: list[dict], rounds: dict[tuple[str, int], Rounds] | None = None
     return out, left_out
 
 
+def verdict(value: float, lo: float, hi: float, factor: float) -> str:
+    """A check's verdict from its ratio's median and ~95% interval: met (the whole interval within the
+    factor), met within noise (the median within it, the interval crossing it), within noise (the
+    interval crosses it, the median beyond it: not shown to be slower; a subject that runs the same
+    engine as the fastest other lands here or in the previous case, since the fastest of several noisy
+    rows is taken round by round), not met (the whole interval beyond it)."""
+    if hi <= factor:
+        return "met"
+    if value <= factor:
+        return "met within noise"
+    return "within noise" if lo <= factor else "not met"
+
+
 def checks(rows: list[dict], rounds: dict[tuple[str, int], Rounds], machine: dict[str, Any]) -> list[dict[str, Any]]:
     """matrix.CHECKS for this CPU's class, at batch 1, from the interleaved rounds: the subject's
-    latency over the fastest of the others, round by round (median and ~95% interval). Met: the whole
-    interval is within the factor; met within noise: the median is and the interval crosses it; not
-    met: the median is beyond it."""
+    latency over the fastest of the others, round by round (median and ~95% interval); the verdict:
+    `verdict`."""
     has_bf16 = any(f in machine.get("cpu_flags", []) for f in ("avx512_bf16", "amx_bf16"))
     out = []
     for model in sorted({r["model"] for r in rows}):
@@ -284,10 +296,9 @@ def checks(rows: list[dict], rounds: dict[tuple[str, int], Rounds], machine: dic
                             "why": f"not in this run: {', '.join(missing)}"})
                 continue
             value, lo, hi = group.ratio(c.subject, against)
-            verdict = "met" if hi <= c.factor else ("met within noise" if value <= c.factor else "not met")
-            out.append({"model": model, "check": c.name, "verdict": verdict, "ratio": value, "ci": [lo, hi],
+            out.append({"model": model, "check": c.name, "verdict": verdict(value, lo, hi, c.factor), "ratio": value, "ci": [lo, hi],
                         "factor": c.factor, "against": against, "rounds": group.rounds})
     return out
 
 
-__all__ = ["BenchConfig", "checks", "median_ci", "prepare_backend", "ratios", "run_benchmarks"]
+__all__ = ["BenchConfig", "checks", "verdict", "median_ci", "prepare_backend", "ratios", "run_benchmarks"]

@@ -158,7 +158,7 @@ def test_suite_records_skips_and_valid_schema(tmp_path):
     q = by_label["onnxruntime fp32 vs PyTorch eager (CPU)"]
     assert "interleaved rounds" in q["from"] and q["batch1_ci"][0] <= q["batch1_p50_speedup"] <= q["batch1_ci"][1]
     assert all(r["rounds"] >= cfg.min_rounds for r in results["rows"] if r["batch_size"] == 1)
-    assert {c["verdict"] for c in results["checks"]} <= {"met", "met within noise", "not met", "not measured"}
+    assert {c["verdict"] for c in results["checks"]} <= {"met", "met within noise", "within noise", "not met", "not measured"}
 
     paths = write_all(results, tmp_path)
     assert json.loads(paths["json"].read_text())["schema"] == "ferry.bench/3"
@@ -268,3 +268,14 @@ def test_gpu_script_bad_data_dir_is_a_clear_error(tmp_path, capsys):
 
     assert main(["--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
     assert "MNIST not found" in capsys.readouterr().err
+
+
+def test_check_verdicts_follow_the_interval():
+    """A check is not met only when its whole interval is beyond the bound; an interval that crosses
+    it is noise, whichever side the median falls."""
+    from ferry.bench.suite import verdict
+
+    assert verdict(0.95, 0.90, 0.99, 1.0) == "met"
+    assert verdict(0.99, 0.95, 1.02, 1.0) == "met within noise"
+    assert verdict(1.005, 0.997, 1.02, 1.0) == "within noise"
+    assert verdict(1.10, 1.02, 1.15, 1.0) == "not met"

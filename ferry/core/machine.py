@@ -15,7 +15,7 @@ INFERENCE_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnn
                    "amx_tile", "amx_int8", "amx_bf16")
 # aarch64 features with the same role (dot products, int8 matrix multiply, bf16, SVE)
 ARM_FLAGS = ("asimd", "asimddp", "i8mm", "bf16", "sve", "sve2")
-VERSIONED = ("numpy", "pillow", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "torchvision")
+VERSIONED = ("numpy", "pillow", "onnxruntime", "onnxruntime-gpu", "openvino", "onnx", "torch", "torchvision")
 
 
 def _cpuinfo() -> str:
