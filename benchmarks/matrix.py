@@ -15,7 +15,7 @@ DEFAULT_MODELS = ("mnist-cnn", "resnet50")
 # Detection-size inputs (a torchvision detector's 800x800) are heavy at any batch: few sizes.
 _SMALL, _IMAGENET, _LARGE = "small", "imagenet", "large"
 BATCHES: dict[str, dict[str, tuple[int, ...]]] = {
-    "default": {_SMALL: (1, 8, 32, 128, 256, 1024), _IMAGENET: (1, 8, 32), _LARGE: (1, 2)},
+    "default": {_SMALL: (1, 8, 32, 128, 256, 1024), _IMAGENET: (1, 8, 32), _LARGE: (1,)},
     "quick": {_SMALL: (1, 64), _IMAGENET: (1, 4), _LARGE: (1,)},
     "gpu": {_SMALL: (1, 32, 256, 1024, 4096), _IMAGENET: (1, 8, 32, 64, 128, 256), _LARGE: (1, 4, 8, 16)},
     "pytest": {_SMALL: (1, 64, 256), _IMAGENET: (1, 8), _LARGE: (1,)},
