@@ -19,7 +19,6 @@ FASHION_IDX ?= /usr/share/datasets/fashion-mnist
 SCENES_DIR ?= data/digit-scenes
 DETECT_RUN ?= $(RUNS)/digits
 DETECTOR_ARCH ?= retinanet_resnet50_fpn_v2
-DETECTOR_WEIGHTS ?= DEFAULT
 
 .PHONY: help demo train export predict fidelity bench test docs clean fidelity-full train-avx2 int8-portability \
 	finetune bench-batch bench-serve bench-overload demo-detect scenes train-detect export-detect eval-detect numbers \
@@ -128,12 +127,9 @@ numbers: $(STAMP)
 		--out $(RUNS)/canvas_numbers.json
 
 bench-detect: $(STAMP)
-	@# COCO weights when online; offline (exit code 3) random weights: speed does not depend on them
-	$(BIN)/ferry export $(DETECTOR_ARCH) --weights $(DETECTOR_WEIGHTS) --out $(MODELS); \
-	rc=$$?; if [ $$rc -eq 3 ]; then \
-		echo "*** $(DETECTOR_ARCH) weights unavailable (offline?): RANDOM weights instead"; \
-		$(BIN)/ferry export $(DETECTOR_ARCH) --weights none --out $(MODELS); \
-	elif [ $$rc -ne 0 ]; then exit $$rc; fi
+	@# random weights, seeded alike in the export and the PyTorch baseline: both sides get the same weights, so
+	@# NMS gets the same work (a trained detector's baseline needs its checkpoint: --checkpoint MODEL=PATH)
+	$(BIN)/ferry export $(DETECTOR_ARCH) --weights none --out $(MODELS)
 	$(BIN)/ferry bench --models-dir $(MODELS) --models $(DETECTOR_ARCH) --backends torch-eager-cpu ort-cpu-fp32 ov-cpu-f32 \
 		torch-eager-cuda ort-cuda-fp32 --out $(RUNS)/bench-detect
 

@@ -45,12 +45,18 @@ def checkpoints(given: list[str] | None) -> str | dict[str, str] | None:
     """--checkpoint values -> BenchConfig.checkpoint: one bare PATH (mnist-cnn's), or model -> path."""
     if not given:
         return None
-    if len(given) == 1 and "=" not in given[0]:
+    from pathlib import Path
+
+    def named(item: str) -> bool:  # MODEL=PATH; a path with "=" in it stays a path
+        model, sep, _ = item.partition("=")
+        return bool(sep) and "/" not in model and not Path(item).exists()
+
+    if len(given) == 1 and not named(given[0]):
         return given[0]
     out: dict[str, str] = {}
     for item in given:
-        model, sep, path = item.partition("=")
-        if not sep:
+        model, _, path = item.partition("=")
+        if not named(item):
             model, path = "mnist-cnn", item
         if not model or not path:
             raise FerryError(f"--checkpoint {item!r}: give PATH (mnist-cnn's) or MODEL=PATH")

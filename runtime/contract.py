@@ -20,8 +20,8 @@ Two tasks share the format: `classify` (one output, `logits`) and `detect` (thre
 (batch, K, 4) x1, y1, x2, y2 in input pixels, `scores` (batch, K) and `labels` (batch, K) int64,
 padded: label -1 and score 0 where there is no detection; a `letterbox` preprocessing; and a
 `detection` object: the categories with their COCO ids, the score threshold, the NMS IoU threshold
-and K). A detector file is format 2 too: a ferry that predates detectors refuses it by its task, in
-one line, and every classifier file reads as before.
+and K). A detector file is format 2 too: a ferry that predates detectors refuses it in one line (its
+outputs are not a classifier's), and every classifier file reads as before.
 """
 
 from __future__ import annotations

@@ -574,8 +574,28 @@ def test_bench_checkpoints_per_model():
 
     assert checkpoints(None) is None and checkpoints(["runs/c.pt"]) == "runs/c.pt"
     assert checkpoints(["runs/c.pt", "digits=runs/d.pt"]) == {"mnist-cnn": "runs/c.pt", "digits": "runs/d.pt"}
+    assert checkpoints(["runs/lr=0.1/ck.pt"]) == "runs/lr=0.1/ck.pt"  # a path with "=" in it
     with pytest.raises(FerryError, match="MODEL=PATH"):
         checkpoints(["digits="])
+
+
+def test_min_score_is_a_plain_decimal_for_detectors_only(cnn_export, tmp_path):
+    """`?min_score=` takes plain decimals from 0 to 1, nothing float() would stretch to; `ferry batch
+    --min-score` on a classifier is a one-line error before Ray starts."""
+    from ferry.batch.job import BatchOptions, run_batch
+    from ferry.serve.detect import parse_min_score
+
+    assert parse_min_score([]) is None and parse_min_score(["0.5"]) == 0.5 and parse_min_score([".25"]) == 0.25
+    assert parse_min_score(["1"]) == 1.0 and parse_min_score(["0"]) == 0.0
+    for bad in (" 0.5", "5e-1", "+.5", "0_1", "1.5", "nan", "-0", "", "0.5x"):
+        with pytest.raises(FerryError, match="min_score must be a number from 0 to 1"):
+            parse_min_score([bad])
+    with pytest.raises(FerryError, match="given once"):
+        parse_min_score(["0.5", "0.6"])
+    with pytest.raises(FerryError, match="--min-score applies to detectors"):
+        run_batch(BatchOptions(model=str(cnn_export[0]), input=str(tmp_path), out=str(tmp_path / "out"), min_score=0.5),
+                  log=lambda _m: None)
+    assert not (tmp_path / "out").exists()
 
 
 def test_bench_times_a_detector_against_its_own_weights(detector_export):

@@ -594,6 +594,8 @@ def run_batch(opts: BatchOptions, *, log: Callable[[str], None] = print) -> Batc
     _check_options(opts)
     model_path = Path(opts.model)
     probe = open_model(model_path, provider="cpu", threads=1)  # a bad or stale model fails here
+    if opts.min_score is not None and probe.task != "detect":
+        raise FerryError(f"--min-score applies to detectors; {opts.model} is a {probe.task} model (use --top-k)")
     if probe.task == "detect" and opts.decode_stage:
         raise FerryError("the decode stage runs classifiers only: a detector decodes in its actors (drop decode_stage)")
     model_sha256 = sha256_file(model_path)

@@ -235,7 +235,8 @@ def build(arch: str, num_classes: int, weights: Weights, *, image_size: int, mea
     """The training form of `arch` for `num_classes` categories (plus the background): torchvision's
     detector, whose `model(images, targets)` returns its losses. Images are letterboxed by the
     caller, so the model's own resizing is off (`_skip_resize`); it normalizes with `mean` and
-    `std` and pads each batch to a multiple of 32. Returns (model, what was done with the weights)."""
+    `std` and pads each batch to a multiple of 32 (SSD: to the whole input, as its default boxes follow the
+    padded size). Returns (model, what was done with the weights)."""
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
     check_arch(arch)

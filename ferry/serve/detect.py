@@ -9,7 +9,11 @@ A detection answer is {"model", "detections": [{"label", "category_id", "index",
 
 from __future__ import annotations
 
+import re
+
 from ferry.core.errors import FerryError
+
+_DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")  # plain decimals: no sign, exponent, spaces or underscores
 
 
 def parse_min_score(values: list[str]) -> float | None:
@@ -18,10 +22,7 @@ def parse_min_score(values: list[str]) -> float | None:
     if not values:
         return None
     raw = values[-1]
-    try:
-        value = float(raw) if len(values) == 1 and raw.isascii() else float("nan")
-    except ValueError:
-        value = float("nan")
+    value = float(raw) if len(values) == 1 and _DECIMAL.fullmatch(raw) else float("nan")
     if not 0 <= value <= 1:  # also refuses NaN
         shown = raw if len(raw) <= 20 else raw[:20] + "..."
         raise FerryError(f"query parameter min_score must be a number from 0 to 1, given once (got {shown!r})")

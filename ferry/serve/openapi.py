@@ -69,7 +69,7 @@ def openapi_spec(models: list[str], *, auth: bool, max_body_bytes: int, max_top_
          "description": f"How many of the most probable classes to return, 1 to {max_top_k} (default 1)",
          "schema": {"type": "integer", "minimum": 1, "maximum": max_top_k, "default": 1}},
         {"name": "min_score", "in": "query", "required": False,
-         "description": "Detectors: the lowest score of a detection returned, 0 to 1 (default 0.5); classifiers ignore it",
+         "description": "Detectors: the lowest score of a detection returned, a plain decimal from 0 to 1 (default 0.5); classifiers ignore it",
          "schema": {"type": "number", "minimum": 0, "maximum": 1}},
     ]
     binary = {"schema": {"type": "string", "format": "binary"}}
