@@ -488,9 +488,10 @@ def test_workers_share_one_metrics_page_reload_together_and_stop_cleanly(cnn_exp
         deadline = time.time() + 30
         while metric(s.url, "ferry_model_reloads_total", AUTH, result="ok") < 2 and time.time() < deadline:
             time.sleep(0.1)
-        assert metric(s.url, "ferry_model_reloads_total", AUTH, result="ok") == 2  # both workers reloaded
+        reloads = metric(s.url, "ferry_model_reloads_total", AUTH, result="ok")
     finally:
-        assert_clean_stop(s)
+        out, err = assert_clean_stop(s)
+    assert reloads == 2, (reloads, out[-2000:], err[-2000:])  # both workers reloaded
 
 
 # --- Schemathesis against the live server ------------------------------------------------------

@@ -84,6 +84,7 @@ def units(opts: ServeOptions) -> int:
     return opts.replicas if opts.address else opts.workers
 
 
+WORKER_HEALTHCHECK_S = 30  # --workers N: a worker that does not answer the supervisor's ping this long is restarted
 DEFAULT_QUEUE = 16  # the least each process admits per model by default
 
 
@@ -298,6 +299,8 @@ def _supervisor(multiprocess_dir: str):
             for pid in before - {p.pid for p in self.processes}:
                 if pid is not None:
                     multiprocess.mark_process_dead(pid, multiprocess_dir)
+                    say(f"ferry serve: worker [{pid}] died or stopped answering; started another (it loads the model "
+                        "files as they are now)")
 
     return Supervisor
 
@@ -337,7 +340,9 @@ def serve_local(opts: ServeOptions, *, log=say) -> int:
     if opts.api_key and not opts.api_key_file:
         os.environ[API_KEY_ENV] = opts.api_key
     try:
-        config = uvicorn.Config("ferry.serve.local:app_from_env", factory=True, workers=opts.workers, **common)
+        # a worker loading or warming a large model holds the GIL for a while: not a hung worker (uvicorn: 5 s)
+        config = uvicorn.Config("ferry.serve.local:app_from_env", factory=True, workers=opts.workers,
+                                timeout_worker_healthcheck=WORKER_HEALTHCHECK_S, **common)
         log(f"ferry serve: http://{opts.host}:{opts.port}  {opts.workers} worker processes, {threads_per_process(opts)} "
             f"onnxruntime thread(s) each; queue {queue_per_unit(opts)} per model and process, deadline {opts.timeout_s:g} s"
             + ("; API key required" if opts.api_key else ""))
