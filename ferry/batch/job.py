@@ -664,7 +664,8 @@ def run_batch(opts: BatchOptions, *, log: Callable[[str], None] = print) -> Batc
                 f"batch {opts.batch_size}; Ray {'joined' if opts.address or not started else 'started'} in {ray_seconds:.1f} s")
             t0 = time.perf_counter()
             _check_nodes_see(ray, dest, job["job"])
-            _run_dataset(ray, opts, items, job, todo, dest, endpoint, plan=plan, provider=provider)
+            _run_dataset(ray, opts, items, job, todo, dest, endpoint, plan=plan, provider=provider,
+                         decode=_decodes_ahead(opts, probe.task))
         finally:
             if started:
                 ray.shutdown()
@@ -720,22 +721,16 @@ def _check_nodes_see(ray, dest: Destination, job: str) -> None:
                          f"(node {node[:12]}: {why}); {hint}")
 
 
-def _decodes_ahead(opts: BatchOptions, task: str | None = None) -> bool:
+def _decodes_ahead(opts: BatchOptions, task: str) -> bool:
     """Whether a decode stage runs ahead of the actors: on for GPU jobs unless told; never for a
     detector (its rows need each image's own size, known in the actor that decodes it)."""
-    if (task or _task(opts.model)) == "detect":
+    if task == "detect":
         return False
     return opts.gpus_per_worker > 0 if opts.decode_stage is None else bool(opts.decode_stage)
 
 
-def _task(model: str) -> str:
-    from ferry.runtime import contract
-
-    return contract.read(model).task
-
-
 def _run_dataset(ray, opts: BatchOptions, items: list[str], job: dict, todo: list[int], dest: Destination,
-                 endpoint: str | None, *, plan: tuple[int, float, int], provider: str) -> None:
+                 endpoint: str | None, *, plan: tuple[int, float, int], provider: str, decode: bool) -> None:
     import ray.data
 
     from ferry.cluster import quiet_ray_data
@@ -750,7 +745,6 @@ def _run_dataset(ray, opts: BatchOptions, items: list[str], job: dict, todo: lis
     # one part a block: a read task reads a whole part, an actor call predicts and writes it
     ds = ray.data.from_items(parts, override_num_blocks=min(len(parts), 5000))
     ds = ds.map_batches(read_part, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS, fn_kwargs={"endpoint": endpoint})
-    decode = _decodes_ahead(opts)
     if decode:  # GPU jobs: decoding on CPU workers (as many as the cluster's CPUs allow) feeds the GPU actors
         from ferry.runtime import contract
 
