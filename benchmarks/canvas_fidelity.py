@@ -24,10 +24,10 @@ import numpy as np
 from PIL import Image
 
 from ferry.app.canvas import CANVAS_SIZE, Stroke, predict_canvas_image, predict_strokes, render_strokes
+from ferry.train.strokes import skeleton_segments
 
 PEN_WIDTHS = (8, 13, 18, 25, 32)  # the app's pen goes from 6 to 36 px; 18 is its default
 EXTENT = (0.35, 0.9)  # the drawn digit's larger side, as a share of the canvas
-_NEIGHBOURS = ((0, 1), (1, -1), (1, 0), (1, 1))  # each 8-connected pair of skeleton pixels once
 
 
 def read_mnist_test(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -47,26 +47,6 @@ def read_mnist_validation(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]
     x, y = read_mnist(data_dir, "train")
     val_idx, _ = split_indices(len(x), TrainConfig().val_size)
     return x[val_idx.numpy()], y[val_idx.numpy()]
-
-
-def skeleton_segments(digit: np.ndarray, upscale: int = 4) -> np.ndarray:
-    """The digit's centre line as (M, 2, 2) segments [[y0, x0], [y1, x1]] in 28x28 pixel units."""
-    from skimage.morphology import skeletonize
-
-    big = np.asarray(Image.fromarray(digit).resize((28 * upscale,) * 2, Image.Resampling.BICUBIC), dtype=np.float32)
-    skel = skeletonize(big > 0.4 * 255)
-    ys, xs = np.nonzero(skel)
-    on = set(zip(ys.tolist(), xs.tolist()))
-    segs = []
-    for y, x in on:
-        linked = False
-        for dy, dx in _NEIGHBOURS:
-            if (y + dy, x + dx) in on:
-                segs.append(((y, x), (y + dy, x + dx)))
-                linked = True
-        if not linked and not any((y - dy, x - dx) in on for dy, dx in _NEIGHBOURS):
-            segs.append(((y, x), (y, x)))  # an isolated dot
-    return (np.asarray(segs, dtype=np.float32) + 0.5) / upscale
 
 
 def draw_as_strokes(segments: np.ndarray, rng: np.random.Generator, *, pen: float,

@@ -63,8 +63,8 @@ def measure_numbers(det, images: np.ndarray, labels: np.ndarray, *, numbers: int
                     keep_examples: int = 0) -> dict[str, Any]:
     """Read `numbers` four-digit numbers made of consecutive digits of `images`; the exact-string rate."""
     from ferry.app.canvas import read_number
-    from ferry.bench.canvas_fidelity import skeleton_segments
     from ferry.runtime.presets import EmptyImageError
+    from ferry.train.strokes import skeleton_segments
 
     if numbers * DIGITS_PER_NUMBER > len(images):
         raise ValueError(f"{numbers} numbers need {numbers * DIGITS_PER_NUMBER} digits; {len(images)} given")

@@ -137,8 +137,7 @@ def test_digit_scenes(tmp_path):
     pools = digit_pools(tmp_path / "mnist")
     test_x = pools["test"][0]
     assert len(pools["train"][0]) + len(pools["val"][0]) == 240 and len(test_x) == 60
-    cfg = SceneConfig()
-    for seed in range(6):
+    for seed, cfg in zip(range(8), [SceneConfig(), SceneConfig(pen_share=1.0)] * 4):  # scanned and pen-written digits
         img, placed = render_scene(np.random.default_rng(seed), test_x, pools["test"][1], cfg)
         assert 128 <= img.width <= 256 and 128 <= img.height <= 256 and 1 <= len(placed) <= cfg.max_digits
         for p in placed:
@@ -148,12 +147,39 @@ def test_digit_scenes(tmp_path):
         boxes = [p.box for p in placed]
         assert not any(a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
                        for i, a in enumerate(boxes) for b in boxes[i + 1:])  # digits never overlap
+    with pytest.raises(FerryError, match="pen_share"):
+        SceneConfig(pen_share=1.5).check()
     path = write_split(tmp_path / "scenes", "test", *pools["test"], 5, seed=3)
     again = write_split(tmp_path / "again", "test", *pools["test"], 5, seed=3)
     assert json.loads(path.read_text())["annotations"] == json.loads(again.read_text())["annotations"]  # seeded
     data = coco.load_coco(tmp_path / "scenes" / "test", path)
     assert len(data.images) == 5 and [c.name for c in data.categories] == list("0123456789")
     assert [c.id for c in data.categories] == list(range(1, 11))
+
+
+def test_pen_strokes_have_the_asked_height_pen_and_slant():
+    import math
+
+    from PIL import ImageDraw
+
+    from ferry.train.strokes import pen_mask, skeleton_segments
+
+    line = np.array([[[0.0, 10.0], [20.0, 10.0]]], np.float32)  # a vertical stroke, [[y0, x0], [y1, x1]]
+    upright = pen_mask(line, height=40, pen=6)
+    assert set(np.unique(upright)) == {0.0, 1.0}  # the canvas's hard edges
+    rows, cols = np.flatnonzero(upright.max(1) > 0.25), np.flatnonzero(upright.max(0) > 0.25)
+    assert abs(len(rows) - 40) <= 1 and abs(len(cols) - 6) <= 1  # ink height with the pen; the pen's width
+    slanted = pen_mask(line, height=40, pen=6, shear=math.tan(math.radians(20)))
+    top, bottom = (np.flatnonzero(slanted[r] > 0.5).mean() for r in (np.flatnonzero(slanted.max(1) > 0.5)[[3, -4]]))
+    assert top - bottom == pytest.approx((40 - 6) * math.tan(math.radians(20)), abs=1.5)  # the top leans right
+    soft = pen_mask(line, height=40, pen=6, supersample=3)
+    assert ((soft > 0.05) & (soft < 0.95)).any()  # a scan's soft edges
+    ring = Image.new("L", (28, 28), 0)
+    ImageDraw.Draw(ring).ellipse((7, 4, 21, 24), outline=255, width=3)  # a 0
+    segs = skeleton_segments(np.asarray(ring))
+    assert len(segs) > 10 and 0 <= segs.min() and segs.max() <= 28
+    assert len(skeleton_segments(np.zeros((28, 28), np.uint8))) == 0
+    assert pen_mask(np.zeros((0, 2, 2), np.float32), height=30, pen=4).max() == 0
 
 
 # --- training and export ---------------------------------------------------------------------------
@@ -480,10 +506,10 @@ def test_number_reading_is_left_to_right_one_digit_per_place():
 def test_numbers_benchmark_small_version(detector_export):
     """The benchmark's own path on 3 numbers (the tiny model reads badly; the machinery is tested):
     four digits per number from consecutive test digits, each read through read_number."""
-    from ferry.bench.canvas_fidelity import skeleton_segments
     from ferry.bench.canvas_numbers import measure_numbers, write_number
     from ferry.core.idx import synthetic_digits
     from ferry.runtime.detector import Detector
+    from ferry.train.strokes import skeleton_segments
 
     images, labels = synthetic_digits(12, seed=5)
     strokes = write_number([skeleton_segments(d) for d in images[:4]], np.random.default_rng(0))

@@ -29,7 +29,7 @@ class DetectConfig(Recipe):
     image_size: Annotated[int, Ge(0)] = field(default=0, metadata=_doc("the model's square input side in pixels (0: the architecture's own: 256 for fcos_small, 800 for most torchvision detectors)"))
     upscale: bool = field(default=False, metadata=_doc("enlarge images smaller than the input (off: objects keep their size in pixels)"))
     epochs: Annotated[int, Ge(1)] = field(default=2, metadata=_doc("number of training epochs"))
-    batch_size: Annotated[int, Ge(1)] = field(default=16, metadata=_doc("images per step"))
+    batch_size: Annotated[int, Ge(1)] = field(default=8, metadata=_doc("images per step"))
     lr: Annotated[float, Gt(0)] = field(default=2e-3, metadata=_doc("peak AdamW learning rate (a tenth for pretrained backbones)"))
     weight_decay: Annotated[float, Ge(0)] = field(default=0.05, metadata=_doc("AdamW weight decay (not on norms and biases)"))
     warmup: Annotated[float, Interval(ge=0, lt=1)] = field(default=0.05, metadata=_doc("fraction of the steps spent warming the lr up"))

@@ -4,7 +4,10 @@ Each scene is a canvas of 128-256 px a side (width and height drawn separately) 
 shade and gradient, clutter (long thin lines, frames, specks), some digits and pixel noise. A digit
 is an MNIST digit cropped to its ink, scaled so its ink is 14-56 px tall, slanted (a shear of up to
 25 degrees) and stretched a little in width, with its own ink strength; digits never overlap. Ink
-is dark on a light page in most scenes and light on a dark one in the others, tinted.
+is dark on a light page in most scenes and light on a dark one in the others, tinted. A share of the
+digits (`pen_share`) is written as a pen writes: the digit's centre line redrawn with a round pen
+(`ferry.train.strokes`), so that what people write on `ferry draw --detector`'s canvas is not new to a
+detector trained on scenes.
 
 A digit's box is the tight box of its ink (pixels above a quarter of the ink's strength), in pixel
 edges: [x, y, width, height] in COCO's `bbox`. Categories are the ten digits, named "0" to "9",
@@ -15,7 +18,7 @@ scenes; test scenes use MNIST's test digits only. So no digit image is in two sp
 
   python -m ferry.train.scenes --mnist-dir data --out data/digit-scenes --train 10000 --val 500 --test 1000
 
-writes OUT/{train,val,test}/*.png and OUT/{train,val,test}.json (numpy and pillow only).
+writes OUT/{train,val,test}/*.png and OUT/{train,val,test}.json (numpy, pillow and scikit-image).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class SceneConfig:
     clutter: int = 5  # clutter items per scene: 0 to clutter
     noise: float = 0.05  # pixel noise: standard deviation up to this (in units of the full range)
     dark_on_light: float = 0.7  # share of scenes with dark ink on a light page
+    pen_share: float = 0.4  # share of digits written as pen strokes (their skeleton, redrawn) instead of scanned
 
     def check(self) -> None:
         problems = []
@@ -62,8 +66,9 @@ class SceneConfig:
         if not 4 <= self.min_digit <= self.max_digit or self.max_digit > self.min_side - 4:
             problems.append(f"digit sizes must satisfy 4 <= min_digit <= max_digit <= min_side - 4 (got {self.min_digit}, "
                             f"{self.max_digit})")
-        if self.max_digits < 1 or self.clutter < 0 or not 0 <= self.noise <= 0.5 or not 0 <= self.dark_on_light <= 1:
-            problems.append("max_digits >= 1, clutter >= 0, noise in [0, 0.5], dark_on_light in [0, 1]")
+        if (self.max_digits < 1 or self.clutter < 0 or not 0 <= self.noise <= 0.5 or not 0 <= self.dark_on_light <= 1
+                or not 0 <= self.pen_share <= 1):
+            problems.append("max_digits >= 1, clutter >= 0, noise in [0, 0.5], dark_on_light and pen_share in [0, 1]")
         if problems:
             raise FerryError("scene config: " + "; ".join(problems))
 
@@ -108,6 +113,24 @@ def digit_sprite(digit: np.ndarray, rng: np.random.Generator, cfg: SceneConfig, 
     img = img.transform((out_w, new_h + 2), Image.Transform.AFFINE, (1.0, shear, shift, 0.0, 1.0, -1.0),
                         Image.Resampling.BILINEAR)
     mask = np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
+    rows, cols = np.flatnonzero(mask.max(1) > INK_THRESHOLD), np.flatnonzero(mask.max(0) > INK_THRESHOLD)
+    if not rows.size:
+        return np.zeros((1, 1), np.float32)
+    return mask[max(0, rows[0] - 1):rows[-1] + 2, max(0, cols[0] - 1):cols[-1] + 2]
+
+
+def pen_sprite(digit: np.ndarray, rng: np.random.Generator, cfg: SceneConfig, height: float | None = None) -> np.ndarray:
+    """An MNIST digit as a pen writes it (`ferry.train.strokes`): its centre line redrawn with a round
+    pen 0.08-0.2 of its height wide (the canvas redraws a number with 0.14), `height` px of ink,
+    stretched and slanted as `digit_sprite`; hard edges (a canvas) or soft ones (a scan), half each."""
+    from ferry.train.strokes import pen_mask, skeleton_segments
+
+    height = float(height if height is not None else rng.uniform(cfg.min_digit, cfg.max_digit))
+    pen = float(rng.uniform(0.08, 0.2)) * height
+    stretch = float(rng.uniform(0.8, 1.2))
+    shear = math.tan(math.radians(float(rng.uniform(-cfg.slant_degrees, cfg.slant_degrees))))
+    mask = pen_mask(skeleton_segments(digit), height=height, pen=pen, stretch=stretch, shear=shear,
+                    supersample=int(rng.choice([1, 3])))
     rows, cols = np.flatnonzero(mask.max(1) > INK_THRESHOLD), np.flatnonzero(mask.max(0) > INK_THRESHOLD)
     if not rows.size:
         return np.zeros((1, 1), np.float32)
@@ -177,7 +200,8 @@ def render_scene(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarra
     placed: list[Placed] = []
     for _ in range(int(rng.integers(1, cfg.max_digits + 1))):
         i = int(rng.integers(0, len(digits)))
-        sprite = digit_sprite(digits[i], rng, cfg) * float(rng.uniform(0.75, 1.0))
+        draw = pen_sprite if rng.random() < cfg.pen_share else digit_sprite
+        sprite = draw(digits[i], rng, cfg) * float(rng.uniform(0.75, 1.0))
         sh, sw = sprite.shape
         if sh >= h or sw >= w:
             continue
