@@ -44,6 +44,14 @@ class Candidate:
     label: str
     probability: float
 
+    @classmethod
+    def _of(cls, index: int, label: str, probability: float) -> Candidate:
+        """The same frozen object as `Candidate(...)`, filled in one step: a frozen dataclass's
+        `__init__` sets each field through `object.__setattr__`, a cost that shows at batch 1."""
+        obj = object.__new__(cls)
+        obj.__dict__.update(index=index, label=label, probability=probability)
+        return obj
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -56,6 +64,13 @@ class Prediction:
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "label": self.label, "probability": self.probability,
                 "top_k": [c.__dict__ for c in self.top_k], "provider": self.provider}
+
+    @classmethod
+    def _of(cls, index: int, label: str, probability: float, top_k: tuple[Candidate, ...], provider: str) -> Prediction:
+        """`Prediction(...)` filled in one step (see `Candidate._of`)."""
+        obj = object.__new__(cls)
+        obj.__dict__.update(index=index, label=label, probability=probability, top_k=top_k, provider=provider)
+        return obj
 
 
 @dataclass
@@ -109,6 +124,7 @@ class Classifier:
         self.input_name, self.output_name = self.engine.input_name, self.engine.output_name
         self._input_shape = self.spec.input_shape
         self._labels = list(self.labels)
+        self._mnist = self.spec.kind == "mnist"
         self._check_model_matches_metadata()
 
     # --- construction -----------------------------------------------------------------------
@@ -171,7 +187,7 @@ class Classifier:
         elif isinstance(image, Image.Image):
             check_image(image)
         elif isinstance(image, np.ndarray):
-            if self.spec.kind == "mnist" and image.dtype == np.uint8 and image.shape == (MNIST_SIZE, MNIST_SIZE):
+            if self._mnist and image.dtype.char == "B" and image.shape == (MNIST_SIZE, MNIST_SIZE):  # uint8 28x28
                 fast = mnist_uint8_passthrough(image, self.spec)  # an MNIST-like digit: one table lookup
                 if fast is not None:
                     return fast
@@ -230,20 +246,29 @@ class Classifier:
 
     def _one_small(self, row: list[float], k: int) -> Prediction:
         """One row of a few logits in plain Python (cheaper than numpy's per-call cost at this size):
-        the same float64 softmax, ties broken towards the lower index as argsort's stable order does."""
+        the same float64 softmax, ties broken towards the lower index as argsort's stable order does
+        (a reverse sort keeps equal items in their order)."""
         peak = max(row)
-        e = [math.exp(v - peak) for v in row]
+        exp = math.exp
+        e = [exp(v - peak) for v in row]
         total = sum(e)
         probs = [v / total for v in e]
-        order = sorted(range(len(probs)), key=lambda i: -probs[i])[:k]
-        labels, used = self._labels, self.provider.used
-        cands = tuple(Candidate(i, labels[i], probs[i]) for i in order)
-        return Prediction(order[0], labels[order[0]], probs[order[0]], cands, used)
+        order = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)[:k]
+        labels = self._labels
+        make = Candidate._of
+        cands = tuple([make(i, labels[i], probs[i]) for i in order])
+        first = cands[0]
+        return Prediction._of(first.index, first.label, first.probability, cands, self.provider.used)
 
     def predict(self, image: ImageInput, top_k: int = 1) -> Prediction:
         """Predict one input (path, bytes, PIL image or array); errors raise. `prepare` returns a
-        checked array of the model's shape, so it goes to the engine without `run`'s checks."""
-        return self.predictions(self.engine.infer(self.prepare(image)[None]), top_k)[0]
+        checked array of the model's shape, so it goes to the engine without `run`'s checks. A few
+        classes take the plain-Python softmax straight away: at batch 1 of a small model the
+        runtime's own steps are a good part of the call, so each one it skips counts."""
+        logits = self.engine.infer(self.prepare(image)[None])
+        if logits.ndim == 2 and logits.shape[0] == 1 and logits.shape[1] <= SMALL_HEAD:
+            return self._one_small(logits[0].tolist(), max(1, min(top_k, logits.shape[1])))
+        return self.predictions(logits, top_k)[0]
 
     def predict_many(self, images: Sequence[ImageInput] | Iterable[ImageInput], *, top_k: int = 1,
                      batch_size: int = 32, names: Sequence[str] | None = None) -> Iterator[Outcome]:

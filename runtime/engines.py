@@ -57,14 +57,15 @@ class OrtEngine:
         self.output_names = [o.name for o in session.get_outputs()]
         self._outputs = [self.output_name]
         self.n_inputs, self.n_outputs = len(session.get_inputs()), len(session.get_outputs())
+        self._gpu = info.is_gpu
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        if self.info.is_gpu:
+        if self._gpu:
             return self._run_io_binding(batch, self._outputs)[0]
         return self.session.run(self._outputs, {self.input_name: batch})[0]
 
     def infer_all(self, batch: np.ndarray) -> list[np.ndarray]:
-        if self.info.is_gpu:
+        if self._gpu:
             return self._run_io_binding(batch, self.output_names)
         return self.session.run(self.output_names, {self.input_name: batch})
 

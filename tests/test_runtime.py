@@ -321,6 +321,12 @@ def test_the_fast_paths_compute_what_the_general_ones_do(cnn_export):
     x[:, :2], x[:, -2:], x[:, :, :2], x[:, :, -2:] = 0, 0, 0, 0  # dark borders: the passthrough case
     for img in x:
         assert np.array_equal(clf.prepare(img), standardize_digit(normalize_unit_digit(_check_array(img, "mnist")), clf.spec))
+    for extra in (83, 84):  # the border's sum (the four edges, corners twice) just under and at MNIST-like's bound
+        edge = np.zeros((28, 28), np.uint8)
+        edge[0], edge[-1], edge[:, 0], edge[:, -1] = 63, 63, 63, 63  # 112 x 63 = 7056
+        edge[0, 5] += extra  # 7139: MNIST-like; 7140 = 0.25 x 255 x 112: not
+        edge[8:20, 12:16] = 255
+        assert np.array_equal(clf.prepare(edge), standardize_digit(normalize_unit_digit(_check_array(edge, "mnist")), clf.spec))
     light = np.full((28, 28), 255, np.uint8)  # a light border: not MNIST-like, the general path
     light[8:20, 12:16] = 0
     assert np.array_equal(clf.prepare(light), standardize_digit(normalize_unit_digit(_check_array(light, "mnist")), clf.spec))
