@@ -93,6 +93,14 @@ def _crop_to_ink(digit: np.ndarray) -> np.ndarray:
     return digit[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
 
 
+def _crop_to_mask_ink(mask: np.ndarray) -> np.ndarray:
+    """An ink mask cropped to its ink (above INK_THRESHOLD) with a 1 px margin; (1, 1) of zeros for none."""
+    rows, cols = np.flatnonzero(mask.max(1) > INK_THRESHOLD), np.flatnonzero(mask.max(0) > INK_THRESHOLD)
+    if not rows.size:
+        return np.zeros((1, 1), np.float32)
+    return mask[max(0, rows[0] - 1):rows[-1] + 2, max(0, cols[0] - 1):cols[-1] + 2]
+
+
 def digit_sprite(digit: np.ndarray, rng: np.random.Generator, cfg: SceneConfig, height: float | None = None) -> np.ndarray:
     """An MNIST digit (28x28 uint8, light on dark) as an ink mask (float32 in [0, 1]) cropped to its
     ink: scaled to `height` px of ink (default: drawn from the config), stretched in width by
@@ -113,10 +121,7 @@ def digit_sprite(digit: np.ndarray, rng: np.random.Generator, cfg: SceneConfig, 
     img = img.transform((out_w, new_h + 2), Image.Transform.AFFINE, (1.0, shear, shift, 0.0, 1.0, -1.0),
                         Image.Resampling.BILINEAR)
     mask = np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
-    rows, cols = np.flatnonzero(mask.max(1) > INK_THRESHOLD), np.flatnonzero(mask.max(0) > INK_THRESHOLD)
-    if not rows.size:
-        return np.zeros((1, 1), np.float32)
-    return mask[max(0, rows[0] - 1):rows[-1] + 2, max(0, cols[0] - 1):cols[-1] + 2]
+    return _crop_to_mask_ink(mask)
 
 
 def pen_sprite(digit: np.ndarray, rng: np.random.Generator, cfg: SceneConfig, height: float | None = None) -> np.ndarray:
@@ -131,10 +136,7 @@ def pen_sprite(digit: np.ndarray, rng: np.random.Generator, cfg: SceneConfig, he
     shear = math.tan(math.radians(float(rng.uniform(-cfg.slant_degrees, cfg.slant_degrees))))
     mask = pen_mask(skeleton_segments(digit), height=height, pen=pen, stretch=stretch, shear=shear,
                     supersample=int(rng.choice([1, 3])))
-    rows, cols = np.flatnonzero(mask.max(1) > INK_THRESHOLD), np.flatnonzero(mask.max(0) > INK_THRESHOLD)
-    if not rows.size:
-        return np.zeros((1, 1), np.float32)
-    return mask[max(0, rows[0] - 1):rows[-1] + 2, max(0, cols[0] - 1):cols[-1] + 2]
+    return _crop_to_mask_ink(mask)
 
 
 def ink_box(mask: np.ndarray, left: int, top: int) -> tuple[float, float, float, float] | None:
