@@ -137,9 +137,10 @@ def test_digit_scenes(tmp_path):
     pools = digit_pools(tmp_path / "mnist")
     test_x = pools["test"][0]
     assert len(pools["train"][0]) + len(pools["val"][0]) == 240 and len(test_x) == 60
-    for seed, cfg in zip(range(8), [SceneConfig(), SceneConfig(pen_share=1.0)] * 4):  # scanned and pen-written digits
+    configs = [SceneConfig(rows=0.0), SceneConfig(pen_share=1.0, rows=0.0), SceneConfig(), SceneConfig(rows=1.0)]
+    for seed, cfg in zip(range(12), configs * 3):  # scanned, pen-written, and rows of both
         img, placed = render_scene(np.random.default_rng(seed), test_x, pools["test"][1], cfg)
-        assert 128 <= img.width <= 256 and 128 <= img.height <= 256 and 1 <= len(placed) <= cfg.max_digits
+        assert 128 <= img.width <= 256 and 128 <= img.height <= 256 and 1 <= len(placed) <= 5 * cfg.max_digits  # rows of up to 5
         for p in placed:
             x1, y1, x2, y2 = p.box
             assert 0 <= x1 < x2 <= img.width and 0 <= y1 < y2 <= img.height
@@ -147,8 +148,15 @@ def test_digit_scenes(tmp_path):
         boxes = [p.box for p in placed]
         assert not any(a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
                        for i, a in enumerate(boxes) for b in boxes[i + 1:])  # digits never overlap
+    for seed in range(4):  # one placement, a row: 2-5 digits left to right, side by side at about one height
+        img, placed = render_scene(np.random.default_rng(seed), test_x, pools["test"][1], SceneConfig(rows=1.0, max_digits=1))
+        assert 2 <= len(placed) <= 5
+        for a, b in zip(placed, placed[1:]):
+            assert a.box[2] < b.box[0] and min(a.box[3], b.box[3]) > max(a.box[1], b.box[1])
     with pytest.raises(FerryError, match="pen_share"):
         SceneConfig(pen_share=1.5).check()
+    with pytest.raises(FerryError, match="rows"):
+        SceneConfig(rows=-0.1).check()
     path = write_split(tmp_path / "scenes", "test", *pools["test"], 5, seed=3)
     again = write_split(tmp_path / "again", "test", *pools["test"], 5, seed=3)
     assert json.loads(path.read_text())["annotations"] == json.loads(again.read_text())["annotations"]  # seeded

@@ -7,7 +7,10 @@ is an MNIST digit cropped to its ink, scaled so its ink is 14-56 px tall, slante
 is dark on a light page in most scenes and light on a dark one in the others, tinted. A share of the
 digits (`pen_share`) is written as a pen writes: the digit's centre line redrawn with a round pen
 (`ferry.train.strokes`), so that what people write on `ferry draw --detector`'s canvas is not new to a
-detector trained on scenes.
+detector trained on scenes. In training scenes, half the placements (`rows`) are a written number: 2-5
+digits of about one height in a row, with small gaps and a wandering baseline. Validation and test
+scenes have single digits only (`TEST_CONFIG_CHANGES`): they stay the benchmark the detection
+targets are set on, while numbers are read in their own benchmark (`ferry.bench.canvas_numbers`).
 
 A digit's box is the tight box of its ink (pixels above a quarter of the ink's strength), in pixel
 edges: [x, y, width, height] in COCO's `bbox`. Categories are the ten digits, named "0" to "9",
@@ -28,7 +31,7 @@ import json
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +55,13 @@ class SceneConfig:
     max_side: int = 256
     min_digit: int = 14  # a digit's ink height in pixels, drawn from [min_digit, max_digit]
     max_digit: int = 56
-    max_digits: int = 6  # digits per scene: 1 to max_digits (fewer when they do not fit)
+    max_digits: int = 6  # placements per scene (a digit, or a row of digits): 1 to max_digits (fewer when they do not fit)
     slant_degrees: float = 25.0  # shear of up to this angle, either way
     clutter: int = 5  # clutter items per scene: 0 to clutter
     noise: float = 0.05  # pixel noise: standard deviation up to this (in units of the full range)
     dark_on_light: float = 0.7  # share of scenes with dark ink on a light page
     pen_share: float = 0.4  # share of digits written as pen strokes (their skeleton, redrawn) instead of scanned
+    rows: float = 0.5  # share of a scene's placements that are a written number: a row of 2-5 digits
 
     def check(self) -> None:
         problems = []
@@ -67,10 +71,13 @@ class SceneConfig:
             problems.append(f"digit sizes must satisfy 4 <= min_digit <= max_digit <= min_side - 4 (got {self.min_digit}, "
                             f"{self.max_digit})")
         if (self.max_digits < 1 or self.clutter < 0 or not 0 <= self.noise <= 0.5 or not 0 <= self.dark_on_light <= 1
-                or not 0 <= self.pen_share <= 1):
-            problems.append("max_digits >= 1, clutter >= 0, noise in [0, 0.5], dark_on_light and pen_share in [0, 1]")
+                or not 0 <= self.pen_share <= 1 or not 0 <= self.rows <= 1):
+            problems.append("max_digits >= 1, clutter >= 0, noise in [0, 0.5], dark_on_light, pen_share and rows in [0, 1]")
         if problems:
             raise FerryError("scene config: " + "; ".join(problems))
+
+
+TEST_CONFIG_CHANGES = {"rows": 0.0}  # validation and test scenes: single digits only
 
 
 @dataclass(frozen=True)
@@ -191,6 +198,43 @@ def _overlaps(box: tuple[float, ...], others: list[tuple[float, ...]], margin: f
                for o in others)
 
 
+def _place_row(rng: np.random.Generator, ink: np.ndarray, digits: np.ndarray, labels: np.ndarray, cfg: SceneConfig,
+               taken: list[tuple[float, ...]]) -> list[Placed]:
+    """A written number drawn into `ink`: 2-5 digits of one height (each 0.85-1.1 of it, within the
+    config's sizes) and one ink strength, left to right with gaps of 0.1-0.5 of the height and a
+    wandering baseline (up to a tenth of the height), each scanned or pen-written. Digits that do not
+    fit are dropped from the right; [] when fewer than two fit or no free place is found."""
+    h, w = ink.shape
+    height = float(rng.uniform(cfg.min_digit, cfg.max_digit))
+    strength = float(rng.uniform(0.75, 1.0))
+    picks = rng.integers(0, len(digits), size=int(rng.integers(2, 6)))
+    sizes = [min(max(height * float(rng.uniform(0.85, 1.1)), cfg.min_digit), cfg.max_digit) for _ in picks]
+    sprites = [(pen_sprite if rng.random() < cfg.pen_share else digit_sprite)(digits[i], rng, cfg, height=size) * strength
+               for i, size in zip(picks, sizes)]
+    gaps = [max(2.0, float(rng.uniform(0.1, 0.5)) * height) for _ in sprites]
+    wander = [float(rng.uniform(-0.1, 0.1)) * height for _ in sprites]
+    bottom = max(s.shape[0] for s in sprites)
+    lefts = np.cumsum([0.0] + [s.shape[1] + g for s, g in zip(sprites[:-1], gaps)]).round().astype(int)
+    tops = [int(round(bottom - s.shape[0] + dy)) for s, dy in zip(sprites, wander)]
+    tops = [t - min(tops) for t in tops]
+    while len(sprites) >= 2 and lefts[len(sprites) - 1] + sprites[-1].shape[1] >= w:
+        sprites.pop()
+    n = len(sprites)
+    row_h = max(t + s.shape[0] for t, s in zip(tops[:n], sprites))
+    if n < 2 or row_h >= h:
+        return []
+    row_w = int(lefts[n - 1]) + sprites[-1].shape[1]
+    for _try in range(30):
+        top, left = int(rng.integers(0, h - row_h + 1)), int(rng.integers(0, w - row_w + 1))
+        boxes = [ink_box(s, left + int(lefts[k]), top + tops[k]) for k, s in enumerate(sprites)]
+        if all(b is not None and not _overlaps(b, taken) for b in boxes):
+            for k, s in enumerate(sprites):
+                region = ink[top + tops[k]:top + tops[k] + s.shape[0], left + lefts[k]:left + lefts[k] + s.shape[1]]
+                np.maximum(region, s, out=region)
+            return [Placed(b, int(labels[i])) for b, i in zip(boxes, picks)]  # type: ignore[arg-type]
+    return []
+
+
 def render_scene(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarray,
                  cfg: SceneConfig = SceneConfig()) -> tuple[Image.Image, list[Placed]]:
     """One scene (an RGB image) and its digits, drawn from `digits` (N, 28, 28) uint8 and their labels."""
@@ -201,6 +245,9 @@ def render_scene(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarra
     ink = _clutter(rng, h, w, int(rng.integers(0, cfg.clutter + 1)), long=1.25 * cfg.max_digit)
     placed: list[Placed] = []
     for _ in range(int(rng.integers(1, cfg.max_digits + 1))):
+        if cfg.rows and rng.random() < cfg.rows:  # (no draw at all without rows: such scenes stay as they were)
+            placed += _place_row(rng, ink, digits, labels, cfg, [p.box for p in placed])
+            continue
         i = int(rng.integers(0, len(digits)))
         draw = pen_sprite if rng.random() < cfg.pen_share else digit_sprite
         sprite = draw(digits[i], rng, cfg) * float(rng.uniform(0.75, 1.0))
@@ -294,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         for split in ("train", "val", "test"):
             n = getattr(args, split)
             if n:
-                path = write_split(args.out, split, *pools[split], n, seed=args.seed)
+                cfg = SceneConfig() if split == "train" else replace(SceneConfig(), **TEST_CONFIG_CHANGES)
+                path = write_split(args.out, split, *pools[split], n, seed=args.seed, cfg=cfg)
                 doc: dict[str, Any] = json.loads(path.read_text())
                 print(f"{split}: {len(doc['images'])} scenes, {len(doc['annotations'])} digits -> {path}")
     except FerryError as exc:
