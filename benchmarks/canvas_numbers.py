@@ -7,9 +7,11 @@ use 4,000 different digits) written as strokes: each digit's skeleton (as in
 digits in a row on the number canvas at a random height (60-180 px), each a little taller or
 shorter (0.85-1.1), with random gaps (0.15-0.5 of the height) and a wandering baseline (up to a
 tenth of the height). `read_number` (what the app calls when a stroke ends) reads each, and the
-string read is compared with the four digits.
+string read is compared with the four digits. With --digits-model the app's two-stage reading is
+measured (the detector boxes the digits, the digit model names each) and the detector alone beside it.
 
-  python -m ferry.bench.canvas_numbers --model models/digits.onnx --data-dir data [--numbers 1000] [--out FILE]
+  python -m ferry.bench.canvas_numbers --model models/digits.onnx --data-dir data [--digits-model models/mnist-cnn.onnx]
+      [--numbers 1000] [--out FILE]
 """
 
 from __future__ import annotations
@@ -59,43 +61,64 @@ def write_number(segments: list[np.ndarray], rng: np.random.Generator, canvas: t
     return strokes
 
 
+class _Tally:
+    """How one reader did: exact strings, digits right where the count was right, wrong counts, misses."""
+
+    def __init__(self) -> None:
+        self.exact = self.digits_right = self.wrong_length = self.numbers = 0
+        self.misses: list[dict[str, Any]] = []
+
+    def add(self, n: int, truth: str, text: str) -> None:
+        self.numbers += 1
+        self.exact += text == truth
+        if len(text) == len(truth):
+            self.digits_right += sum(a == b for a, b in zip(text, truth))
+        else:
+            self.wrong_length += 1
+        if text != truth and len(self.misses) < 20:
+            self.misses.append({"number": n, "truth": truth, "read": text})
+
+    def result(self) -> dict[str, Any]:
+        return {"exact": self.exact / max(1, self.numbers),
+                "digits_right_where_length_right": self.digits_right / max(1, DIGITS_PER_NUMBER * (self.numbers - self.wrong_length)),
+                "wrong_length": self.wrong_length, "first_misses": self.misses}
+
+
 def measure_numbers(det, images: np.ndarray, labels: np.ndarray, *, numbers: int, seed: int = 0,
-                    keep_examples: int = 0) -> dict[str, Any]:
-    """Read `numbers` four-digit numbers made of consecutive digits of `images`; the exact-string rate."""
-    from ferry.app.canvas import read_number
+                    keep_examples: int = 0, digits=None) -> dict[str, Any]:
+    """Read `numbers` four-digit numbers made of consecutive digits of `images`; the exact-string rate.
+    With `digits` (a digit classifier), the app's two-stage reading (the detector boxes, the classifier
+    names) is the result, and the detector's own reading of the same drawings is `detector_alone`."""
+    from ferry.app.canvas import READ_SCORE, read_number
     from ferry.runtime.presets import EmptyImageError
     from ferry.train.strokes import skeleton_segments
 
     if numbers * DIGITS_PER_NUMBER > len(images):
         raise ValueError(f"{numbers} numbers need {numbers * DIGITS_PER_NUMBER} digits; {len(images)} given")
     rng = np.random.default_rng(seed)
-    exact = digits_right = wrong_length = 0
-    misses: list[dict[str, str]] = []
+    main, alone = _Tally(), _Tally()
     examples = []
     for n in range(numbers):
         idx = range(n * DIGITS_PER_NUMBER, (n + 1) * DIGITS_PER_NUMBER)
         truth = "".join(str(int(labels[i])) for i in idx)
         strokes = write_number([skeleton_segments(images[i]) for i in idx], rng)
         try:
-            reading = read_number(det, strokes)
+            reading = read_number(det, strokes, digits=digits)
             text = reading.text
+            if digits is not None:
+                alone.add(n, truth, read_number(det, strokes).text)
         except EmptyImageError:
             text, reading = "", None
-        exact += text == truth
-        if len(text) == len(truth):
-            digits_right += sum(a == b for a, b in zip(text, truth))
-        else:
-            wrong_length += 1
-        if text != truth and len(misses) < 20:
-            misses.append({"number": n, "truth": truth, "read": text})
+            if digits is not None:
+                alone.add(n, truth, "")
+        main.add(n, truth, text)
         if reading is not None and len(examples) < keep_examples:
             examples.append((strokes, reading))
     result = {
         "numbers": numbers,
-        "exact": exact / numbers,
-        "digits_right_where_length_right": digits_right / max(1, DIGITS_PER_NUMBER * (numbers - wrong_length)),
-        "wrong_length": wrong_length,
-        "first_misses": misses,
+        **main.result(),
+        "reader": f"{det.name} boxes, {digits.name} names" if digits is not None else f"{det.name} alone",
+        "min_score": READ_SCORE,
         "seed": seed,
         "canvas": list(NUMBER_CANVAS),
         "writing": f"{DIGITS_PER_NUMBER} MNIST test digits per number (consecutive, none reused) as skeleton strokes; "
@@ -103,6 +126,8 @@ def measure_numbers(det, images: np.ndarray, labels: np.ndarray, *, numbers: int
                    "baseline +-0.1",
         "path": "ferry.app.canvas.read_number (what ferry draw --detector calls when a stroke ends)",
     }
+    if digits is not None:
+        result["detector_alone"] = alone.result()
     if keep_examples:
         result["_examples"] = examples
     return result
@@ -113,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="models/digits.onnx", help="an exported digit detector")
     parser.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/*-ubyte")
     parser.add_argument("--numbers", type=int, default=1000, help="four-digit numbers to read (default: 1000)")
+    parser.add_argument("--digits-model", help="a digit classifier (mnist-cnn) to name the digits the detector boxes, "
+                                               "as `ferry draw --detector D --model M` does; the detector alone is measured too")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
@@ -121,19 +148,23 @@ def main(argv: list[str] | None = None) -> int:
     from ferry.core.fileio import write_json_atomic
     from ferry.core.idx import read_mnist
     from ferry.core.machine import cpu_info
+    from ferry.runtime.classifier import Classifier
     from ferry.runtime.detector import Detector
 
     try:
         images, labels = read_mnist(args.data_dir, "t10k")
         det = Detector.from_onnx(args.model, provider="cpu")
-        result = measure_numbers(det, images, labels, numbers=args.numbers, seed=args.seed)
+        digits = Classifier.from_onnx(args.digits_model, provider="cpu") if args.digits_model else None
+        result = measure_numbers(det, images, labels, numbers=args.numbers, seed=args.seed, digits=digits)
     except (OSError, ValueError, FerryError) as exc:
         print(f"canvas_numbers: error: {exc}", file=sys.stderr)
         return 2
-    result.update(model=str(Path(args.model)), machine=cpu_info())
-    print(f"{result['numbers']} four-digit numbers written on the canvas: exact string read {result['exact']:.2%}; "
-          f"{result['wrong_length']} read with a wrong number of digits; digits right where the length was right "
-          f"{result['digits_right_where_length_right']:.2%}")
+    result.update(model=str(Path(args.model)), digits_model=args.digits_model, machine=cpu_info())
+    det_name = Path(args.model).stem
+    for name, r in ([(f"{det_name} alone", result["detector_alone"])] if "detector_alone" in result else []) + [(result["reader"], result)]:
+        print(f"{result['numbers']} four-digit numbers written on the canvas, {name}: exact string read {r['exact']:.2%}; "
+              f"{r['wrong_length']} read with a wrong number of digits; digits right where the length was right "
+              f"{r['digits_right_where_length_right']:.2%}")
     if args.out:
         write_json_atomic(args.out, result)
     return 0

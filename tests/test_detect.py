@@ -371,6 +371,9 @@ def test_predict_refuses_classifier_flags_and_a_detector_is_not_a_classifier(det
     scene = detector_export["scenes"] / "val" / "000000.png"
     assert_clean_error(run_ferry("predict", str(cnn_export[0]), str(scene), "--draw", str(tmp_path / "d")), "are for detectors")
     assert_clean_error(run_ferry("draw", "--detector", str(cnn_export[0])), "not a detector")
+    det = str(detector_export["path"])  # the number window's digit model: checked before a window opens
+    assert_clean_error(run_ferry("draw", "--detector", det, "--model", str(tmp_path / "gone.onnx")), "no digit model at")
+    assert_clean_error(run_ferry("draw", "--detector", det, "--model", det), "not a classifier")
 
 
 # --- serve and batch -----------------------------------------------------------------------------------
@@ -480,6 +483,10 @@ class _Oracle:
     """A stand-in detector that 'finds' given digits at given places of the image it is shown (in
     score order, not left to right), to test the reading itself."""
 
+    name = "oracle"
+    labels = tuple("0123456789")
+    category_ids = tuple(range(1, 11))
+
     def __init__(self, found):
         self.found = found
 
@@ -511,6 +518,54 @@ def test_number_reading_is_left_to_right_one_digit_per_place():
         read_number(oracle, [])
 
 
+class _Namer:
+    """A stand-in digit model: reads a tall, narrow drawing as "1" and any other as "8", and keeps
+    what it was shown."""
+
+    name = "namer"
+
+    def __init__(self):
+        self.shown = []
+
+    def predict(self, image, top_k=1):
+        from ferry.runtime.classifier import Candidate, Prediction
+
+        ink = np.asarray(image) < 128
+        self.shown.append(ink)
+        rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+        label = "1" if len(cols) * 3 < len(rows) else "8"
+        return Prediction(int(label), label, 0.77, (Candidate(int(label), label, 0.77),), "test")
+
+
+def test_number_read_by_detector_boxes_and_digit_model_names():
+    """Two-stage reading: the detector's boxes, the digit model's labels and scores; the model sees
+    each digit's own strokes only; a box with no stroke of its own keeps the detector's reading."""
+    from ferry.app.canvas import Stroke, number_image, read_number, strokes_in
+
+    one = [Stroke([(100, 50), (100, 150)], width=10)]  # a "1"
+    eight = [Stroke([(300, 60), (360, 60), (300, 160), (360, 160), (300, 60)], width=10)]  # a wide zigzag
+    strokes = one + eight
+    image, scale, left, top = number_image(strokes)
+
+    def box(x1, y1, x2, y2):  # canvas -> the detector's image
+        return ((x1 - left) * scale, (y1 - top) * scale, (x2 - left) * scale, (y2 - top) * scale)
+
+    oracle = _Oracle([("4", box(90, 45, 110, 155), 0.9), ("7", box(295, 55, 365, 165), 0.8),
+                      ("2", box(500, 45, 540, 155), 0.7)])  # a third place with no ink at all
+    namer = _Namer()
+    reading = read_number(oracle, strokes, digits=namer)
+    assert reading.text == "182" and [d.score for d in reading.detections] == pytest.approx([0.77, 0.77, 0.7])
+    assert read_number(oracle, strokes).text == "472"  # the detector alone
+    assert len(namer.shown) == 2
+    widths = [len(np.flatnonzero(ink.any(0))) for ink in namer.shown]
+    heights = [len(np.flatnonzero(ink.any(1))) for ink in namer.shown]
+    assert widths[0] * 3 < heights[0] and widths[1] > heights[1] / 2  # each image holds its own digit only
+    # a stroke belongs to the box holding most of its points, even where it strays into a neighbour's
+    stray = Stroke([(104, 60), (110, 100), (120, 120)], width=10)
+    a, b = (89, 45, 115, 155), (112, 45, 180, 155)
+    assert strokes_in([stray], a, [b]) == [stray] and strokes_in([stray], b, [a]) == []
+
+
 def test_numbers_benchmark_small_version(detector_export):
     """The benchmark's own path on 3 numbers (the tiny model reads badly; the machinery is tested):
     four digits per number from consecutive test digits, each read through read_number."""
@@ -529,10 +584,17 @@ def test_numbers_benchmark_small_version(detector_export):
     assert len(result["first_misses"]) == round(3 * (1 - result["exact"]))
     with pytest.raises(ValueError, match="need 16 digits"):
         measure_numbers(det, images, labels, numbers=4)
+    # the two-stage reading, and the detector alone on the same drawings: one box over everything,
+    # named "3" by the detector and (wide ink) "8" by the digit model
+    namer, whole = _Namer(), _Oracle([("3", (0, 0, 10000, 10000), 0.9)])
+    both = measure_numbers(whole, images, labels, numbers=3, digits=namer)
+    assert both["reader"] == "oracle boxes, namer names" and len(namer.shown) == 3
+    assert [m["read"] for m in both["first_misses"]] == ["8"] * 3 and both["wrong_length"] == 3
+    assert [m["read"] for m in both["detector_alone"]["first_misses"]] == ["3"] * 3
 
 
 @pytest.mark.gui
-def test_number_window_under_xvfb(detector_export, tmp_path, request):
+def test_number_window_under_xvfb(detector_export, cnn_export, tmp_path, request):
     """`ferry draw --detector`: the real window; two strokes written with the mouse are read when each
     ends (the tiny model's reading is not checked, the window's path is), and Escape clears it."""
     import os
@@ -544,8 +606,8 @@ def test_number_window_under_xvfb(detector_export, tmp_path, request):
     log = tmp_path / "draw.log"
     with open(log, "w") as f:
         app = subprocess.Popen([sys.executable, "-m", "ferry", "draw", "--detector", str(detector_export["path"]),
-                                "--provider", "cpu"], cwd=REPO, env={**os.environ, "DISPLAY": display, "PYTHONUNBUFFERED": "1"},
-                               stdout=f, stderr=subprocess.STDOUT)
+                                "--model", str(cnn_export[0]), "--provider", "cpu"], cwd=REPO,
+                               env={**os.environ, "DISPLAY": display, "PYTHONUNBUFFERED": "1"}, stdout=f, stderr=subprocess.STDOUT)
     try:
         wid = _xdo(display, "search", "--sync", "--name", "ferry draw: numbers").split()[0]
         geo = dict(line.split("=") for line in _xdo(display, "getwindowgeometry", "--shell", wid).split())
@@ -554,6 +616,7 @@ def test_number_window_under_xvfb(detector_export, tmp_path, request):
         _drag(display, [(ox + 200 + 6 * i, oy + 60 + (0 if i < 6 else 12 * (i - 5))) for i in range(12)])  # a "7"
         lines = _wait_for_lines(log, 2)
         assert all("provider CPUExecutionProvider" in ln and "ms" in ln for ln in lines), lines
+        assert "digits named by mnist-cnn (--model)" in log.read_text()
         _xdo(display, "mousemove", str(ox + 320), str(oy + 120))  # no window manager: keys go to the window under the pointer
         _xdo(display, "key", "Escape")  # Clear
         deadline = time.time() + 20

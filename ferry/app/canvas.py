@@ -153,16 +153,66 @@ def one_per_place(found, overlap: float = 0.5) -> list:
     return sorted(kept, key=lambda d: d.box[0] + d.box[2])
 
 
-def read_number(det, strokes: Sequence[Stroke], *, min_score: float = 0.5) -> NumberReading:
+READ_SCORE = 0.3  # a place counts as a digit from this detection score (chosen on numbers of held-out training digits)
+
+
+def strokes_in(strokes: Sequence[Stroke], box: tuple[float, float, float, float], others: Sequence[tuple]) -> list[Stroke]:
+    """The strokes of one boxed digit: each stroke goes to the box holding most of its points (ties and
+    strokes in no box: the box nearest its centre), among `box` and `others` (canvas coordinates)."""
+    boxes = [box, *others]
+
+    def home(stroke: Stroke) -> int:
+        xs = [x for x, _ in stroke.points]
+        ys = [y for _, y in stroke.points]
+        inside = [sum(b[0] <= x <= b[2] and b[1] <= y <= b[3] for x, y in stroke.points) for b in boxes]
+        best = max(inside)
+        cx, cy = sum(xs) / len(xs), sum(ys) / len(ys)
+        near = [(((b[0] + b[2]) / 2 - cx) ** 2 + ((b[1] + b[3]) / 2 - cy) ** 2, k) for k, b in enumerate(boxes)
+                if inside[k] == best]
+        return min(near)[1]
+
+    return [s for s in strokes if s.points and home(s) == 0]
+
+
+def digit_image(strokes: Sequence[Stroke], ratio: float = STROKE_RATIO) -> Image.Image:
+    """One digit's strokes as the single-digit canvas draws them (`strokes_to_image`), moved onto a
+    square page of their own: what a digit model reads of a digit written in a number."""
+    extent = max(centre_extent(strokes), 1.0)
+    pen = max(1.0, ratio * extent)
+    side = round(1.5 * extent + pen) + 2
+    pts = [(x, y) for s in strokes for x, y in s.points]
+    cx = (min(p[0] for p in pts) + max(p[0] for p in pts)) / 2
+    cy = (min(p[1] for p in pts) + max(p[1] for p in pts)) / 2
+    moved = [Stroke([(x - cx + side / 2, y - cy + side / 2) for x, y in s.points], width=pen) for s in strokes]
+    return render_strokes(moved, side)
+
+
+def read_number(det, strokes: Sequence[Stroke], *, min_score: float = READ_SCORE, digits: Classifier | None = None
+                ) -> NumberReading:
     """The app's path from strokes to a number: `number_image`, the detector, one digit per place,
-    left to right; boxes mapped back onto the canvas. No ink: EmptyImageError ("write a number")."""
+    left to right; boxes mapped back onto the canvas. With `digits` (a digit classifier, such as
+    mnist-cnn), the detector finds and boxes the digits and the classifier names each one from its own
+    strokes (`strokes_in`, `digit_image`): the label and score shown are the classifier's. No ink:
+    EmptyImageError ("write a number")."""
     import dataclasses
 
     if ink_extent(strokes) < 8:
         raise EmptyImageError("write a number")
     image, scale, left, top = number_image(strokes)
     found = det.detect(image, min_score=min_score)
-    digits = one_per_place(found.detections)
-    on_canvas = tuple(dataclasses.replace(d, box=(d.box[0] / scale + left, d.box[1] / scale + top,
-                                                  d.box[2] / scale + left, d.box[3] / scale + top)) for d in digits)
-    return NumberReading("".join(d.label for d in digits), on_canvas, image)
+    places = one_per_place(found.detections)
+    on_canvas = [dataclasses.replace(d, box=(d.box[0] / scale + left, d.box[1] / scale + top,
+                                             d.box[2] / scale + left, d.box[3] / scale + top)) for d in places]
+    if digits is not None:
+        named = []
+        for k, d in enumerate(on_canvas):
+            own = strokes_in(strokes, d.box, [o.box for j, o in enumerate(on_canvas) if j != k])
+            if not own:  # no stroke of its own (the detector's box holds only parts of others): keep its reading
+                named.append(d)
+                continue
+            said = digits.predict(digit_image(own), top_k=1)
+            k_label = det.labels.index(said.label) if said.label in det.labels else d.index
+            named.append(dataclasses.replace(d, label=said.label, score=said.probability, index=k_label,
+                                             category_id=det.category_ids[k_label] if said.label in det.labels else d.category_id))
+        on_canvas = named
+    return NumberReading("".join(d.label for d in on_canvas), tuple(on_canvas), image)

@@ -2,13 +2,15 @@
 
   ferry draw [--model models/mnist-cnn.onnx] [--provider auto|cpu|cuda|tensorrt]
   ferry draw --detector models/digits.onnx       # write a whole number: each digit boxed, the number read
+  ferry draw --detector models/digits.onnx --model none   # ... its digits named by the detector alone
 
 Drag on the canvas to draw; the prediction updates when a stroke ends (or press Predict).
 Clear starts again; the slider (or [ and ]) sets the pen's width. The model reads the strokes
 redrawn with an MNIST-like pen and then the runtime's MNIST-style normalization (crop to the ink,
 fit 20x20, centre by mass in 28x28), so pen width, size and position do not matter. With --detector
-the canvas is wide: write several digits in a row; a digit detector finds each one, boxes it with
-its digit, and the number is read left to right."""
+the canvas is wide: write several digits in a row; a digit detector finds each one and boxes it, the
+digit model (--model, when its file is there; `--model none`: the detector) names each from its own
+strokes, and the number is read left to right."""
 
 from __future__ import annotations
 
@@ -25,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ferry.runtime.engines import CHOICES
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"the exported digit model (default: {DEFAULT_MODEL}, written by `make demo`)")
+    parser.add_argument("--model", default=None,
+                        help=f"the exported digit model (default: {DEFAULT_MODEL}, written by `make demo`); with --detector "
+                             "it names the digits the detector finds (`none`: the detector names them)")
     parser.add_argument("--provider", choices=CHOICES, default="auto", help="execution provider (default: auto)")
     parser.add_argument("--pen-width", type=int, default=None,
                         help="pen width in pixels to start with, 6-36 (default: 18; the slider and [ ] change it)")
@@ -164,12 +168,12 @@ class NumberApp:
     """The number window: a wide canvas; after each stroke the detector boxes every digit, and the
     number is shown, read left to right."""
 
-    def __init__(self, root, det, pen_width: int | None = None, min_score: float = 0.5) -> None:
+    def __init__(self, root, det, pen_width: int | None = None, digits=None) -> None:
         import tkinter as tk
 
         from ferry.app.canvas import NUMBER_CANVAS, PEN_RANGE, PEN_WIDTH, Stroke
 
-        self.tk, self.root, self.det, self.min_score = tk, root, det, min_score
+        self.tk, self.root, self.det, self.digits = tk, root, det, digits
         self.Stroke = Stroke
         self.pen_var = tk.IntVar(value=pen_width or PEN_WIDTH)
         self.pen_range = PEN_RANGE
@@ -229,7 +233,7 @@ class NumberApp:
         t0 = time.perf_counter()
         self.canvas.delete("boxes")
         try:
-            reading = read_number(self.det, self.strokes, min_score=self.min_score)
+            reading = read_number(self.det, self.strokes, digits=self.digits)
         except EmptyImageError:
             return self._show("?", "write a number", None)
         except FerryError as exc:
@@ -280,11 +284,32 @@ def run_numbers(args: argparse.Namespace) -> int:
                          "(categories 0-9)")
     if args.pen_width is not None and not 6 <= args.pen_width <= 36:
         raise FerryError(f"--pen-width must be 6-36 (got {args.pen_width})")
+    digits = _digit_namer(args.model, args.provider)
     root = _window()
-    NumberApp(root, det, pen_width=args.pen_width)
-    print(f"ferry draw: {det.name} (detector) on {det.provider.describe()}", flush=True)
+    NumberApp(root, det, pen_width=args.pen_width, digits=digits)
+    namer = f"digits named by {digits.name} (--model)" if digits is not None else "digits named by the detector"
+    print(f"ferry draw: {det.name} (detector) on {det.provider.describe()}; {namer}", flush=True)
     root.mainloop()
     return 0
+
+
+def _digit_namer(model: str | None, provider: str):
+    """The number window's digit model: `model`, or the default file when it is there (None without it
+    or for `none`: the detector names the digits)."""
+    from ferry.runtime.classifier import Classifier
+
+    if model is not None and model.lower() == "none":
+        return None
+    path = Path(model or DEFAULT_MODEL)
+    if not path.exists():
+        if model is None:
+            return None
+        raise FerryError(f"no digit model at {path}: run `make demo` (it trains and exports one), or pass --model none "
+                         "to let the detector name the digits")
+    clf = Classifier.from_onnx(path, provider=provider)
+    if clf.spec.kind != "mnist":
+        raise FerryError(f"{path} is a {clf.name} model; --model needs the digit model (mnist-cnn), or none")
+    return clf
 
 
 def run(args: argparse.Namespace) -> int:
@@ -292,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
 
     if getattr(args, "detector", None):
         return run_numbers(args)
-    model = Path(args.model)
+    model = Path(args.model or DEFAULT_MODEL)
     if not model.exists():
         raise FerryError(f"no digit model at {model}: run `make demo` (it trains and exports one), or "
                          "`ferry export mnist-cnn --checkpoint CKPT --out models` and pass --model models/mnist-cnn.onnx")
