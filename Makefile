@@ -32,6 +32,7 @@ help:
 	@echo "more figures of the docs (after make demo): fidelity-full train-avx2 int8-portability finetune bench-batch bench-serve"
 	@echo "                                            bench-overload"
 	@echo "make demo-detect            digit scenes, the detector recipe (timed), its export, test-scene mAP, numbers read on the canvas"
+	@echo "                            (after make demo: the numbers are also read with its digit model, as ferry draw does)"
 	@echo "make bench-detect           a ResNet-50-FPN detector at 800x800: PyTorch vs onnxruntime (and OpenVINO) on this machine"
 
 $(STAMP): pyproject.toml
@@ -123,8 +124,9 @@ eval-detect: $(STAMP)
 		$(SCENES_DIR)/test/000002.png --draw $(RUNS)/digits-drawn
 
 numbers: $(STAMP)
+	@# with make demo's digit model when it is there: the two-stage reading of ferry draw --detector, and the detector alone
 	$(BIN)/python -m ferry.bench.canvas_numbers --model $(MODELS)/digits.onnx --data-dir $(DATA_DIR) --numbers 1000 \
-		--out $(RUNS)/canvas_numbers.json
+		$(if $(wildcard $(MODELS)/mnist-cnn.onnx),--digits-model $(MODELS)/mnist-cnn.onnx) --out $(RUNS)/canvas_numbers.json
 
 bench-detect: $(STAMP)
 	@# random weights, seeded alike in the export and the PyTorch baseline: both sides get the same weights, so
