@@ -105,13 +105,14 @@ def measure_numbers(det, images: np.ndarray, labels: np.ndarray, *, numbers: int
         try:
             reading = read_number(det, strokes, digits=digits)
             text = reading.text
-            if digits is not None:
-                alone.add(n, truth, read_number(det, strokes).text)
         except EmptyImageError:
             text, reading = "", None
-            if digits is not None:
-                alone.add(n, truth, "")
         main.add(n, truth, text)
+        if digits is not None:
+            try:
+                alone.add(n, truth, read_number(det, strokes).text)
+            except EmptyImageError:
+                alone.add(n, truth, "")
         if reading is not None and len(examples) < keep_examples:
             examples.append((strokes, reading))
     result = {

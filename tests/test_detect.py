@@ -160,6 +160,13 @@ def test_digit_scenes(tmp_path):
     path = write_split(tmp_path / "scenes", "test", *pools["test"], 5, seed=3)
     again = write_split(tmp_path / "again", "test", *pools["test"], 5, seed=3)
     assert json.loads(path.read_text())["annotations"] == json.loads(again.read_text())["annotations"]  # seeded
+    # the demo's splits: rows in training scenes only; test scenes are those of a config without rows
+    single = write_split(tmp_path / "single", "test", *pools["test"], 5, seed=3, cfg=SceneConfig(rows=0.0))
+    rowed = write_split(tmp_path / "rowed", "test", *pools["test"], 5, seed=3, cfg=SceneConfig(rows=0.5))
+    annotations = [json.loads(f.read_text())["annotations"] for f in (path, single, rowed)]
+    assert annotations[0] == annotations[1] != annotations[2]
+    train = write_split(tmp_path / "scenes", "train", *pools["train"], 2, seed=3)
+    assert json.loads(train.read_text())["info"]["config"]["rows"] == 0.5
     data = coco.load_coco(tmp_path / "scenes" / "test", path)
     assert len(data.images) == 5 and [c.name for c in data.categories] == list("0123456789")
     assert [c.id for c in data.categories] == list(range(1, 11))
@@ -374,6 +381,19 @@ def test_predict_refuses_classifier_flags_and_a_detector_is_not_a_classifier(det
     det = str(detector_export["path"])  # the number window's digit model: checked before a window opens
     assert_clean_error(run_ferry("draw", "--detector", det, "--model", str(tmp_path / "gone.onnx")), "no digit model at")
     assert_clean_error(run_ferry("draw", "--detector", det, "--model", det), "not a classifier")
+    assert_clean_error(run_ferry("draw", "--model", "none"), "for the number window")
+
+
+def test_number_window_digit_model_choice(tmp_path, monkeypatch, cnn_export):
+    """`--model none`: the detector names the digits; no --model: the default file when it is there,
+    else the detector; an explicit digit model is used."""
+    from ferry.app.draw import _digit_namer
+
+    monkeypatch.chdir(tmp_path)  # no models/mnist-cnn.onnx here
+    assert _digit_namer("none", "cpu") is None and _digit_namer(None, "cpu") is None
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "mnist-cnn.onnx").write_bytes(Path(cnn_export[0]).read_bytes())
+    assert _digit_namer(None, "cpu").name == "mnist-cnn" and _digit_namer(str(cnn_export[0]), "cpu").name == "mnist-cnn"
 
 
 # --- serve and batch -----------------------------------------------------------------------------------
@@ -493,7 +513,8 @@ class _Oracle:
     def detect(self, image, min_score=0.5):
         from ferry.runtime.detector import Detection, Detections
 
-        dets = tuple(Detection(box, label, int(label) + 1, int(label), score) for label, box, score in self.found)
+        dets = tuple(Detection(box, label, int(label) + 1, int(label), score) for label, box, score in self.found
+                     if score >= min_score)
         return Detections(tuple(sorted(dets, key=lambda d: -d.score)), image.width, image.height, "test", min_score)
 
 
@@ -551,19 +572,29 @@ def test_number_read_by_detector_boxes_and_digit_model_names():
         return ((x1 - left) * scale, (y1 - top) * scale, (x2 - left) * scale, (y2 - top) * scale)
 
     oracle = _Oracle([("4", box(90, 45, 110, 155), 0.9), ("7", box(295, 55, 365, 165), 0.8),
-                      ("2", box(500, 45, 540, 155), 0.7)])  # a third place with no ink at all
+                      ("2", box(500, 45, 540, 155), 0.4),  # a third place with no ink at all, above READ_SCORE
+                      ("6", box(580, 45, 620, 155), 0.25)])  # under it: not a digit
     namer = _Namer()
     reading = read_number(oracle, strokes, digits=namer)
-    assert reading.text == "182" and [d.score for d in reading.detections] == pytest.approx([0.77, 0.77, 0.7])
+    assert reading.text == "182" and [d.score for d in reading.detections] == pytest.approx([0.77, 0.77, 0.4])
+    assert [(d.index, d.category_id) for d in reading.detections] == [(1, 2), (8, 9), (2, 3)]
     assert read_number(oracle, strokes).text == "472"  # the detector alone
     assert len(namer.shown) == 2
     widths = [len(np.flatnonzero(ink.any(0))) for ink in namer.shown]
     heights = [len(np.flatnonzero(ink.any(1))) for ink in namer.shown]
-    assert widths[0] * 3 < heights[0] and widths[1] > heights[1] / 2  # each image holds its own digit only
-    # a stroke belongs to the box holding most of its points, even where it strays into a neighbour's
-    stray = Stroke([(104, 60), (110, 100), (120, 120)], width=10)
-    a, b = (89, 45, 115, 155), (112, 45, 180, 155)
-    assert strokes_in([stray], a, [b]) == [stray] and strokes_in([stray], b, [a]) == []
+    assert widths[0] * 3 < heights[0] and heights[1] / 2 < widths[1] < heights[1]  # each image: its own digit only
+    # a stroke belongs to the box holding most of its points (each box widened by a tenth of its
+    # height), even where its centre is nearer a neighbour's; a tie goes to the nearer centre, then
+    # the left; a stroke in no box belongs to none
+    boxes = [(0, 0, 300, 100), (320, 0, 360, 100)]
+    stray = Stroke([(280, 50), (290, 50), (295, 50), (330, 50), (340, 50)], width=10)  # 3 left, 2 right; centre right
+    assert strokes_in([stray], boxes, 0) == [stray] and strokes_in([stray], boxes, 1) == []
+    edge = Stroke([(60, 105), (60, 140)], width=10)  # just under the left box: within its tenth
+    under = Stroke([(60, 160), (300, 160)], width=10)  # a line under the number
+    assert strokes_in([edge, under], boxes, 0) == [edge] and strokes_in([edge, under], boxes, 1) == []
+    tied = [(0, 0, 100, 100), (0, 0, 100, 100)]  # the same place twice: one of them, the first
+    dot = Stroke([(50, 50), (52, 50)], width=10)
+    assert strokes_in([dot], tied, 0) == [dot] and strokes_in([dot], tied, 1) == []
 
 
 def test_numbers_benchmark_small_version(detector_export):

@@ -293,10 +293,17 @@ def digit_pools(mnist_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray
     return {"train": (train_x[kept], train_y[kept]), "val": (train_x[held], train_y[held]), "test": (test_x, test_y)}
 
 
+def split_config(split: str) -> SceneConfig:
+    """The demo's scenes for a split: rows of digits in training scenes only (`TEST_CONFIG_CHANGES`)."""
+    return SceneConfig() if split == "train" else replace(SceneConfig(), **TEST_CONFIG_CHANGES)
+
+
 def write_split(out: str | Path, split: str, digits: np.ndarray, labels: np.ndarray, n: int, *, seed: int,
-                cfg: SceneConfig = SceneConfig(), progress: Callable[[int], None] | None = None) -> Path:
+                cfg: SceneConfig | None = None, progress: Callable[[int], None] | None = None) -> Path:
     """Write `n` scenes as OUT/<split>/NNNNNN.png and their COCO instances as OUT/<split>.json
-    (written last, atomically: a JSON names only images that are there). Returns the JSON's path."""
+    (written last, atomically: a JSON names only images that are there). Returns the JSON's path.
+    `cfg`: how the scenes look (default: the demo's for this split, `split_config`)."""
+    cfg = cfg or split_config(split)
     cfg.check()
     if n < 1:
         raise FerryError(f"a split needs at least one scene (got {n} for {split})")
@@ -341,8 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         for split in ("train", "val", "test"):
             n = getattr(args, split)
             if n:
-                cfg = SceneConfig() if split == "train" else replace(SceneConfig(), **TEST_CONFIG_CHANGES)
-                path = write_split(args.out, split, *pools[split], n, seed=args.seed, cfg=cfg)
+                path = write_split(args.out, split, *pools[split], n, seed=args.seed)
                 doc: dict[str, Any] = json.loads(path.read_text())
                 print(f"{split}: {len(doc['images'])} scenes, {len(doc['annotations'])} digits -> {path}")
     except FerryError as exc:

@@ -156,31 +156,40 @@ def one_per_place(found, overlap: float = 0.5) -> list:
 READ_SCORE = 0.3  # a place counts as a digit from this detection score (chosen on numbers of held-out training digits)
 
 
-def strokes_in(strokes: Sequence[Stroke], box: tuple[float, float, float, float], others: Sequence[tuple]) -> list[Stroke]:
-    """The strokes of one boxed digit: each stroke goes to the box holding most of its points (ties and
-    strokes in no box: the box nearest its centre), among `box` and `others` (canvas coordinates)."""
-    boxes = [box, *others]
+def strokes_in(strokes: Sequence[Stroke], boxes: Sequence[tuple[float, float, float, float]], k: int) -> list[Stroke]:
+    """The strokes of the digit boxed by `boxes[k]` (canvas coordinates, boxes left to right): each
+    stroke goes to the box holding most of its points, each box widened by a tenth of its height all
+    round (ties: the box nearest the stroke's centre, then the leftmost). A stroke in no box (a mark
+    under the number, a digit the detector missed) belongs to none."""
 
-    def home(stroke: Stroke) -> int:
-        xs = [x for x, _ in stroke.points]
-        ys = [y for _, y in stroke.points]
-        inside = [sum(b[0] <= x <= b[2] and b[1] <= y <= b[3] for x, y in stroke.points) for b in boxes]
-        best = max(inside)
-        cx, cy = sum(xs) / len(xs), sum(ys) / len(ys)
-        near = [(((b[0] + b[2]) / 2 - cx) ** 2 + ((b[1] + b[3]) / 2 - cy) ** 2, k) for k, b in enumerate(boxes)
-                if inside[k] == best]
-        return min(near)[1]
+    def grown(b: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        m = 0.1 * (b[3] - b[1])
+        return b[0] - m, b[1] - m, b[2] + m, b[3] + m
 
-    return [s for s in strokes if s.points and home(s) == 0]
+    wide = [grown(b) for b in boxes]
+
+    def home(stroke: Stroke) -> int | None:
+        inside = [sum(b[0] <= x <= b[2] and b[1] <= y <= b[3] for x, y in stroke.points) for b in wide]
+        best = max(inside, default=0)
+        if best == 0:
+            return None
+        cx = sum(x for x, _ in stroke.points) / len(stroke.points)
+        cy = sum(y for _, y in stroke.points) / len(stroke.points)
+        return min((((b[0] + b[2]) / 2 - cx) ** 2 + ((b[1] + b[3]) / 2 - cy) ** 2, j)
+                   for j, b in enumerate(boxes) if inside[j] == best)[1]
+
+    return [s for s in strokes if s.points and home(s) == k]
 
 
 def digit_image(strokes: Sequence[Stroke], ratio: float = STROKE_RATIO) -> Image.Image:
     """One digit's strokes as the single-digit canvas draws them (`strokes_to_image`), moved onto a
     square page of their own: what a digit model reads of a digit written in a number."""
+    pts = [(x, y) for s in strokes for x, y in s.points]
+    if not pts:
+        raise EmptyImageError("no strokes")
     extent = max(centre_extent(strokes), 1.0)
     pen = max(1.0, ratio * extent)
     side = round(1.5 * extent + pen) + 2
-    pts = [(x, y) for s in strokes for x, y in s.points]
     cx = (min(p[0] for p in pts) + max(p[0] for p in pts)) / 2
     cy = (min(p[1] for p in pts) + max(p[1] for p in pts)) / 2
     moved = [Stroke([(x - cx + side / 2, y - cy + side / 2) for x, y in s.points], width=pen) for s in strokes]
@@ -205,14 +214,18 @@ def read_number(det, strokes: Sequence[Stroke], *, min_score: float = READ_SCORE
                                              d.box[2] / scale + left, d.box[3] / scale + top)) for d in places]
     if digits is not None:
         named = []
+        boxes = [d.box for d in on_canvas]
         for k, d in enumerate(on_canvas):
-            own = strokes_in(strokes, d.box, [o.box for j, o in enumerate(on_canvas) if j != k])
-            if not own:  # no stroke of its own (the detector's box holds only parts of others): keep its reading
+            own = strokes_in(strokes, boxes, k)
+            try:
+                said = digits.predict(digit_image(own), top_k=1)
+            except EmptyImageError:  # no stroke of its own, or only a dot: the detector's reading stays
+                said = None
+            if said is None or said.label not in det.labels:  # (a digit the detector does not know: its reading stays)
                 named.append(d)
                 continue
-            said = digits.predict(digit_image(own), top_k=1)
-            k_label = det.labels.index(said.label) if said.label in det.labels else d.index
-            named.append(dataclasses.replace(d, label=said.label, score=said.probability, index=k_label,
-                                             category_id=det.category_ids[k_label] if said.label in det.labels else d.category_id))
+            i = det.labels.index(said.label)
+            named.append(dataclasses.replace(d, label=said.label, score=said.probability, index=i,
+                                             category_id=det.category_ids[i]))
         on_canvas = named
     return NumberReading("".join(d.label for d in on_canvas), tuple(on_canvas), image)

@@ -317,6 +317,8 @@ def run(args: argparse.Namespace) -> int:
 
     if getattr(args, "detector", None):
         return run_numbers(args)
+    if args.model is not None and args.model.lower() == "none":
+        raise FerryError("--model none is for the number window (with --detector); the digit window needs a digit model")
     model = Path(args.model or DEFAULT_MODEL)
     if not model.exists():
         raise FerryError(f"no digit model at {model}: run `make demo` (it trains and exports one), or "
