@@ -38,22 +38,17 @@ ImageInput = str | Path | bytes | Image.Image | np.ndarray
 SMALL_HEAD = 64  # up to this many classes one prediction's softmax runs in plain Python
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Candidate:
     index: int
     label: str
     probability: float
 
-    @classmethod
-    def _of(cls, index: int, label: str, probability: float) -> Candidate:
-        """The same frozen object as `Candidate(...)`, filled in one step: a frozen dataclass's
-        `__init__` sets each field through `object.__setattr__`, a cost that shows at batch 1."""
-        obj = object.__new__(cls)
-        obj.__dict__.update(index=index, label=label, probability=probability)
-        return obj
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "label": self.label, "probability": self.probability}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Prediction:
     index: int
     label: str
@@ -63,14 +58,15 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "label": self.label, "probability": self.probability,
-                "top_k": [c.__dict__ for c in self.top_k], "provider": self.provider}
+                "top_k": [c.to_dict() for c in self.top_k], "provider": self.provider}
 
-    @classmethod
-    def _of(cls, index: int, label: str, probability: float, top_k: tuple[Candidate, ...], provider: str) -> Prediction:
-        """`Prediction(...)` filled in one step (see `Candidate._of`)."""
-        obj = object.__new__(cls)
-        obj.__dict__.update(index=index, label=label, probability=probability, top_k=top_k, provider=provider)
-        return obj
+
+# Filling a frozen object field by field through its slots: the same object `Candidate(...)` makes,
+# without the frozen `__init__`'s one `object.__setattr__` call per field, a cost that shows at
+# batch 1 of a small model. (Slots: no per-object dict to allocate either.)
+_CANDIDATE_SLOTS = (Candidate.index.__set__, Candidate.label.__set__, Candidate.probability.__set__)  # type: ignore[attr-defined]
+_PREDICTION_SLOTS = (Prediction.index.__set__, Prediction.label.__set__, Prediction.probability.__set__,  # type: ignore[attr-defined]
+                     Prediction.top_k.__set__, Prediction.provider.__set__)  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -180,13 +176,7 @@ class Classifier:
     def prepare(self, image: ImageInput, name: str = "image") -> np.ndarray:
         """One input (a path, the bytes of an encoded image, a PIL image or an array) -> a (C, H, W)
         float32 array as the model expects. `name` labels errors for bytes."""
-        if isinstance(image, (str, Path)):
-            image = load_image(image)
-        elif isinstance(image, (bytes, bytearray, memoryview)):
-            image = decode_image(bytes(image), name)
-        elif isinstance(image, Image.Image):
-            check_image(image)
-        elif isinstance(image, np.ndarray):
+        if isinstance(image, np.ndarray):  # first: the in-process caller's case, where each step shows
             if self._mnist and image.dtype.char == "B" and image.shape == (MNIST_SIZE, MNIST_SIZE):  # uint8 28x28
                 fast = mnist_uint8_passthrough(image, self.spec)  # an MNIST-like digit: one table lookup
                 if fast is not None:
@@ -194,6 +184,12 @@ class Classifier:
             image = _check_array(image, self.spec.kind)
             if self.spec.kind == "mnist":  # checked above: 2-D float32 in [0, 1]
                 return standardize_digit(normalize_unit_digit(image), self.spec)
+        elif isinstance(image, (str, Path)):
+            image = load_image(image)
+        elif isinstance(image, (bytes, bytearray, memoryview)):
+            image = decode_image(bytes(image), name)
+        elif isinstance(image, Image.Image):
+            check_image(image)
         else:
             raise ImageError(f"unsupported input type {type(image).__name__}; pass a path, bytes, a PIL image or a numpy array")
         return preprocess(image, self.spec)
@@ -253,12 +249,27 @@ class Classifier:
         e = [exp(v - peak) for v in row]
         total = sum(e)
         probs = [v / total for v in e]
-        order = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)[:k]
         labels = self._labels
-        make = Candidate._of
-        cands = tuple([make(i, labels[i], probs[i]) for i in order])
-        first = cands[0]
-        return Prediction._of(first.index, first.label, first.probability, cands, self.provider.used)
+        new = object.__new__
+        set_index, set_label, set_probability = _CANDIDATE_SLOTS
+        if k == 1:
+            i = probs.index(max(probs))  # the first of equal maxima: the lower index
+            first = new(Candidate)
+            set_index(first, i), set_label(first, labels[i]), set_probability(first, probs[i])
+            cands: tuple[Candidate, ...] = (first,)
+        else:
+            made = []
+            for i in sorted(range(len(probs)), key=probs.__getitem__, reverse=True)[:k]:
+                c = new(Candidate)
+                set_index(c, i), set_label(c, labels[i]), set_probability(c, probs[i])
+                made.append(c)
+            cands = tuple(made)
+            first = made[0]
+        pred = new(Prediction)
+        p_index, p_label, p_probability, p_top_k, p_provider = _PREDICTION_SLOTS
+        p_index(pred, first.index), p_label(pred, first.label), p_probability(pred, first.probability)
+        p_top_k(pred, cands), p_provider(pred, self.provider.used)
+        return pred
 
     def predict(self, image: ImageInput, top_k: int = 1) -> Prediction:
         """Predict one input (path, bytes, PIL image or array); errors raise. `prepare` returns a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 from ferry.core.errors import FerryError
-from ferry.runtime.classifier import Classifier
+from ferry.runtime.classifier import Candidate, Classifier, Prediction
 from ferry.runtime.presets import EmptyImageError, imagenet_spec, normalize_digit, preprocess_imagenet
 from tests.conftest import BAD_IMAGES, REPO, assert_clean_error, run_ferry, synthetic_digits
 
@@ -333,7 +334,16 @@ def test_the_fast_paths_compute_what_the_general_ones_do(cnn_export):
     rng = np.random.default_rng(3)
     rows = [rng.standard_normal(10).astype(np.float32) for _ in range(100)] + [np.zeros(10, np.float32)]  # a full tie
     for row in rows:
-        small = clf.predictions(row[None], 5)[0]
-        wide = clf.predictions(np.stack([row, row]), 5)[0]  # two rows: the numpy path
-        assert [c.index for c in small.top_k] == [c.index for c in wide.top_k]
-        assert [c.probability for c in small.top_k] == pytest.approx([c.probability for c in wide.top_k], abs=1e-15)
+        for k in (1, 5):
+            small = clf.predictions(row[None], k)[0]
+            wide = clf.predictions(np.stack([row, row]), k)[0]  # two rows: the numpy path
+            assert (small.index, small.label, [(c.index, c.label) for c in small.top_k]) == \
+                   (wide.index, wide.label, [(c.index, c.label) for c in wide.top_k])
+            assert [c.probability for c in small.top_k] == pytest.approx([c.probability for c in wide.top_k], abs=1e-15)
+    # the objects filled through their slots are the frozen dataclasses the constructors make
+    made = clf.predictions(rows[0][None], 3)[0]
+    assert made == Prediction(made.index, made.label, made.probability,
+                              tuple(Candidate(c.index, c.label, c.probability) for c in made.top_k), made.provider)
+    assert made.to_dict()["top_k"][0] == {"index": made.index, "label": made.label, "probability": made.probability}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.top_k[0].label = "x"  # type: ignore[misc]

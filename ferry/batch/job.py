@@ -519,7 +519,7 @@ class PredictPart:
             out["index"].append(p.index if p else None)
             out["label"].append(p.label if p else None)
             out["probability"].append(p.probability if p else None)
-            out["top_k"].append([c.__dict__ for c in p.top_k] if p else [])
+            out["top_k"].append([c.to_dict() for c in p.top_k] if p else [])
             out["provider"].append(self.clf.provider.used)
             out["error"].append(o.error if o else read_errors[i])
         return pa.Table.from_pydict(out, schema=_schema())  # one schema for every file, null columns included
