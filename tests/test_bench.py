@@ -3,6 +3,7 @@ and that a CPU fallback can never be recorded as a CUDA figure."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -217,6 +218,33 @@ def test_cpu_fallback_cannot_be_recorded_as_cuda(cnn_export, tmp_path):
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         assert [s["backend"] for s in results["skipped"]] == ["ort-cuda-fp32"]
         assert "cannot run" in results["skipped"][0]["reason"]
+
+
+def test_own_work_is_the_runtime_without_the_engine_call(cnn_export):
+    """The overhead row's "own work" runs `predict` as it is, with the engine's call handing back the
+    logits the real engine gives for that input: the same prediction, the engine never called."""
+    from ferry.bench.overhead import _Answer, _sample_digit, own_work_seconds
+    from ferry.runtime.classifier import Classifier
+
+    clf = Classifier.from_onnx(cnn_export[0], provider="cpu")
+    digit = _sample_digit()
+    stub = dataclasses.replace(clf, engine=_Answer(clf.engine, clf.engine.infer(clf.prepare(digit)[None])))
+    assert stub.predict(digit, top_k=5) == clf.predict(digit, top_k=5)
+    assert stub.provider == clf.provider and stub.engine.input_name == clf.engine.input_name
+
+    real = clf.engine
+
+    class Refuses:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def infer(self, batch):  # the first call gives the logits; any call while timing is a bug
+            self.infer = lambda batch: pytest.fail("the engine was called while the runtime's own work was timed")
+            return real.infer(batch)
+
+    clf.engine = Refuses()
+    seconds = own_work_seconds(clf, digit, top_k=5, rounds=3, seconds=0.03)
+    assert 0 < seconds < 0.01
 
 
 def test_cli_bad_arguments(tmp_path):
