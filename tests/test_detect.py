@@ -561,7 +561,7 @@ class _Namer:
 def test_number_read_by_detector_boxes_and_digit_model_names():
     """Two-stage reading: the detector's boxes, the digit model's labels and scores; the model sees
     each digit's own strokes only; a box with no stroke of its own keeps the detector's reading."""
-    from ferry.app.canvas import Stroke, number_image, read_number, strokes_in
+    from ferry.app.canvas import Stroke, assign_strokes, number_image, read_number, strokes_in
 
     one = [Stroke([(100, 50), (100, 150)], width=10)]  # a "1"
     eight = [Stroke([(300, 60), (360, 60), (300, 160), (360, 160), (300, 60)], width=10)]  # a wide zigzag
@@ -592,6 +592,7 @@ def test_number_read_by_detector_boxes_and_digit_model_names():
     edge = Stroke([(60, 105), (60, 140)], width=10)  # just under the left box: within its tenth
     under = Stroke([(60, 160), (300, 160)], width=10)  # a line under the number
     assert strokes_in([edge, under], boxes, 0) == [edge] and strokes_in([edge, under], boxes, 1) == []
+    assert assign_strokes([stray, under, edge], boxes) == [[stray, edge], []]  # one pass: each stroke once, in order
     tied = [(0, 0, 100, 100), (0, 0, 100, 100)]  # the same place twice: one of them, the first
     dot = Stroke([(50, 50), (52, 50)], width=10)
     assert strokes_in([dot], tied, 0) == [dot] and strokes_in([dot], tied, 1) == []

@@ -156,11 +156,11 @@ def one_per_place(found, overlap: float = 0.5) -> list:
 READ_SCORE = 0.3  # a place counts as a digit from this detection score (chosen on numbers of held-out training digits)
 
 
-def strokes_in(strokes: Sequence[Stroke], boxes: Sequence[tuple[float, float, float, float]], k: int) -> list[Stroke]:
-    """The strokes of the digit boxed by `boxes[k]` (canvas coordinates, boxes left to right): each
-    stroke goes to the box holding most of its points, each box widened by a tenth of its height all
-    round (ties: the box nearest the stroke's centre, then the leftmost). A stroke in no box (a mark
-    under the number, a digit the detector missed) belongs to none."""
+def assign_strokes(strokes: Sequence[Stroke], boxes: Sequence[tuple[float, float, float, float]]) -> list[list[Stroke]]:
+    """Each box's strokes (canvas coordinates, boxes left to right), in one pass: each stroke goes to
+    the box holding most of its points, each box widened by a tenth of its height all round (ties:
+    the box nearest the stroke's centre, then the leftmost). A stroke in no box (a mark under the
+    number, a digit the detector missed) belongs to none."""
 
     def grown(b: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
         m = 0.1 * (b[3] - b[1])
@@ -178,7 +178,16 @@ def strokes_in(strokes: Sequence[Stroke], boxes: Sequence[tuple[float, float, fl
         return min((((b[0] + b[2]) / 2 - cx) ** 2 + ((b[1] + b[3]) / 2 - cy) ** 2, j)
                    for j, b in enumerate(boxes) if inside[j] == best)[1]
 
-    return [s for s in strokes if s.points and home(s) == k]
+    owned: list[list[Stroke]] = [[] for _ in boxes]
+    for stroke in strokes:
+        if stroke.points and (k := home(stroke)) is not None:
+            owned[k].append(stroke)
+    return owned
+
+
+def strokes_in(strokes: Sequence[Stroke], boxes: Sequence[tuple[float, float, float, float]], k: int) -> list[Stroke]:
+    """The strokes of the digit boxed by `boxes[k]` (`assign_strokes`)."""
+    return assign_strokes(strokes, boxes)[k]
 
 
 def digit_image(strokes: Sequence[Stroke], ratio: float = STROKE_RATIO) -> Image.Image:
@@ -201,7 +210,7 @@ def read_number(det, strokes: Sequence[Stroke], *, min_score: float = READ_SCORE
     """The app's path from strokes to a number: `number_image`, the detector, one digit per place,
     left to right; boxes mapped back onto the canvas. With `digits` (a digit classifier, such as
     mnist-cnn), the detector finds and boxes the digits and the classifier names each one from its own
-    strokes (`strokes_in`, `digit_image`): the label and score shown are the classifier's. No ink:
+    strokes (`assign_strokes`, `digit_image`): the label and score shown are the classifier's. No ink:
     EmptyImageError ("write a number")."""
     import dataclasses
 
@@ -214,9 +223,8 @@ def read_number(det, strokes: Sequence[Stroke], *, min_score: float = READ_SCORE
                                              d.box[2] / scale + left, d.box[3] / scale + top)) for d in places]
     if digits is not None:
         named = []
-        boxes = [d.box for d in on_canvas]
-        for k, d in enumerate(on_canvas):
-            own = strokes_in(strokes, boxes, k)
+        owned = assign_strokes(strokes, [d.box for d in on_canvas])  # one pass over the strokes for every place
+        for d, own in zip(on_canvas, owned):
             try:
                 said = digits.predict(digit_image(own), top_k=1)
             except EmptyImageError:  # no stroke of its own, or only a dot: the detector's reading stays
