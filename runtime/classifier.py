@@ -255,20 +255,27 @@ class Classifier:
         if k == 1:
             i = probs.index(max(probs))  # the first of equal maxima: the lower index
             first = new(Candidate)
-            set_index(first, i), set_label(first, labels[i]), set_probability(first, probs[i])
+            set_index(first, i)
+            set_label(first, labels[i])
+            set_probability(first, probs[i])
             cands: tuple[Candidate, ...] = (first,)
         else:
             made = []
             for i in sorted(range(len(probs)), key=probs.__getitem__, reverse=True)[:k]:
                 c = new(Candidate)
-                set_index(c, i), set_label(c, labels[i]), set_probability(c, probs[i])
+                set_index(c, i)
+                set_label(c, labels[i])
+                set_probability(c, probs[i])
                 made.append(c)
             cands = tuple(made)
             first = made[0]
         pred = new(Prediction)
         p_index, p_label, p_probability, p_top_k, p_provider = _PREDICTION_SLOTS
-        p_index(pred, first.index), p_label(pred, first.label), p_probability(pred, first.probability)
-        p_top_k(pred, cands), p_provider(pred, self.provider.used)
+        p_index(pred, first.index)
+        p_label(pred, first.label)
+        p_probability(pred, first.probability)
+        p_top_k(pred, cands)
+        p_provider(pred, self.provider.used)
         return pred
 
     def predict(self, image: ImageInput, top_k: int = 1) -> Prediction:

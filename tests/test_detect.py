@@ -593,6 +593,7 @@ def test_number_read_by_detector_boxes_and_digit_model_names():
     under = Stroke([(60, 160), (300, 160)], width=10)  # a line under the number
     assert strokes_in([edge, under], boxes, 0) == [edge] and strokes_in([edge, under], boxes, 1) == []
     assert assign_strokes([stray, under, edge], boxes) == [[stray, edge], []]  # one pass: each stroke once, in order
+    assert strokes_in([stray], boxes, 2) == [] and strokes_in([stray], boxes, -1) == []  # no such box: no strokes
     tied = [(0, 0, 100, 100), (0, 0, 100, 100)]  # the same place twice: one of them, the first
     dot = Stroke([(50, 50), (52, 50)], width=10)
     assert strokes_in([dot], tied, 0) == [dot] and strokes_in([dot], tied, 1) == []

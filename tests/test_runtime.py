@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -347,3 +349,4 @@ def test_the_fast_paths_compute_what_the_general_ones_do(cnn_export):
     assert made.to_dict()["top_k"][0] == {"index": made.index, "label": made.label, "probability": made.probability}
     with pytest.raises(dataclasses.FrozenInstanceError):
         made.top_k[0].label = "x"  # type: ignore[misc]
+    assert pickle.loads(pickle.dumps(made)) == made and copy.copy(made) == made  # (Ray's workers pickle them)

@@ -186,8 +186,8 @@ def assign_strokes(strokes: Sequence[Stroke], boxes: Sequence[tuple[float, float
 
 
 def strokes_in(strokes: Sequence[Stroke], boxes: Sequence[tuple[float, float, float, float]], k: int) -> list[Stroke]:
-    """The strokes of the digit boxed by `boxes[k]` (`assign_strokes`)."""
-    return assign_strokes(strokes, boxes)[k]
+    """The strokes of the digit boxed by `boxes[k]` (`assign_strokes`); none for a `k` that names no box."""
+    return assign_strokes(strokes, boxes)[k] if 0 <= k < len(boxes) else []
 
 
 def digit_image(strokes: Sequence[Stroke], ratio: float = STROKE_RATIO) -> Image.Image:
