@@ -104,15 +104,12 @@ def measure_numbers(det, images: np.ndarray, labels: np.ndarray, *, numbers: int
         strokes = write_number([skeleton_segments(images[i]) for i in idx], rng)
         try:
             reading = read_number(det, strokes, digits=digits)
-            text = reading.text
+            text, by_detector = reading.text, reading.by_detector
         except EmptyImageError:
-            text, reading = "", None
+            text, by_detector, reading = "", "", None
         main.add(n, truth, text)
-        if digits is not None:
-            try:
-                alone.add(n, truth, read_number(det, strokes).text)
-            except EmptyImageError:
-                alone.add(n, truth, "")
+        if digits is not None:  # the same detection's own labels: the detector alone, run once
+            alone.add(n, truth, by_detector)
         if reading is not None and len(examples) < keep_examples:
             examples.append((strokes, reading))
     result = {

@@ -509,9 +509,12 @@ class _Oracle:
 
     def __init__(self, found):
         self.found = found
+        self.calls = 0
 
     def detect(self, image, min_score=0.5):
         from ferry.runtime.detector import Detection, Detections
+
+        self.calls += 1
 
         dets = tuple(Detection(box, label, int(label) + 1, int(label), score) for label, box, score in self.found
                      if score >= min_score)
@@ -578,7 +581,7 @@ def test_number_read_by_detector_boxes_and_digit_model_names():
     reading = read_number(oracle, strokes, digits=namer)
     assert reading.text == "182" and [d.score for d in reading.detections] == pytest.approx([0.77, 0.77, 0.4])
     assert [(d.index, d.category_id) for d in reading.detections] == [(1, 2), (8, 9), (2, 3)]
-    assert read_number(oracle, strokes).text == "472"  # the detector alone
+    assert read_number(oracle, strokes).text == "472" == reading.by_detector  # the detector alone
     assert len(namer.shown) == 2
     widths = [len(np.flatnonzero(ink.any(0))) for ink in namer.shown]
     heights = [len(np.flatnonzero(ink.any(1))) for ink in namer.shown]
@@ -624,6 +627,7 @@ def test_numbers_benchmark_small_version(detector_export):
     assert both["reader"] == "oracle boxes, namer names" and len(namer.shown) == 3
     assert [m["read"] for m in both["first_misses"]] == ["8"] * 3 and both["wrong_length"] == 3
     assert [m["read"] for m in both["detector_alone"]["first_misses"]] == ["3"] * 3
+    assert whole.calls == 3  # one detection per number serves both readers
 
 
 @pytest.mark.gui

@@ -103,11 +103,13 @@ NUMBER_MARGIN = 12  # px of page around the scaled drawing
 
 @dataclass(frozen=True)
 class NumberReading:
-    """What the detector read: the digits left to right, each detection with its box on the canvas."""
+    """What was read: the digits left to right, each detection with its box on the canvas; with a digit
+    model naming the places, `by_detector` is what the detector's own labels said of the same places."""
 
     text: str
     detections: tuple  # ferry.runtime.detector.Detection, boxes in canvas coordinates, left to right
     image: Image.Image  # what the detector was given
+    by_detector: str = ""  # the detector's own labels for the same places (the text when it named them)
 
 
 def number_image(strokes: Sequence[Stroke], ink_height: float = NUMBER_INK_HEIGHT,
@@ -221,6 +223,7 @@ def read_number(det, strokes: Sequence[Stroke], *, min_score: float = READ_SCORE
     places = one_per_place(found.detections)
     on_canvas = [dataclasses.replace(d, box=(d.box[0] / scale + left, d.box[1] / scale + top,
                                              d.box[2] / scale + left, d.box[3] / scale + top)) for d in places]
+    by_detector = "".join(d.label for d in on_canvas)
     if digits is not None:
         named = []
         owned = assign_strokes(strokes, [d.box for d in on_canvas])  # one pass over the strokes for every place
@@ -236,4 +239,4 @@ def read_number(det, strokes: Sequence[Stroke], *, min_score: float = READ_SCORE
             named.append(dataclasses.replace(d, label=said.label, score=said.probability, index=i,
                                              category_id=det.category_ids[i]))
         on_canvas = named
-    return NumberReading("".join(d.label for d in on_canvas), tuple(on_canvas), image)
+    return NumberReading("".join(d.label for d in on_canvas), tuple(on_canvas), image, by_detector)
