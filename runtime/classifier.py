@@ -252,23 +252,17 @@ class Classifier:
         labels = self._labels
         new = object.__new__
         set_index, set_label, set_probability = _CANDIDATE_SLOTS
-        if k == 1:
-            i = probs.index(max(probs))  # the first of equal maxima: the lower index
-            first = new(Candidate)
-            set_index(first, i)
-            set_label(first, labels[i])
-            set_probability(first, probs[i])
-            cands: tuple[Candidate, ...] = (first,)
-        else:
-            made = []
-            for i in sorted(range(len(probs)), key=probs.__getitem__, reverse=True)[:k]:
-                c = new(Candidate)
-                set_index(c, i)
-                set_label(c, labels[i])
-                set_probability(c, probs[i])
-                made.append(c)
-            cands = tuple(made)
-            first = made[0]
+        # top 1: the first of equal maxima (the lower index); else a reverse sort, which keeps ties in order
+        order = [probs.index(max(probs))] if k == 1 else sorted(range(len(probs)), key=probs.__getitem__, reverse=True)[:k]
+        made = []
+        for i in order:
+            c = new(Candidate)
+            set_index(c, i)
+            set_label(c, labels[i])
+            set_probability(c, probs[i])
+            made.append(c)
+        cands = tuple(made)
+        first = made[0]
         pred = new(Prediction)
         p_index, p_label, p_probability, p_top_k, p_provider = _PREDICTION_SLOTS
         p_index(pred, first.index)
