@@ -103,6 +103,9 @@ class _Answer:
     def infer(self, batch):
         return self._logits
 
+    def infer_one(self, sample):
+        return self._logits
+
     def __getattr__(self, name: str):
         return getattr(self._engine, name)
 

@@ -277,7 +277,7 @@ class Classifier:
         checked array of the model's shape, so it goes to the engine without `run`'s checks. A few
         classes take the plain-Python softmax straight away: at batch 1 of a small model the
         runtime's own steps are a good part of the call, so each one it skips counts."""
-        logits = self.engine.infer(self.prepare(image)[None])
+        logits = self.engine.infer_one(self.prepare(image))  # (maybe this thread's buffer: read here, not kept)
         if logits.ndim == 2 and logits.shape[0] == 1 and logits.shape[1] <= SMALL_HEAD:
             return self._one_small(logits[0].tolist(), max(1, min(top_k, logits.shape[1])))
         return self.predictions(logits, top_k)[0]

@@ -77,6 +77,9 @@ class OpenVinoEngine:
     def infer(self, batch: np.ndarray) -> np.ndarray:
         return self._run(batch, 1)[0]
 
+    def infer_one(self, sample: np.ndarray) -> np.ndarray:
+        return self._run(sample[None], 1)[0]
+
     def infer_all(self, batch: np.ndarray) -> list[np.ndarray]:
         return self._run(batch, len(self.output_names))
 

@@ -312,6 +312,69 @@ def test_one_classifier_shared_by_threads(cnn_export, bad_folder, tmp_path):
     assert len(results) == 12 and all(r == expected for r in results)
 
 
+def test_predict_runs_one_sample_through_buffers_each_thread_binds_once(cnn_export):
+    """On the CPU `predict` copies the sample into a buffer its thread bound to the session once and
+    reads the logits from the bound output: the same logits as `session.run`, bit for bit; one
+    binding per thread, kept across calls; 8 threads sharing one Classifier get the single-thread
+    answers (a shared buffer would mix their inputs)."""
+    import threading
+
+    clf = Classifier.from_onnx(cnn_export[0], provider="cpu")
+    x, _ = synthetic_digits(64, seed=3)
+    for d in x[:8]:
+        sample = clf.prepare(d)
+        got = clf.engine.infer_one(sample)
+        np.testing.assert_array_equal(got, clf.session.run(None, {clf.input_name: sample[None]})[0])
+    bound = clf.engine._local.bound
+    assert clf.engine.infer_one(clf.prepare(x[0])) is bound.output and clf.engine._local.bound is bound
+    expected = [clf.predict(d, top_k=3) for d in x]
+    general = [clf.predictions(clf.run(clf.prepare(d)[None]), 3)[0] for d in x]
+    assert [[c.index for c in p.top_k] for p in expected] == [[c.index for c in p.top_k] for p in general]
+    assert [p.probability for p in expected] == pytest.approx([p.probability for p in general], abs=1e-12)
+    # a sample of another shape is not broadcast into the buffer: onnxruntime refuses it
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        clf.engine.infer_one(np.zeros((1, 14, 28), np.float32))
+
+    got: dict[int, list] = {}
+    bindings: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            got[t] = [clf.predict(x[(i + 8 * t) % 64], top_k=3) for i in range(64)]
+            bindings[t] = clf.engine._local.bound
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not errors, errors
+    assert len({id(b) for b in bindings.values()} | {id(bound)}) == 9
+    for t in range(8):
+        want = [expected[(i + 8 * t) % 64] for i in range(64)]
+        assert [[c.index for c in p.top_k] for p in got[t]] == [[c.index for c in p.top_k] for p in want]
+        assert [p.probability for p in got[t]] == pytest.approx([p.probability for p in want], abs=1e-6)
+
+
+def test_only_float32_models_with_a_fixed_class_count_are_bound():
+    """`infer_one` binds buffers only where it can size them: float32 in and out, (batch, classes)."""
+    from types import SimpleNamespace as NS
+
+    from ferry.runtime.engines import _bindable_classes
+
+    def session(in_type="tensor(float)", out_type="tensor(float)", out_shape=("batch", 10)):
+        return NS(get_inputs=lambda: [NS(type=in_type)], get_outputs=lambda: [NS(type=out_type, shape=list(out_shape))])
+
+    assert _bindable_classes(session()) == 10
+    assert _bindable_classes(session(in_type="tensor(float16)")) is None
+    assert _bindable_classes(session(out_type="tensor(float16)")) is None
+    assert _bindable_classes(session(out_shape=("batch", "classes"))) is None
+    assert _bindable_classes(session(out_shape=("batch", 4, 10))) is None
+
+
 def test_the_fast_paths_compute_what_the_general_ones_do(cnn_export):
     """The per-call shortcuts change no bit: an MNIST-like uint8 digit by one table lookup equals the
     float path; one prediction over a few classes in plain Python equals the numpy softmax and its
