@@ -90,8 +90,8 @@ RATIO_PAIRS = (
 
 @dataclass(frozen=True)
 class Check:
-    """A claim the benchmark checks at batch 1 on the CPU: `subject`'s median latency is at most
-    `factor` times the fastest of `against` (factor < 1: that many times faster)."""
+    """A claim the benchmark checks at batch 1 on the CPU: `subject`'s latency is at most `factor`
+    times that of the fastest of `against` over the run (factor < 1: that many times faster)."""
 
     name: str
     subject: str

@@ -56,7 +56,8 @@ def table(results: dict[str, Any]) -> str:
             lines.append(f"{q['model']:<10} {q['comparison']:<55} batch-1 x{q['batch1_p50_speedup']:.2f}{_ci(q)}   "
                          f"peak throughput {_x(q['peak_throughput_speedup'])}")
     for c in results.get("checks", []):
-        value = f" x{c['ratio']:.3f} ({c['ci'][0]:.3f}-{c['ci'][1]:.3f}; at most {c['factor']:.3g})" if "ratio" in c else ""
+        value = (f" x{c['ratio']:.3f} against {_against(c)} ({c['ci'][0]:.3f}-{c['ci'][1]:.3f}; at most {c['factor']:.3g})"
+                 if "ratio" in c else "")
         lines.append(f"{c['model']:<10} {c['verdict'].upper()}: {c['check']}{value}{'  ' + c['why'] if c.get('why') else ''}")
     for q in results.get("ratios_left_out", []):
         lines.append(f"{q['model']:<10} {q['comparison']:<45} left out: {q['reason']}")
@@ -71,6 +72,15 @@ def _x(v: float) -> str:
 def _ci(q: dict[str, Any]) -> str:
     lo, hi = q.get("batch1_ci", [float("nan")] * 2)
     return f" [{lo:.2f}-{hi:.2f}]" if lo == lo and hi == hi else ""
+
+
+def _against(check: dict[str, Any]) -> str:
+    """The engine a check was measured against (the fastest of its others over the run), the others'
+    ratios in brackets; results written before checks named it: the others."""
+    if "fastest" not in check:
+        return ", ".join(check.get("against", []))
+    others = [f"{a}: x{e['ratio']:.3f}" for a, e in check.get("each", {}).items() if a != check["fastest"]]
+    return check["fastest"] + (f" ({'; '.join(others)})" if others else "")
 
 
 def _stable(row: dict[str, Any]) -> str:
@@ -103,13 +113,15 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
                   for q in results.get("ratios_left_out", [])] if results.get("ratios_left_out") else []),
         "",
         *(["## Checks (batch 1, interleaved rounds)", "",
-            "Each: the first backend's latency over the fastest of the others, round by round (median and ~95% interval); "
+            "Each: the first backend's latency over that of the fastest of the others over the run (the median of the "
+            "per-round ratios and its ~95% interval; the other's ratio in brackets); "
             "met: the whole interval within the bound; met within noise: the median within it; within noise: the "
             "interval crosses the bound, the median beyond it (not shown to be slower); not met: the whole interval "
             "beyond it.", "",
-            "| model | check | verdict | ratio | interval | bound |", "| --- | --- | --- | ---: | --- | ---: |",
+            "| model | check | verdict | against | ratio | interval | bound |", "| --- | --- | --- | --- | ---: | --- | ---: |",
             *[f"| {c['model']} | {c['check']} | **{c['verdict']}** | "
-              + (f"{c['ratio']:.3f} | {c['ci'][0]:.3f}-{c['ci'][1]:.3f} | {c['factor']:.3g} |" if "ratio" in c else f"- | {c.get('why', '')} | - |")
+              + (f"{_against(c)} | {c['ratio']:.3f} | {c['ci'][0]:.3f}-{c['ci'][1]:.3f} | {c['factor']:.3g} |" if "ratio" in c
+                 else f"- | - | {c.get('why', '')} | - |")
               for c in results.get("checks", [])], ""] if results.get("checks") else []),
         "## Single-stream (batch 1)",
         "",

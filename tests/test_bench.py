@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from ferry.bench import backends as bk
@@ -121,6 +122,35 @@ def test_checks_give_a_verdict_per_cpu_class():
     bf16 = {r["check"]: r for r in checks([{"model": "m"}], {("m", 1): group}, {"cpu_flags": ["avx512_bf16"], "cpu_class": "x"})}
     assert bf16["ferry auto is at least 3x faster than PyTorch eager (fp32 file)"]["verdict"] == "not met"  # only 2x
     assert bf16["ferry auto is no slower than 1.05x the fastest OpenVINO configuration (fp32 file)"]["verdict"] == "met"
+
+
+def test_checks_compare_with_the_engine_that_was_fastest_over_the_run():
+    """Two engines that tie, each with its own noise, and auto running one of them: against either
+    alone auto is even, so the check is not failed; the per-round minimum of the two would have
+    sat below both (that reading is what this guards against). A subject really slower than the
+    faster engine is still not met, and the engine it is compared with is the faster one."""
+    from ferry.bench.harness import Rounds, median_ci
+    from ferry.bench.suite import checks
+
+    rng = np.random.default_rng(0)
+    n = 60
+    ort = 1.0 + 0.05 * rng.random(n)
+    ov = 1.0 + 0.05 * rng.random(n)
+    auto = ort * (1.0 + 0.002 * rng.standard_normal(n))
+
+    def check(subject, ov_rows):
+        medians = {"ferry-auto-fp32": tuple(subject), "ort-cpu-fp32": tuple(ort), "ov-cpu-f32": tuple(ov_rows)}
+        group = Rounds(medians, medians, n, 1.0)
+        rows = checks([{"model": "m"}], {("m", 1): group}, {"cpu_flags": ["avx2"], "cpu_class": "avx2"})
+        return next(r for r in rows if r["check"].startswith("ferry auto is no slower than the faster of"))
+
+    tie = check(auto, ov)
+    assert tie["verdict"] != "not met" and abs(tie["ratio"] - 1) < 0.02
+    assert set(tie["each"]) == {"ort-cpu-fp32", "ov-cpu-f32"} and tie["ratio"] == max(e["ratio"] for e in tie["each"].values())
+    assert median_ci(list(auto / np.minimum(ort, ov)))[1] > 1.0  # the per-round minimum: "not met"
+    slower = check(auto * 1.08, ov * 0.98)
+    assert slower["verdict"] == "not met" and slower["fastest"] == "ov-cpu-f32"
+    assert slower["ratio"] == pytest.approx(float(np.median(auto * 1.08 / (ov * 0.98))), rel=1e-9)
 
 
 def test_stability_check():
