@@ -120,7 +120,8 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
             "beyond it.", "",
             "| model | check | verdict | against | ratio | interval | bound |", "| --- | --- | --- | --- | ---: | --- | ---: |",
             *[f"| {c['model']} | {c['check']} | **{c['verdict']}** | "
-              + (f"{_against(c)} | {c['ratio']:.3f} | {c['ci'][0]:.3f}-{c['ci'][1]:.3f} | {c['factor']:.3g} |" if "ratio" in c
+              + (f"{_against(c)}{' (' + c['why'] + ')' if c.get('why') else ''} | {c['ratio']:.3f} | {c['ci'][0]:.3f}-{c['ci'][1]:.3f} | "
+                 f"{c['factor']:.3g} |" if "ratio" in c
                  else f"- | - | {c.get('why', '')} | - |")
               for c in results.get("checks", [])], ""] if results.get("checks") else []),
         "## Single-stream (batch 1)",

@@ -152,6 +152,21 @@ def test_checks_compare_with_the_engine_that_was_fastest_over_the_run():
     assert slower["verdict"] == "not met" and slower["fastest"] == "ov-cpu-f32"
     assert slower["ratio"] == pytest.approx(float(np.median(auto * 1.08 / (ov * 0.98))), rel=1e-9)
 
+    # auto 3% slower than onnxruntime's own row: met when it runs that very engine (two sessions of it),
+    # not met when it runs another one (OpenVINO, chosen when it was faster, now slower)
+    def with_engines(auto_provider, auto_rows):
+        medians = {"ferry-auto-fp32": tuple(auto_rows), "ort-cpu-fp32": tuple(ort), "ov-cpu-f32": tuple(ov * 1.2)}
+        group = Rounds(medians, medians, n, 1.0)
+        rows = [{"model": "m", "backend": b, "batch_size": 1, "provider": p, "precision": "fp32"}
+                for b, p in (("ferry-auto-fp32", auto_provider), ("ort-cpu-fp32", "CPUExecutionProvider"), ("ov-cpu-f32", "OpenVINO:CPU"))]
+        found = checks(rows, {("m", 1): group}, {"cpu_flags": ["avx2"], "cpu_class": "avx2"})
+        return next(r for r in found if r["check"].startswith("ferry auto is no slower than the faster of"))
+
+    same = with_engines("CPUExecutionProvider", ort * 1.03)
+    assert same["verdict"] == "met" and "same engine as ort-cpu-fp32" in same["why"] and same["ratio"] == pytest.approx(1.03)
+    other = with_engines("OpenVINO:CPU", ort * 1.03)
+    assert other["verdict"] == "not met" and "why" not in other
+
 
 def test_stability_check():
     assert stability([1.0] * 50) == (True, 0.0)
