@@ -66,7 +66,7 @@ class OrtEngine:
         self.n_inputs, self.n_outputs = len(session.get_inputs()), len(session.get_outputs())
         self._gpu = info.is_gpu
         self._local = threading.local()
-        self._one_classes = _bindable_classes(session) if not self._gpu else None
+        self._one = None if self._gpu else _bindable(session)  # ((C, H, W), classes) where `infer_one` can bind
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         if self._gpu:
@@ -77,15 +77,13 @@ class OrtEngine:
         # On the CPU: the sample is copied into this thread's bound input and the logits land in its
         # bound output, so a call makes no onnxruntime values or arrays of its own (with a digit-sized
         # model that is a good part of what `session.run` costs beside the model).
+        one = self._one
+        if one is None or sample.shape != one[0] or sample.dtype != np.float32:
+            return self.infer(sample[None])  # (copyto would broadcast or cast: onnxruntime judges it)
         try:
             bound = self._local.bound
         except AttributeError:
-            if self._one_classes is None:
-                return self.infer(sample[None])
-            bound = self._local.bound = _BoundOne(self.session, self.input_name, self.output_name,
-                                                  sample.shape, self._one_classes)
-        if sample.shape != bound.shape:  # (never from Classifier.prepare) copyto would broadcast it
-            return self.infer(sample[None])
+            bound = self._local.bound = _BoundOne(self.session, self.input_name, self.output_name, *one)
         np.copyto(bound.input, sample)
         bound.run(bound.binding)
         return bound.output
@@ -116,14 +114,18 @@ class OrtEngine:
         self._local = threading.local()  # the bindings hold the session
 
 
-def _bindable_classes(session: Any) -> int | None:
-    """The class count of a model whose first input and output are float32 and whose output is
-    (batch, classes) with a fixed class count: what `_BoundOne` can bind; None otherwise."""
+def _bindable(session: Any) -> tuple[tuple[int, ...], int] | None:
+    """((C, H, W), classes) of a model whose first input is float32 (batch, C, H, W) and whose first
+    output is float32 (batch, classes), all but the batch fixed: what `_BoundOne` can bind; None
+    otherwise (ferry's fp32, int8 and fp16 files all have float32 inputs and outputs)."""
     inp, out = session.get_inputs()[0], session.get_outputs()[0]
-    shape = out.shape
-    if inp.type != "tensor(float)" or out.type != "tensor(float)" or len(shape) != 2 or not isinstance(shape[1], int):
+    dims, width = list(inp.shape), list(out.shape)
+    if inp.type != "tensor(float)" or out.type != "tensor(float)" or len(dims) != 4 or len(width) != 2:
         return None
-    return shape[1]
+    fixed = [*dims[1:], width[1]]
+    if not all(isinstance(d, int) and d > 0 for d in fixed):
+        return None
+    return tuple(fixed[:3]), fixed[3]
 
 
 class _BoundOne:

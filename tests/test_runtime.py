@@ -331,9 +331,16 @@ def test_predict_runs_one_sample_through_buffers_each_thread_binds_once(cnn_expo
     general = [clf.predictions(clf.run(clf.prepare(d)[None]), 3)[0] for d in x]
     assert [[c.index for c in p.top_k] for p in expected] == [[c.index for c in p.top_k] for p in general]
     assert [p.probability for p in expected] == pytest.approx([p.probability for p in general], abs=1e-12)
-    # a sample of another shape is not broadcast into the buffer: onnxruntime refuses it
-    with pytest.raises(Exception, match="(?i)dimension|shape"):
-        clf.engine.infer_one(np.zeros((1, 14, 28), np.float32))
+    # a sample that would broadcast (or cast) into the buffer is not copied there: onnxruntime refuses it
+    for wrong in (np.zeros((1, 1, 28), np.float32), np.zeros((1, 28, 28), np.float64)):
+        with pytest.raises(Exception, match="(?i)dimension|shape|type"):
+            clf.engine.infer_one(wrong)
+    assert clf.engine._local.bound is bound
+    # an engine that cannot bind (here: told so) gives the same logits through session.run
+    plain = Classifier.from_onnx(cnn_export[0], provider="cpu")
+    plain.engine._one = None
+    np.testing.assert_array_equal(plain.engine.infer_one(clf.prepare(x[1])), clf.engine.infer_one(clf.prepare(x[1])))
+    assert not hasattr(plain.engine._local, "bound")
 
     got: dict[int, list] = {}
     bindings: dict[int, object] = {}
@@ -359,20 +366,25 @@ def test_predict_runs_one_sample_through_buffers_each_thread_binds_once(cnn_expo
         assert [p.probability for p in got[t]] == pytest.approx([p.probability for p in want], abs=1e-6)
 
 
-def test_only_float32_models_with_a_fixed_class_count_are_bound():
-    """`infer_one` binds buffers only where it can size them: float32 in and out, (batch, classes)."""
+def test_only_float32_models_of_fixed_sizes_are_bound(cnn_export, resnet_export):
+    """`infer_one` binds buffers only where it can size them from the model: float32 in and out,
+    (batch, C, H, W) -> (batch, classes), all but the batch fixed; ferry's files (int8 too) qualify."""
     from types import SimpleNamespace as NS
 
-    from ferry.runtime.engines import _bindable_classes
+    from ferry.runtime.engines import _bindable
 
-    def session(in_type="tensor(float)", out_type="tensor(float)", out_shape=("batch", 10)):
-        return NS(get_inputs=lambda: [NS(type=in_type)], get_outputs=lambda: [NS(type=out_type, shape=list(out_shape))])
+    def session(in_type="tensor(float)", out_type="tensor(float)", in_shape=("batch", 1, 28, 28), out_shape=("batch", 10)):
+        return NS(get_inputs=lambda: [NS(type=in_type, shape=list(in_shape))],
+                  get_outputs=lambda: [NS(type=out_type, shape=list(out_shape))])
 
-    assert _bindable_classes(session()) == 10
-    assert _bindable_classes(session(in_type="tensor(float16)")) is None
-    assert _bindable_classes(session(out_type="tensor(float16)")) is None
-    assert _bindable_classes(session(out_shape=("batch", "classes"))) is None
-    assert _bindable_classes(session(out_shape=("batch", 4, 10))) is None
+    assert _bindable(session()) == ((1, 28, 28), 10)
+    assert _bindable(session(in_type="tensor(float16)")) is None
+    assert _bindable(session(out_type="tensor(float16)")) is None
+    assert _bindable(session(out_shape=("batch", "classes"))) is None
+    assert _bindable(session(out_shape=("batch", 4, 10))) is None
+    assert _bindable(session(in_shape=("batch", 1, "h", "w"))) is None
+    assert Classifier.from_onnx(cnn_export[0], provider="cpu").engine._one == ((1, 28, 28), 10)
+    assert Classifier.from_onnx(resnet_export.paths["int8"], provider="cpu").engine._one == ((3, 224, 224), 1000)
 
 
 def test_the_fast_paths_compute_what_the_general_ones_do(cnn_export):
