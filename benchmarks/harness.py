@@ -162,11 +162,10 @@ class Rounds:
         spread = relative_halfwidth(self.round_medians[name]) if self.rounds else float("nan")
         return Timing(self.latencies[name], self.batch_size, spread <= target, spread, attempts=1)
 
-    def ratio(self, slow: str, fast: str | Sequence[str]) -> tuple[float, float, float]:
-        """`slow`'s latency over `fast`'s (or over the fastest of several, round by round): the median
-        of the per-round ratios and its ~95% interval. Above 1: `fast` is faster."""
-        fast = [fast] if isinstance(fast, str) else list(fast)
-        per_round = [self.round_medians[slow][i] / min(self.round_medians[f][i] for f in fast) for i in range(self.rounds)]
+    def ratio(self, slow: str, fast: str) -> tuple[float, float, float]:
+        """`slow`'s latency over `fast`'s: the median of the per-round ratios and its ~95% interval.
+        Above 1: `fast` is faster."""
+        per_round = [self.round_medians[slow][i] / self.round_medians[fast][i] for i in range(self.rounds)]
         return median_ci(per_round)
 
 

@@ -80,7 +80,7 @@ def _against(check: dict[str, Any]) -> str:
     if "fastest" not in check:
         return ", ".join(check.get("against", []))
     others = [f"{a}: x{e['ratio']:.3f}" for a, e in check.get("each", {}).items() if a != check["fastest"]]
-    return check["fastest"] + (f" ({'; '.join(others)})" if others else "")
+    return check["fastest"] + (f" [others: {'; '.join(others)}]" if others else "")
 
 
 def _stable(row: dict[str, Any]) -> str:
@@ -114,7 +114,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
         "",
         *(["## Checks (batch 1, interleaved rounds)", "",
             "Each: the first backend's latency over that of the fastest of the others over the run (the median of the "
-            "per-round ratios and its ~95% interval; the other's ratio in brackets); "
+            "per-round ratios and its ~95% interval; the others' ratios in square brackets); "
             "met: the whole interval within the bound; met within noise: the median within it; within noise: the "
             "interval crosses the bound, the median beyond it (not shown to be slower); not met: the whole interval "
             "beyond it.", "",

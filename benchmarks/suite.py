@@ -266,8 +266,8 @@ def verdict(value: float, lo: float, hi: float, factor: float) -> str:
     """A check's verdict from its ratio's median and ~95% interval: met (the whole interval within the
     factor), met within noise (the median within it, the interval crossing it), within noise (the
     interval crosses it, the median beyond it: not shown to be slower), not met (the whole interval
-    beyond it). (`checks` says met, and why, when the subject runs the very engine it is checked
-    against.)"""
+    beyond it). (`checks` judges a subject that runs the same engine as one of the others by that
+    engine's row.)"""
     if hi <= factor:
         return "met"
     if value <= factor:
@@ -282,9 +282,9 @@ def checks(rows: list[dict], rounds: dict[tuple[str, int], Rounds], machine: dic
     verdict: `verdict`; every other's ratio is kept beside it). Not over the per-round minimum of the
     others: when two engines tie, the faster of two noisy equals in each round sits below both
     engines' own level, a bar no single engine, however chosen, clears. A subject that runs the same
-    engine and precision (read back) as the fastest one made the choice the check is about: met,
-    with the measured ratio and why kept (two sessions of one engine differ by a few per cent in a
-    noisy run)."""
+    engine, precision and threads (read back) as one of the others is judged by that engine's row
+    against the fastest (was the choice right?), unless its own session is shown to be more than
+    `SAME_ENGINE_SPREAD` slower than that row's; the subject's own ratio is kept beside it, with why."""
     has_bf16 = any(f in machine.get("cpu_flags", []) for f in ("avx512_bf16", "amx_bf16"))
     out = []
     for model in sorted({r["model"] for r in rows}):
@@ -307,19 +307,30 @@ def checks(rows: list[dict], rounds: dict[tuple[str, int], Rounds], machine: dic
             row = {"model": model, "check": c.name, "verdict": verdict(value, lo, hi, c.factor), "ratio": value, "ci": [lo, hi],
                    "factor": c.factor, "against": against, "fastest": fastest,
                    "each": {a: {"ratio": r, "ci": [r_lo, r_hi]} for a, (r, r_lo, r_hi) in each.items()}, "rounds": group.rounds}
-            same = _engine(rows, model, c.subject)
-            if same is not None and same == _engine(rows, model, fastest) and row["verdict"] != "met":
-                row["verdict"] = "met"
-                row["why"] = (f"runs the same engine as {fastest} ({same[0]}, {same[1]}, read back): the ratio is between "
-                              "two sessions of that engine in one process")
+            engine = _engine(rows, model, c.subject)
+            twin = next((a for a in against if engine is not None and _engine(rows, model, a) == engine), None)
+            if twin is not None and row["verdict"] != "met":
+                t_value, t_lo, t_hi = group.ratio(c.subject, twin)
+                if t_lo <= SAME_ENGINE_SPREAD:  # the subject's session is not shown to be off its twin's by more
+                    choice, c_lo, c_hi = group.ratio(twin, fastest)
+                    row.update(verdict=verdict(choice, c_lo, c_hi, c.factor), choice_ratio=choice, choice_ci=[c_lo, c_hi],
+                               why=f"runs the same engine as {twin} ({', '.join(map(str, engine))}, read back): judged "
+                                   f"by that engine against {fastest}, x{choice:.3f} ({c_lo:.3f}-{c_hi:.3f}); its own "
+                                   f"session against {twin}'s x{t_value:.3f}")
             out.append(row)
     return out
 
 
-def _engine(rows: list[dict], model: str, backend: str) -> tuple[str, str] | None:
-    """(provider, precision) read back for `backend`'s batch-1 row of `model`; None without that row."""
+# Two sessions of one engine in one process differ by a few per cent in a noisy run (placement, caches):
+# up to this much (the lower end of their ratio's interval), a subject that runs the same engine as one
+# of the others is judged by that engine's row; beyond it, by its own (a session set up worse is slower).
+SAME_ENGINE_SPREAD = 1.05
+
+
+def _engine(rows: list[dict], model: str, backend: str) -> tuple[str, str, int] | None:
+    """(provider, precision, threads) read back for `backend`'s batch-1 row of `model`; None without that row."""
     row = next((r for r in rows if r["model"] == model and r.get("backend") == backend and r.get("batch_size") == 1), None)
-    return (row["provider"], row.get("precision", "")) if row and row.get("provider") else None
+    return (row["provider"], row.get("precision", ""), row.get("threads", 0)) if row and row.get("provider") else None
 
 
 __all__ = ["BenchConfig", "checks", "verdict", "median_ci", "prepare_backend", "ratios", "run_benchmarks"]

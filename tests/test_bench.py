@@ -152,20 +152,32 @@ def test_checks_compare_with_the_engine_that_was_fastest_over_the_run():
     assert slower["verdict"] == "not met" and slower["fastest"] == "ov-cpu-f32"
     assert slower["ratio"] == pytest.approx(float(np.median(auto * 1.08 / (ov * 0.98))), rel=1e-9)
 
-    # auto 3% slower than onnxruntime's own row: met when it runs that very engine (two sessions of it),
-    # not met when it runs another one (OpenVINO, chosen when it was faster, now slower)
-    def with_engines(auto_provider, auto_rows):
-        medians = {"ferry-auto-fp32": tuple(auto_rows), "ort-cpu-fp32": tuple(ort), "ov-cpu-f32": tuple(ov * 1.2)}
+    # auto's session 3% slower than onnxruntime's own row: when it runs that very engine, it is judged by
+    # that engine's row against the fastest (the choice): met where onnxruntime is the fastest, not met
+    # where OpenVINO is; not when it runs another engine, precision or thread count, nor when its own
+    # session is far off its twin's (a session set up worse)
+    def with_engines(auto_rows, ov_rows, auto_engine=("CPUExecutionProvider", "fp32", 2)):
+        medians = {"ferry-auto-fp32": tuple(auto_rows), "ort-cpu-fp32": tuple(ort), "ov-cpu-f32": tuple(ov_rows)}
         group = Rounds(medians, medians, n, 1.0)
-        rows = [{"model": "m", "backend": b, "batch_size": 1, "provider": p, "precision": "fp32"}
-                for b, p in (("ferry-auto-fp32", auto_provider), ("ort-cpu-fp32", "CPUExecutionProvider"), ("ov-cpu-f32", "OpenVINO:CPU"))]
+        engines = {"ferry-auto-fp32": auto_engine, "ort-cpu-fp32": ("CPUExecutionProvider", "fp32", 2),
+                   "ov-cpu-f32": ("OpenVINO:CPU", "fp32", 2)}
+        rows = [{"model": "m", "backend": b, "batch_size": 1, "provider": p, "precision": q, "threads": t}
+                for b, (p, q, t) in engines.items()]
         found = checks(rows, {("m", 1): group}, {"cpu_flags": ["avx2"], "cpu_class": "avx2"})
         return next(r for r in found if r["check"].startswith("ferry auto is no slower than the faster of"))
 
-    same = with_engines("CPUExecutionProvider", ort * 1.03)
+    same = with_engines(ort * 1.03, ov * 1.2)
     assert same["verdict"] == "met" and "same engine as ort-cpu-fp32" in same["why"] and same["ratio"] == pytest.approx(1.03)
-    other = with_engines("OpenVINO:CPU", ort * 1.03)
-    assert other["verdict"] == "not met" and "why" not in other
+    assert same["choice_ratio"] == 1.0
+    wrong_choice = with_engines(ort * 1.03, ort * 0.9)  # OpenVINO faster this run: running onnxruntime is not met
+    assert wrong_choice["verdict"] == "not met" and wrong_choice["choice_ratio"] == pytest.approx(1 / 0.9)
+    on_openvino = with_engines(ort * 1.03, ov * 1.2, ("OpenVINO:CPU", "fp32", 2))  # judged by OpenVINO's row: slower
+    assert on_openvino["verdict"] == "not met" and "same engine as ov-cpu-f32" in on_openvino["why"]
+    for engine in (("CPUExecutionProvider", "int8", 2), ("CPUExecutionProvider", "fp32", 1)):
+        other = with_engines(ort * 1.03, ov * 1.2, engine)
+        assert other["verdict"] == "not met" and "why" not in other
+    far_off = with_engines(ort * 1.2, ov * 1.5)
+    assert far_off["verdict"] == "not met" and "why" not in far_off
 
 
 def test_stability_check():
