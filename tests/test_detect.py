@@ -602,6 +602,29 @@ def test_number_read_by_detector_boxes_and_digit_model_names():
     assert strokes_in([dot], tied, 0) == [dot] and strokes_in([dot], tied, 1) == []
 
 
+def test_a_mark_too_small_for_the_digit_model_keeps_the_detectors_reading(cnn_export):
+    """A box whose only stroke is a tiny mark (its own page would be under the runtime's 8x8 minimum):
+    the real digit model refuses that image, and the number is still read, that place by the detector."""
+    from ferry.app.canvas import Stroke, digit_image, number_image, read_number
+    from ferry.runtime.classifier import Classifier
+    from ferry.runtime.images import ImageError
+
+    one = [Stroke([(100, 50), (100, 150)], width=10)]
+    speck = [Stroke([(300, 100), (302, 101)], width=2)]
+    digits = Classifier.from_onnx(cnn_export[0], provider="cpu")
+    with pytest.raises(ImageError, match="at least 8x8"):
+        digits.predict(digit_image(speck))
+    strokes = one + speck
+    image, scale, left, top = number_image(strokes)
+
+    def box(x1, y1, x2, y2):
+        return ((x1 - left) * scale, (y1 - top) * scale, (x2 - left) * scale, (y2 - top) * scale)
+
+    oracle = _Oracle([("4", box(90, 45, 110, 155), 0.9), ("7", box(290, 90, 312, 111), 0.8)])
+    reading = read_number(oracle, strokes, digits=digits)
+    assert len(reading.text) == 2 and reading.text[1] == "7" and reading.detections[1].score == 0.8
+
+
 def test_numbers_benchmark_small_version(detector_export):
     """The benchmark's own path on 3 numbers (the tiny model reads badly; the machinery is tested):
     four digits per number from consecutive test digits, each read through read_number."""

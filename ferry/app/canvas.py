@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageDraw
 
 from ferry.runtime.classifier import Classifier, Prediction
+from ferry.runtime.images import ImageError
 from ferry.runtime.presets import EmptyImageError
 
 CANVAS_SIZE = 280
@@ -230,7 +231,7 @@ def read_number(det, strokes: Sequence[Stroke], *, min_score: float = READ_SCORE
         for d, own in zip(on_canvas, owned):
             try:
                 said = digits.predict(digit_image(own), top_k=1)
-            except EmptyImageError:  # no stroke of its own, or only a dot: the detector's reading stays
+            except (EmptyImageError, ImageError):  # no stroke of its own, or a mark too small to read: the detector's reading stays
                 said = None
             if said is None or said.label not in det.labels:  # (a digit the detector does not know: its reading stays)
                 named.append(d)
