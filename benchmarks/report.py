@@ -114,7 +114,8 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
         "",
         *(["## Checks (batch 1, interleaved rounds)", "",
             "Each: the first backend's latency over that of the fastest of the others over the run (the median of the "
-            "per-round ratios and its ~95% interval; the others' ratios in square brackets); "
+            "per-round ratios and its ~95% interval; the others' ratios in square brackets; a row that runs the same "
+            "engine as one of the others may be judged by that engine's ratio, given in its note); "
             "met: the whole interval within the bound; met within noise: the median within it; within noise: the "
             "interval crosses the bound, the median beyond it (not shown to be slower); not met: the whole interval "
             "beyond it.", "",

@@ -282,9 +282,10 @@ def checks(rows: list[dict], rounds: dict[tuple[str, int], Rounds], machine: dic
     verdict: `verdict`; every other's ratio is kept beside it). Not over the per-round minimum of the
     others: when two engines tie, the faster of two noisy equals in each round sits below both
     engines' own level, a bar no single engine, however chosen, clears. A subject that runs the same
-    engine, precision and threads (read back) as one of the others is judged by that engine's row
-    against the fastest (was the choice right?), unless its own session is shown to be more than
-    `SAME_ENGINE_SPREAD` slower than that row's; the subject's own ratio is kept beside it, with why."""
+    engine, precision and threads (read back) as one of the others, its median within
+    `SAME_ENGINE_SPREAD` of that row's either way, may be judged by that engine's row against the
+    fastest (was the choice right?) where that reads better than its own; the subject's own ratio
+    is kept beside it, with why."""
     has_bf16 = any(f in machine.get("cpu_flags", []) for f in ("avx512_bf16", "amx_bf16"))
     out = []
     for model in sorted({r["model"] for r in rows}):
@@ -311,26 +312,35 @@ def checks(rows: list[dict], rounds: dict[tuple[str, int], Rounds], machine: dic
             twin = next((a for a in against if engine is not None and _engine(rows, model, a) == engine), None)
             if twin is not None and row["verdict"] != "met":
                 t_value, t_lo, t_hi = group.ratio(c.subject, twin)
-                if t_lo <= SAME_ENGINE_SPREAD:  # the subject's session is not shown to be off its twin's by more
+                if 1 / SAME_ENGINE_SPREAD <= t_value <= SAME_ENGINE_SPREAD:  # the two sessions run alike
                     choice, c_lo, c_hi = group.ratio(twin, fastest)
-                    row.update(verdict=verdict(choice, c_lo, c_hi, c.factor), choice_ratio=choice, choice_ci=[c_lo, c_hi],
-                               why=f"runs the same engine as {twin} ({', '.join(map(str, engine))}, read back): judged "
-                                   f"by that engine against {fastest}, x{choice:.3f} ({c_lo:.3f}-{c_hi:.3f}); its own "
-                                   f"session against {twin}'s x{t_value:.3f}")
+                    judged = verdict(choice, c_lo, c_hi, c.factor)
+                    if t_hi > SAME_ENGINE_SPREAD and _RANK[judged] > _RANK["met within noise"]:
+                        judged = "met within noise"  # its own session may be more than the spread slower
+                    if _RANK[judged] > _RANK[row["verdict"]]:  # the twin's row can only speak for the subject
+                        row.update(verdict=judged, choice_ratio=choice, choice_ci=[c_lo, c_hi],
+                                   why=f"runs the same engine as {twin} ({', '.join(map(str, engine))}, read back): "
+                                       f"judged by that engine against {fastest}, x{choice:.3f} ({c_lo:.3f}-{c_hi:.3f}); "
+                                       f"its own session against {twin}'s x{t_value:.3f} ({t_lo:.3f}-{t_hi:.3f})")
             out.append(row)
     return out
 
 
-# Two sessions of one engine in one process differ by a few per cent in a noisy run (placement, caches):
-# up to this much (the lower end of their ratio's interval), a subject that runs the same engine as one
-# of the others is judged by that engine's row; beyond it, by its own (a session set up worse is slower).
+# Two sessions of one engine in one process differ by a few per cent either way in a noisy run
+# (placement, caches): where the subject's median against its twin stays within this factor either
+# way, the twin's row may speak for it (never to its harm); when that interval reaches beyond the
+# factor, at most "met within noise".
 SAME_ENGINE_SPREAD = 1.05
+_RANK = {"not met": 0, "within noise": 1, "met within noise": 2, "met": 3}
 
 
 def _engine(rows: list[dict], model: str, backend: str) -> tuple[str, str, int] | None:
-    """(provider, precision, threads) read back for `backend`'s batch-1 row of `model`; None without that row."""
+    """(provider, precision, threads) read back for `backend`'s batch-1 row of `model`; None without that
+    row or any of the three."""
     row = next((r for r in rows if r["model"] == model and r.get("backend") == backend and r.get("batch_size") == 1), None)
-    return (row["provider"], row.get("precision", ""), row.get("threads", 0)) if row and row.get("provider") else None
+    if row is None or not all(row.get(k) for k in ("provider", "precision", "threads")):
+        return None
+    return row["provider"], row["precision"], row["threads"]
 
 
 __all__ = ["BenchConfig", "checks", "verdict", "median_ci", "prepare_backend", "ratios", "run_benchmarks"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageDraw
 
 from ferry.runtime.classifier import Classifier, Prediction
-from ferry.runtime.images import ImageError
+from ferry.runtime.images import MIN_SIDE
 from ferry.runtime.presets import EmptyImageError
 
 CANVAS_SIZE = 280
@@ -202,6 +202,8 @@ def digit_image(strokes: Sequence[Stroke], ratio: float = STROKE_RATIO) -> Image
     extent = max(centre_extent(strokes), 1.0)
     pen = max(1.0, ratio * extent)
     side = round(1.5 * extent + pen) + 2
+    if side < MIN_SIDE:  # a speck: its page would be under what the runtime reads at all
+        raise EmptyImageError("a mark too small to read")
     cx = (min(p[0] for p in pts) + max(p[0] for p in pts)) / 2
     cy = (min(p[1] for p in pts) + max(p[1] for p in pts)) / 2
     moved = [Stroke([(x - cx + side / 2, y - cy + side / 2) for x, y in s.points], width=pen) for s in strokes]
@@ -231,7 +233,7 @@ def read_number(det, strokes: Sequence[Stroke], *, min_score: float = READ_SCORE
         for d, own in zip(on_canvas, owned):
             try:
                 said = digits.predict(digit_image(own), top_k=1)
-            except (EmptyImageError, ImageError):  # no stroke of its own, or a mark too small to read: the detector's reading stays
+            except EmptyImageError:  # no stroke of its own, or only a dot: the detector's reading stays
                 said = None
             if said is None or said.label not in det.labels:  # (a digit the detector does not know: its reading stays)
                 named.append(d)
