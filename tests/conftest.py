@@ -261,3 +261,23 @@ def detector_export(tmp_path_factory):
                                         out=str(root / "models"), name="digits"), log=lambda _m: None)
     return {"path": result.paths["fp32"], "checkpoint": root / "run" / "checkpoint.pt", "scenes": scenes, "result": result,
             "config": cfg, "root": root}
+
+
+def run_in_threads(work, n: int = 8, timeout: float = 120) -> None:
+    """Run work(t) for t in range(n), each in its own thread; re-raise the first error of any thread."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def guarded(t: int) -> None:
+        try:
+            work(t)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(t,)) for t in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=timeout)
+    assert not errors, errors

@@ -5,7 +5,6 @@ measures once per model and CPU and then reads its cache."""
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from ferry.core.errors import FerryError
 from ferry.runtime import auto, contract
 from ferry.runtime.classifier import Classifier
 from ferry.runtime.providers import ProviderError
-from tests.conftest import assert_clean_error, run_ferry, synthetic_digits
+from tests.conftest import assert_clean_error, run_ferry, run_in_threads, synthetic_digits
 
 pytest.importorskip("openvino")
 
@@ -45,20 +44,11 @@ def test_one_openvino_classifier_shared_by_eight_threads(cnn_export):
     digits = _digits(64)
     expected = [clf.predict(d).probability for d in digits]
     got: dict[int, list[float]] = {}
-    errors: list[BaseException] = []
 
     def work(t: int) -> None:
-        try:
-            got[t] = [clf.predict(digits[(i + 8 * t) % 64]).probability for i in range(64)]
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        got[t] = [clf.predict(digits[(i + 8 * t) % 64]).probability for i in range(64)]
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=120)
-    assert not errors, errors
+    run_in_threads(work, 8)
     for t in range(8):
         assert got[t] == pytest.approx([expected[(i + 8 * t) % 64] for i in range(64)], abs=1e-6)
 

@@ -317,7 +317,7 @@ def test_predict_runs_one_sample_through_buffers_each_thread_binds_once(cnn_expo
     reads the logits from the bound output: the same logits as `session.run`, bit for bit; one
     binding per thread, kept across calls; 8 threads sharing one Classifier get the single-thread
     answers (a shared buffer would mix their inputs)."""
-    import threading
+    from tests.conftest import run_in_threads
 
     clf = Classifier.from_onnx(cnn_export[0], provider="cpu")
     x, _ = synthetic_digits(64, seed=3)
@@ -344,21 +344,12 @@ def test_predict_runs_one_sample_through_buffers_each_thread_binds_once(cnn_expo
 
     got: dict[int, list] = {}
     bindings: dict[int, object] = {}
-    errors: list[BaseException] = []
 
     def work(t: int) -> None:
-        try:
-            got[t] = [clf.predict(x[(i + 8 * t) % 64], top_k=3) for i in range(64)]
-            bindings[t] = clf.engine._local.bound
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        got[t] = [clf.predict(x[(i + 8 * t) % 64], top_k=3) for i in range(64)]
+        bindings[t] = clf.engine._local.bound
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=120)
-    assert not errors, errors
+    run_in_threads(work, 8)
     assert len({id(b) for b in bindings.values()} | {id(bound)}) == 9
     for t in range(8):
         want = [expected[(i + 8 * t) % 64] for i in range(64)]
