@@ -11,7 +11,11 @@ string read is compared with the four digits. With --digits-model the app's two-
 measured (the detector boxes the digits, the digit model names each) and the detector alone beside it.
 
   python -m ferry.bench.canvas_numbers --model models/digits.onnx --data-dir data [--digits-model models/mnist-cnn.onnx]
-      [--numbers 1000] [--out FILE]
+      [--numbers 1000] [--split test|val] [--seed N] [--out FILE]
+
+--split val writes the numbers from the 5,000 training digits `ferry train` holds out for validation
+instead of the test digits: compare readers there, and read the test numbers once, for the reader
+chosen.
 """
 
 from __future__ import annotations
@@ -85,10 +89,11 @@ class _Tally:
 
 
 def measure_numbers(det, images: np.ndarray, labels: np.ndarray, *, numbers: int, seed: int = 0,
-                    keep_examples: int = 0, digits=None) -> dict[str, Any]:
+                    keep_examples: int = 0, digits=None, source: str = "MNIST test digits") -> dict[str, Any]:
     """Read `numbers` four-digit numbers made of consecutive digits of `images`; the exact-string rate.
     With `digits` (a digit classifier), the app's two-stage reading (the detector boxes, the classifier
-    names) is the result, and the detector's own reading of the same drawings is `detector_alone`."""
+    names) is the result, and the detector's own reading of the same drawings is `detector_alone`.
+    `source` names the digits in the result's description of the writing."""
     from ferry.app.canvas import READ_SCORE, read_number
     from ferry.runtime.presets import EmptyImageError
     from ferry.train.strokes import skeleton_segments
@@ -119,7 +124,7 @@ def measure_numbers(det, images: np.ndarray, labels: np.ndarray, *, numbers: int
         "min_score": READ_SCORE,
         "seed": seed,
         "canvas": list(NUMBER_CANVAS),
-        "writing": f"{DIGITS_PER_NUMBER} MNIST test digits per number (consecutive, none reused) as skeleton strokes; "
+        "writing": f"{DIGITS_PER_NUMBER} {source} per number (consecutive, none reused) as skeleton strokes; "
                    f"height {HEIGHT[0]}-{HEIGHT[1]} px, pen {PEN[0]}-{PEN[1]} px, gaps 0.15-0.5 of the height, "
                    "baseline +-0.1",
         "path": "ferry.app.canvas.read_number (what ferry draw --detector calls when a stroke ends)",
@@ -138,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--numbers", type=int, default=1000, help="four-digit numbers to read (default: 1000)")
     parser.add_argument("--digits-model", help="a digit classifier (mnist-cnn) to name the digits the detector boxes, "
                                                "as `ferry draw --detector D --model M` does; the detector alone is measured too")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="test: MNIST's test digits (default); val: the 5,000 training digits ferry train holds out")
+    parser.add_argument("--seed", type=int, default=0, help="the writing's random seed (default: 0)")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
 
@@ -150,14 +157,20 @@ def main(argv: list[str] | None = None) -> int:
     from ferry.runtime.detector import Detector
 
     try:
-        images, labels = read_mnist(args.data_dir, "t10k")
+        if args.split == "val":
+            from ferry.bench.canvas_fidelity import read_mnist_validation
+
+            images, labels = read_mnist_validation(args.data_dir)
+        else:
+            images, labels = read_mnist(args.data_dir, "t10k")
         det = Detector.from_onnx(args.model, provider="cpu")
         digits = Classifier.from_onnx(args.digits_model, provider="cpu") if args.digits_model else None
-        result = measure_numbers(det, images, labels, numbers=args.numbers, seed=args.seed, digits=digits)
+        result = measure_numbers(det, images, labels, numbers=args.numbers, seed=args.seed, digits=digits,
+                                 source="MNIST test digits" if args.split == "test" else "held-out MNIST training digits")
     except (OSError, ValueError, FerryError) as exc:
         print(f"canvas_numbers: error: {exc}", file=sys.stderr)
         return 2
-    result.update(model=str(Path(args.model)), digits_model=args.digits_model, machine=cpu_info())
+    result.update(model=str(Path(args.model)), digits_model=args.digits_model, split=args.split, machine=cpu_info())
     det_name = Path(args.model).stem
     for name, r in ([(f"{det_name} alone", result["detector_alone"])] if "detector_alone" in result else []) + [(result["reader"], result)]:
         print(f"{result['numbers']} four-digit numbers written on the canvas, {name}: exact string read {r['exact']:.2%}; "

@@ -655,6 +655,32 @@ def test_numbers_benchmark_small_version(detector_export):
     assert whole.calls == 3  # one detection per number serves both readers
 
 
+def test_numbers_benchmark_reads_the_split_asked_for(detector_export, tmp_path, monkeypatch):
+    """`--split val` writes the numbers from the training digits held out for validation (where readers
+    are compared), the default from the test digits; the result says which."""
+    import json
+
+    import ferry.bench.canvas_fidelity as fidelity
+    import ferry.core.idx as idx
+    from ferry.bench import canvas_numbers
+    from ferry.core.idx import synthetic_digits
+
+    test_set, val_set = synthetic_digits(8, seed=1), synthetic_digits(8, seed=2)
+    monkeypatch.setattr(idx, "read_mnist", lambda data_dir, kind: test_set if kind == "t10k" else pytest.fail(kind))
+    monkeypatch.setattr(fidelity, "read_mnist_validation", lambda data_dir: val_set)
+    seen, measure = [], canvas_numbers.measure_numbers
+    monkeypatch.setattr(canvas_numbers, "measure_numbers",
+                        lambda det, images, labels, **kw: seen.append(images) or measure(det, images, labels, **kw))
+    for split, digits in (("val", val_set), ("test", test_set), (None, test_set)):
+        out = tmp_path / f"{split}.json"
+        argv = ["--model", str(detector_export["path"]), "--numbers", "2", "--out", str(out)] + (["--split", split] if split else [])
+        assert canvas_numbers.main(argv) == 0
+        assert seen[-1] is digits[0]
+        result = json.loads(out.read_text())
+        assert result["split"] == (split or "test") and result["numbers"] == 2
+        assert result["writing"].startswith("4 held-out MNIST training digits" if split == "val" else "4 MNIST test digits")
+
+
 @pytest.mark.gui
 def test_number_window_under_xvfb(detector_export, cnn_export, tmp_path, request):
     """`ferry draw --detector`: the real window; two strokes written with the mouse are read when each
