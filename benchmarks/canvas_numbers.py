@@ -160,13 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.split == "val":
             from ferry.bench.canvas_fidelity import read_mnist_validation
 
-            images, labels = read_mnist_validation(args.data_dir)
+            (images, labels), source = read_mnist_validation(args.data_dir), "held-out MNIST training digits"
         else:
-            images, labels = read_mnist(args.data_dir, "t10k")
+            (images, labels), source = read_mnist(args.data_dir, "t10k"), "MNIST test digits"
         det = Detector.from_onnx(args.model, provider="cpu")
         digits = Classifier.from_onnx(args.digits_model, provider="cpu") if args.digits_model else None
-        result = measure_numbers(det, images, labels, numbers=args.numbers, seed=args.seed, digits=digits,
-                                 source="MNIST test digits" if args.split == "test" else "held-out MNIST training digits")
+        result = measure_numbers(det, images, labels, numbers=args.numbers, seed=args.seed, digits=digits, source=source)
     except (OSError, ValueError, FerryError) as exc:
         print(f"canvas_numbers: error: {exc}", file=sys.stderr)
         return 2
