@@ -602,6 +602,46 @@ def test_number_read_by_detector_boxes_and_digit_model_names():
     assert strokes_in([dot], tied, 0) == [dot] and strokes_in([dot], tied, 1) == []
 
 
+def test_the_ink_checks_the_detectors_places():
+    """Pieces of ink are strokes whose inks touch (crossing lines with no point near each other
+    included); a place holding two digit-sized pieces side by side is two places, a digit-sized piece
+    in no place is a digit the detector missed, and a mark or a digit's touching strokes change nothing."""
+    from ferry.app.canvas import Stroke, ink_pieces, number_image, places_from_ink, read_number
+
+    cross = [Stroke([(0, 50), (200, 50)], width=4), Stroke([(100, 0), (100, 100)], width=4)]  # meet at (100, 50) only
+    touching = Stroke([(0, 57), (50, 57)], width=8)  # 7 px under the first line: the inks touch
+    apart = Stroke([(0, 70), (50, 70)], width=8)
+    assert ink_pieces([*cross, touching, apart], reach=8) == [[0, 1, 2], [3]]
+    assert ink_pieces([*cross, touching, apart], reach=30) == [[0, 1, 2, 3]]
+
+    one = Stroke([(100, 50), (100, 150)], width=10)
+    pair = [Stroke([(300, 50), (300, 150)], width=10), Stroke([(340, 50), (340, 150)], width=10)]  # two digits, one box
+    missed = Stroke([(500, 50), (500, 150)], width=10)  # no box at all
+    under = Stroke([(90, 175), (360, 175)], width=10)  # a line under the number: no box, not digit-sized
+    strokes = [one, *pair, missed, under]
+    boxes = [(90, 45, 110, 155), (290, 45, 350, 155)]
+    assert places_from_ink(strokes, boxes) == [0, (295, 45, 305, 155), (335, 45, 345, 155), (495, 45, 505, 155)]
+    four = [Stroke([(300, 50), (290, 110), (360, 110)], width=10), Stroke([(340, 60), (340, 150)], width=10)]  # they cross
+    speck = Stroke([(330, 140), (331, 141)], width=10)  # a mark beside a digit: under half a digit tall
+    assert places_from_ink([one, *four], boxes) == [0, 1]
+    assert places_from_ink([one, pair[0], speck], boxes) == [0, 1]
+    assert places_from_ink(strokes, []) == []  # no place to measure a digit by: nothing added
+
+    image, scale, left, top = number_image(strokes)
+
+    def box(x1, y1, x2, y2):  # canvas -> the detector's image
+        return ((x1 - left) * scale, (y1 - top) * scale, (x2 - left) * scale, (y2 - top) * scale)
+
+    oracle = _Oracle([("7", box(*boxes[0]), 0.9), ("4", box(*boxes[1]), 0.8)])
+    namer = _Namer()
+    reading = read_number(oracle, strokes, digits=namer)
+    assert reading.text == "1111" and reading.by_detector == "74" and len(namer.shown) == 4
+    assert [d.box for d in reading.detections][1:] == [pytest.approx(b) for b in
+                                                       [(295, 45, 305, 155), (335, 45, 345, 155), (495, 45, 505, 155)]]
+    assert [(d.score, d.index, d.category_id) for d in reading.detections][1:] == [(0.77, 1, 2)] * 3
+    assert read_number(oracle, strokes).text == "74"  # the detector alone reads its own places
+
+
 def test_a_mark_too_small_for_the_digit_model_keeps_the_detectors_reading(cnn_export):
     """A box whose only stroke is a tiny mark (its own page under the runtime's 8x8 minimum, which
     once failed the whole number): the number is still read, that place by the detector."""

@@ -8,17 +8,21 @@ that image through the runtime's MNIST-style normalization.
 
 A detector reads a whole number (`read_number`): several digits written in a row, redrawn with an
 MNIST-like pen and scaled to the digit size the detector was trained on (`number_image`), then
-one detection per place, left to right.
+one detection per place, left to right. With a digit model the detector finds the places and the
+model names each from its own strokes; the ink checks the places (`places_from_ink`).
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
 from ferry.runtime.classifier import Classifier, Prediction
+from ferry.runtime.detector import Detection
 from ferry.runtime.images import MIN_SIDE
 from ferry.runtime.presets import EmptyImageError
 
@@ -188,6 +192,96 @@ def assign_strokes(strokes: Sequence[Stroke], boxes: Sequence[tuple[float, float
     return owned
 
 
+def ink_pieces(strokes: Sequence[Stroke], reach: float) -> list[list[int]]:
+    """The separate pieces of ink of a drawing: strokes whose centre lines come within `reach` of
+    each other (the pen's width: their inks touch) are one piece, and so on transitively. Each piece
+    is a list of stroke indices, in drawing order; the pieces in the order of their first stroke."""
+    reach = max(float(reach), 1e-6)
+    parent = list(range(len(strokes)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    grid: dict[tuple[int, int], list[tuple[int, float, float]]] = {}
+    for i, stroke in enumerate(strokes):
+        pts = stroke.points
+        if not pts:
+            continue
+        dense = [pts[0]]  # points at most reach/2 apart along the stroke, so no crossing slips between them
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            n = int(math.hypot(x1 - x0, y1 - y0) / (reach / 2)) + 1
+            dense += [(x0 + (x1 - x0) * t / n, y0 + (y1 - y0) * t / n) for t in range(1, n + 1)]
+        for x, y in dense:
+            cx, cy = int(x // reach), int(y // reach)
+            for dx in (-1, 0, 1):
+                for dy in (-1, 0, 1):
+                    for j, u, v in grid.get((cx + dx, cy + dy), ()):
+                        if j != i and (u - x) ** 2 + (v - y) ** 2 <= reach * reach and root(i) != root(j):
+                            parent[root(i)] = root(j)
+            grid.setdefault((cx, cy), []).append((i, x, y))
+    pieces: dict[int, list[int]] = {}
+    for i, stroke in enumerate(strokes):
+        if stroke.points:
+            pieces.setdefault(root(i), []).append(i)
+    return sorted(pieces.values(), key=lambda p: p[0])
+
+
+def _bounds(strokes: Sequence[Stroke]) -> tuple[float, float, float, float]:
+    xs = [x for s in strokes for x, _ in s.points]
+    ys = [y for s in strokes for _, y in s.points]
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+PIECE_HEIGHT = 0.5  # a piece of ink at least this share of a digit's height (the places' median) can be a digit
+
+
+def places_from_ink(strokes: Sequence[Stroke], boxes: Sequence[tuple[float, float, float, float]],
+                    owned: Sequence[Sequence[Stroke]] | None = None) -> list[tuple[float, float, float, float] | int]:
+    """The detector's places (boxes, left to right), checked against the ink: a place holding two or
+    more separate pieces of ink (`ink_pieces`), each at least half a digit tall and side by side
+    (overlapping by at most 0.3 of the narrower's width), is that many places; a piece of ink in no
+    place (`assign_strokes`) at least half a digit tall is a digit the detector missed. A digit's
+    height is the places' median. Returns the places left to right: the index of a detector's box
+    kept as it is, or a new box around a piece (pen included). Without boxes there is nothing to
+    measure a digit by: none are added."""
+    if not boxes:
+        return []
+    owned = assign_strokes(strokes, boxes) if owned is None else owned
+    drawn = [s for s in strokes if s.points]
+    reach = statistics.median(s.width for s in drawn) if drawn else 1.0
+    tall = PIECE_HEIGHT * statistics.median(b[3] - b[1] for b in boxes)
+
+    def around(piece: Sequence[Stroke]) -> tuple[float, float, float, float]:
+        x1, y1, x2, y2 = _bounds(piece)
+        return x1 - reach / 2, y1 - reach / 2, x2 + reach / 2, y2 + reach / 2
+
+    def digit_sized(piece: Sequence[Stroke]) -> bool:
+        b = _bounds(piece)
+        return b[3] - b[1] + reach >= tall
+
+    places: list[tuple[float, float, float, float] | int] = []
+    for k, own in enumerate(owned):
+        parts = sorted((around(p) for p in ([own[i] for i in ix] for ix in ink_pieces(own, reach)) if digit_sized(p)),
+                       key=lambda b: b[0])
+        if len(parts) > 1 and all(min(a[2], b[2]) - max(a[0], b[0]) <= 0.3 * min(a[2] - a[0], b[2] - b[0])
+                                  for a, b in zip(parts, parts[1:])):
+            places += parts
+        else:
+            places.append(k)
+    mine = {id(s) for own in owned for s in own}
+    free = [s for s in strokes if s.points and id(s) not in mine]
+    places += [around(p) for p in ([free[i] for i in ix] for ix in ink_pieces(free, reach)) if digit_sized(p)]
+
+    def centre(p: tuple[float, float, float, float] | int) -> float:
+        b = boxes[p] if isinstance(p, int) else p
+        return b[0] + b[2]
+
+    return sorted(places, key=centre)
+
+
 def strokes_in(strokes: Sequence[Stroke], boxes: Sequence[tuple[float, float, float, float]], k: int) -> list[Stroke]:
     """The strokes of the digit boxed by `boxes[k]` (`assign_strokes`); none for a `k` that names no box."""
     return assign_strokes(strokes, boxes)[k] if 0 <= k < len(boxes) else []
@@ -215,8 +309,10 @@ def read_number(det, strokes: Sequence[Stroke], *, min_score: float = READ_SCORE
     """The app's path from strokes to a number: `number_image`, the detector, one digit per place,
     left to right; boxes mapped back onto the canvas. With `digits` (a digit classifier, such as
     mnist-cnn), the detector finds and boxes the digits and the classifier names each one from its own
-    strokes (`assign_strokes`, `digit_image`): the label and score shown are the classifier's. No ink:
-    EmptyImageError ("write a number")."""
+    strokes (`assign_strokes`, `digit_image`): the label and score shown are the classifier's; the
+    ink checks the places first (`places_from_ink`: a place holding two digits apart is two, a digit
+    the detector missed is added, named by the classifier alone). `by_detector` is the detector's own
+    reading. No ink: EmptyImageError ("write a number")."""
     import dataclasses
 
     if ink_extent(strokes) < 8:
@@ -228,18 +324,24 @@ def read_number(det, strokes: Sequence[Stroke], *, min_score: float = READ_SCORE
                                              d.box[2] / scale + left, d.box[3] / scale + top)) for d in places]
     by_detector = "".join(d.label for d in on_canvas)
     if digits is not None:
+        boxes = [d.box for d in on_canvas]
+        owned = assign_strokes(strokes, boxes)  # one pass over the strokes for every place
+        checked = places_from_ink(strokes, boxes, owned)
+        if checked != list(range(len(boxes))):  # the ink split a place or found a digit the detector missed
+            owned = assign_strokes(strokes, [boxes[p] if isinstance(p, int) else p for p in checked])
         named = []
-        owned = assign_strokes(strokes, [d.box for d in on_canvas])  # one pass over the strokes for every place
-        for d, own in zip(on_canvas, owned):
+        for p, own in zip(checked, owned):
+            d = on_canvas[p] if isinstance(p, int) else None
             try:
                 said = digits.predict(digit_image(own), top_k=1)
             except EmptyImageError:  # no stroke of its own, or only a dot: the detector's reading stays
                 said = None
             if said is None or said.label not in det.labels:  # (a digit the detector does not know: its reading stays)
-                named.append(d)
+                if d is not None:  # (a place of the ink's own has no other reading: it goes)
+                    named.append(d)
                 continue
             i = det.labels.index(said.label)
-            named.append(dataclasses.replace(d, label=said.label, score=said.probability, index=i,
-                                             category_id=det.category_ids[i]))
+            box = boxes[p] if isinstance(p, int) else p
+            named.append(Detection(box, said.label, det.category_ids[i], i, said.probability))
         on_canvas = named
     return NumberReading("".join(d.label for d in on_canvas), tuple(on_canvas), image, by_detector)
