@@ -109,12 +109,13 @@ NUMBER_MARGIN = 12  # px of page around the scaled drawing
 @dataclass(frozen=True)
 class NumberReading:
     """What was read: the digits left to right, each detection with its box on the canvas; with a digit
-    model naming the places, `by_detector` is what the detector's own labels said of the same places."""
+    model naming the places, `by_detector` is what the detector alone read: its own places (before the
+    ink checked them) and labels."""
 
     text: str
     detections: tuple  # ferry.runtime.detector.Detection, boxes in canvas coordinates, left to right
     image: Image.Image  # what the detector was given
-    by_detector: str = ""  # the detector's own labels for the same places (the text when it named them)
+    by_detector: str = ""  # the detector's own places and labels (the text when it named them)
 
 
 def number_image(strokes: Sequence[Stroke], ink_height: float = NUMBER_INK_HEIGHT,
