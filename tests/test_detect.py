@@ -621,6 +621,8 @@ def test_the_ink_checks_the_detectors_places():
     strokes = [one, *pair, missed, under]
     boxes = [(90, 45, 110, 155), (290, 45, 350, 155)]
     assert places_from_ink(strokes, boxes) == [0, (295, 45, 305, 155), (335, 45, 345, 155), (495, 45, 505, 155)]
+    mark = Stroke([(318, 100), (319, 100)], width=10)  # between the two, nearer the left: nothing of the ink is lost
+    assert places_from_ink([one, *pair, mark], boxes) == [0, (295, 45, 324, 155), (335, 45, 345, 155)]
     four = [Stroke([(300, 50), (290, 110), (360, 110)], width=10), Stroke([(340, 60), (340, 150)], width=10)]  # they cross
     speck = Stroke([(330, 140), (331, 141)], width=10)  # a mark beside a digit: under half a digit tall
     assert places_from_ink([one, *four], boxes) == [0, 1]

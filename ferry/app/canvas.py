@@ -243,7 +243,8 @@ def places_from_ink(strokes: Sequence[Stroke], boxes: Sequence[tuple[float, floa
                     owned: Sequence[Sequence[Stroke]] | None = None) -> list[tuple[float, float, float, float] | int]:
     """The detector's places (boxes, left to right), checked against the ink: a place holding two or
     more separate pieces of ink (`ink_pieces`), each at least half a digit tall and side by side
-    (overlapping by at most 0.3 of the narrower's width), is that many places; a piece of ink in no
+    (overlapping by at most 0.3 of the narrower's width), is that many places (a smaller piece there
+    goes with the digit nearest it); a piece of ink in no
     place (`assign_strokes`) at least half a digit tall is a digit the detector missed. A digit's
     height is the places' median. Returns the places left to right: the index of a detector's box
     kept as it is, or a new box around a piece (pen included). Without boxes there is nothing to
@@ -265,11 +266,15 @@ def places_from_ink(strokes: Sequence[Stroke], boxes: Sequence[tuple[float, floa
 
     places: list[tuple[float, float, float, float] | int] = []
     for k, own in enumerate(owned):
-        parts = sorted((around(p) for p in ([own[i] for i in ix] for ix in ink_pieces(own, reach)) if digit_sized(p)),
-                       key=lambda b: b[0])
-        if len(parts) > 1 and all(min(a[2], b[2]) - max(a[0], b[0]) <= 0.3 * min(a[2] - a[0], b[2] - b[0])
-                                  for a, b in zip(parts, parts[1:])):
-            places += parts
+        pieces = [[own[i] for i in ix] for ix in ink_pieces(own, reach)]
+        digits = sorted((p for p in pieces if digit_sized(p)), key=lambda p: _bounds(p)[0])
+        spans = [_bounds(p) for p in digits]
+        if len(digits) > 1 and all(min(a[2], b[2]) - max(a[0], b[0]) <= 0.3 * min(a[2] - a[0], b[2] - b[0])
+                                   for a, b in zip(spans, spans[1:])):
+            for small in (p for p in pieces if not digit_sized(p)):  # a mark goes with the digit nearest it
+                x1, _, x2, _ = _bounds(small)
+                min(zip(spans, digits), key=lambda sd: max(sd[0][0] - x2, x1 - sd[0][2], 0.0))[1].extend(small)
+            places += [around(p) for p in digits]
         else:
             places.append(k)
     mine = {id(s) for own in owned for s in own}
