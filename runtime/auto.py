@@ -6,8 +6,8 @@ and OpenVINO at bf16 (only where the CPU has bf16 instructions and the model's b
 validated at export). With one candidate there is nothing to measure. With several, the first
 start times each at batch 1 in interleaved rounds (the same input, one engine after another, so
 machine noise hits all alike), picks the lowest median and writes the choice to a cache keyed by
-the model file's sha256, the CPU (model and class), the threads and the engines' versions; every
-later start reads the cache and measures nothing, so a given cache always gives the same choice.
+the model file's sha256, the CPU (model, generation, class and flags), the threads and the
+engines' versions; every later start reads the cache and measures nothing, so a given cache always gives the same choice.
 Override it with an explicit provider (`--provider cpu|openvino`), or delete the cache file
 (`$FERRY_CACHE_DIR/auto-choices.json`, by default `~/.cache/ferry/`) to measure again.
 """
@@ -44,11 +44,15 @@ def cache_dir() -> Path:
 
 
 def cache_key(path: str | Path, threads: int) -> str:
-    from ferry.core.machine import cpu_class, cpu_model, versions
+    """The model file's sha256, the CPU (its model name, vendor/family/model, class and the flags that
+    change inference: one class holds CPUs with and without bf16, and a VM's model name may not
+    tell generations apart), the threads and the engines' versions."""
+    from ferry.core.machine import cpu_class, cpu_flags, cpu_id, cpu_model, versions
 
     v = versions(("onnxruntime", "onnxruntime-gpu", "openvino"))
     engines = ",".join(f"{k}={val}" for k, val in v.items() if val)
-    return f"{sha256_file(path)}|{cpu_model()}|{cpu_class()}|threads={threads}|{engines}"
+    cpu = f"{cpu_model()}|{cpu_id()}|{cpu_class()}|{'+'.join(cpu_flags())}"
+    return f"{sha256_file(path)}|{cpu}|threads={threads}|{engines}"
 
 
 def _read_cache(folder: Path) -> dict[str, Any]:

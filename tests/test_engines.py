@@ -207,3 +207,22 @@ def test_unknown_provider_lists_the_engines(cnn_export):
     with pytest.raises(FerryError, match="choose one of auto, cpu, cuda, tensorrt, openvino, openvino-bf16"):
         Classifier.from_onnx(cnn_export[0], provider="rocm")
 
+
+def test_the_auto_cache_tells_apart_cpus_that_share_a_class_and_a_name(cnn_export, monkeypatch):
+    """A VM's CPU name may be the same on two generations, and one class (avx512_vnni) holds CPUs with
+    and without bf16: a choice measured on one must not be read on the other."""
+    from ferry.core import machine
+
+    path = cnn_export[0]
+    ice_lake = ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"]
+    monkeypatch.setattr(machine, "cpu_model", lambda cpuinfo=None: "Intel(R) Xeon(R) Processor")
+    monkeypatch.setattr(machine, "cpu_id", lambda cpuinfo=None: "GenuineIntel family 6 model 106")
+    monkeypatch.setattr(machine, "cpu_flags", lambda cpuinfo=None: ice_lake)
+    first = auto.cache_key(path, 2)
+    assert auto.cache_key(path, 2) == first and machine.cpu_class() == "avx512_vnni"
+    assert auto.cache_key(path, 1) != first
+    monkeypatch.setattr(machine, "cpu_flags", lambda cpuinfo=None: [*ice_lake, "avx512_bf16"])
+    with_bf16 = auto.cache_key(path, 2)
+    assert machine.cpu_class() == "avx512_vnni" and with_bf16 != first
+    monkeypatch.setattr(machine, "cpu_id", lambda cpuinfo=None: "GenuineIntel family 6 model 143")
+    assert auto.cache_key(path, 2) not in (first, with_bf16)
