@@ -9,7 +9,9 @@ Object storage (the `s3` row): the same batch job (digit CNN, 2 workers) over a 
 `--s3-images` digits and over the same images in a bucket of an S3-compatible store that the benchmark
 starts itself (SeaweedFS on 127.0.0.1, `ferry.bench.s3store`; results written to the store too), one
 after the other in one run: images/s of each and their ratio, with the CPU seconds the store's own
-process took during the S3 job (on a small machine the store shares the CPUs with the job).
+process took during the S3 job (on a small machine the store shares the CPUs with the job), and the
+whole machine's CPU time during each job (busy, idle, stolen by the hypervisor), from /proc/stat: idle
+cores in the S3 job would mean it waits on requests, busy ones that it is bounded by CPU.
 
   python -m ferry.bench.batch_bench --models-dir models --data-dir DATA --out runs/batch-bench [--images 3000]
 """
@@ -90,6 +92,24 @@ def _process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def machine_cpu_seconds(stat: str | None = None) -> dict[str, float]:
+    """The whole machine's CPU seconds since boot, all cores, from /proc/stat's first line: busy
+    (user, nice, system, irq, softirq; guest time is already in user), idle (idle, iowait) and
+    steal (time the hypervisor gave to others while this machine wanted to run)."""
+    import os
+
+    text = Path("/proc/stat").read_text() if stat is None else stat
+    ticks = [int(v) for v in text.splitlines()[0].split()[1:]] + [0] * 8
+    user, nice, system, idle, iowait, irq, softirq, steal = ticks[:8]
+    hz = os.sysconf("SC_CLK_TCK")
+    return {"busy_s": (user + nice + system + irq + softirq) / hz, "idle_s": (idle + iowait) / hz, "steal_s": steal / hz}
+
+
+def _during(before: dict[str, float]) -> dict[str, float]:
+    after = machine_cpu_seconds()
+    return {k: round(after[k] - before[k], 2) for k in before}
+
+
 def s3_row(model: Path, data_dir: str, tmp: Path, n: int, workers: int = 2) -> dict[str, Any] | None:
     """The same batch job over a local folder and over the same images in a local S3-compatible store."""
     import os
@@ -109,10 +129,13 @@ def s3_row(model: Path, data_dir: str, tmp: Path, n: int, workers: int = 2) -> d
         store.upload(folder, "bench-in/digits")
         upload = time.perf_counter() - t0
         os.environ.update(store.env("bench"))  # the job's credentials and endpoint, as a user would set them
+        machine0 = machine_cpu_seconds()
         local = time_batch(model, folder, tmp / "out-s3-local", workers)
-        cpu0 = _process_cpu_seconds(store.proc.pid)
+        local["machine_cpu"] = _during(machine0)
+        cpu0, machine0 = _process_cpu_seconds(store.proc.pid), machine_cpu_seconds()
         s3 = time_batch(model, "s3://bench-in/digits/", "s3://bench-out/results/", workers)
         s3["store_cpu_seconds"] = _process_cpu_seconds(store.proc.pid) - cpu0
+        s3["machine_cpu"] = _during(machine0)
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
@@ -121,6 +144,10 @@ def s3_row(model: Path, data_dir: str, tmp: Path, n: int, workers: int = 2) -> d
     print(f"mnist-cnn over S3 ({n} images, {workers} workers): local folder {local['images_per_second']:.1f} img/s, "
           f"S3 in and out {s3['images_per_second']:.1f} img/s (x{ratio:.2f} of local; the store took "
           f"{s3['store_cpu_seconds']:.1f} CPU s of the job's {s3['seconds']:.1f} s); upload {upload:.1f} s", flush=True)
+    for name, job in (("local", local), ("S3", s3)):
+        m = job["machine_cpu"]
+        print(f"  the machine during the {name} job (Ray start included): {m['busy_s']:.1f} CPU s busy, "
+              f"{m['idle_s']:.1f} idle, {m['steal_s']:.1f} stolen", flush=True)
     return {"model": "mnist-cnn", "images": n, "workers": workers, "local": local, "s3": s3, "s3_vs_local": ratio,
             "upload_seconds": upload, "store": f"SeaweedFS {store.weed} on 127.0.0.1, same machine"}
 
@@ -181,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                         "batch workers share the CPUs left after Ray Data's read tasks (0.25 CPU each)",
                         "s3: the same job (2 workers) over a local folder, then over the same images in a bucket of a local "
                         "SeaweedFS (results written to a bucket); s3_vs_local = the S3 job's images/s / the local job's; "
-                        "store_cpu_seconds: CPU time of the store's process during the S3 job"]}
+                        "store_cpu_seconds: CPU time of the store's process during the S3 job",
+                        "machine_cpu: the whole machine's CPU seconds (all cores) during each job of the s3 row, Ray's "
+                        "start included: busy, idle (idle + iowait) and steal, from /proc/stat"]}
     write_json_atomic(Path(args.out) / "batch_bench.json", result)
     return 0
 

@@ -379,3 +379,16 @@ def test_check_verdicts_follow_the_interval():
     assert verdict(0.99, 0.95, 1.02, 1.0) == "met within noise"
     assert verdict(1.005, 0.997, 1.02, 1.0) == "within noise"
     assert verdict(1.10, 1.02, 1.15, 1.0) == "not met"
+
+
+def test_machine_cpu_reads_busy_idle_and_steal_from_proc_stat():
+    import os
+
+    from ferry.bench.batch_bench import machine_cpu_seconds
+
+    hz = os.sysconf("SC_CLK_TCK")
+    # user nice system idle iowait irq softirq steal guest guest_nice (guest is already in user)
+    stat = f"cpu  {3 * hz} {hz} {2 * hz} {10 * hz} {hz} 0 {hz} {4 * hz} {5 * hz} 0\ncpu0 1 2 3 4 5 6 7 8 9 0\n"
+    assert machine_cpu_seconds(stat) == {"busy_s": 7.0, "idle_s": 11.0, "steal_s": 4.0}
+    now = machine_cpu_seconds()  # this machine's: all three counted, busy and idle both positive since boot
+    assert now["busy_s"] > 0 and now["idle_s"] > 0 and now["steal_s"] >= 0
