@@ -7,8 +7,9 @@ CNN, and the sample photos (random crops, as JPEG files) for ResNet-50 int8.
 
 Object storage (the `s3` row): the same batch job (digit CNN, 2 workers) over a local folder of
 `--s3-images` digits and over the same images in a bucket of an S3-compatible store that the benchmark
-starts itself (SeaweedFS on 127.0.0.1, `ferry.bench.s3store`; results written to the store too), one
-after the other in one run: images/s of each and their ratio, with the CPU seconds the store's own
+starts itself (SeaweedFS on 127.0.0.1, `ferry.bench.s3store`; results written to the store too), in
+`--s3-rounds` pairs in one run (local then S3, the order alternating): images/s of each and their
+ratio (the median of the pairs' ratios), with the CPU seconds the store's own
 process took during the S3 job (on a small machine the store shares the CPUs with the job), and the
 whole machine's CPU time during each job (busy, idle, stolen by the hypervisor), from /proc/stat: idle
 cores in the S3 job would mean it waits on requests, busy ones that it is bounded by CPU.
@@ -110,8 +111,11 @@ def _during(before: dict[str, float]) -> dict[str, float]:
     return {k: round(after[k] - before[k], 2) for k in before}
 
 
-def s3_row(model: Path, data_dir: str, tmp: Path, n: int, workers: int = 2) -> dict[str, Any] | None:
-    """The same batch job over a local folder and over the same images in a local S3-compatible store."""
+def s3_row(model: Path, data_dir: str, tmp: Path, n: int, workers: int = 2, rounds: int = 3) -> dict[str, Any] | None:
+    """The same batch job over a local folder and over the same images in a local S3-compatible store,
+    in `rounds` pairs (local then S3, the order alternating from pair to pair, each job with its own
+    fresh --out): the ratio is the median of the pairs' ratios, so that a slow stretch of a shared
+    machine hits both jobs of a pair alike."""
     import os
 
     from ferry.bench.s3store import ADMIN, start_local_s3, weed_binary
@@ -122,6 +126,7 @@ def s3_row(model: Path, data_dir: str, tmp: Path, n: int, workers: int = 2) -> d
     folder = digit_folder(data_dir, tmp / "s3-digits", n)
     store = start_local_s3(tmp / "s3-store", {"bench": ADMIN})
     saved = {k: os.environ.get(k) for k in store.env("bench")}
+    pairs = []
     try:
         for bucket in ("bench-in", "bench-out"):
             store.create_bucket(bucket)
@@ -129,26 +134,40 @@ def s3_row(model: Path, data_dir: str, tmp: Path, n: int, workers: int = 2) -> d
         store.upload(folder, "bench-in/digits")
         upload = time.perf_counter() - t0
         os.environ.update(store.env("bench"))  # the job's credentials and endpoint, as a user would set them
-        machine0 = machine_cpu_seconds()
-        local = time_batch(model, folder, tmp / "out-s3-local", workers)
-        local["machine_cpu"] = _during(machine0)
-        cpu0, machine0 = _process_cpu_seconds(store.proc.pid), machine_cpu_seconds()
-        s3 = time_batch(model, "s3://bench-in/digits/", "s3://bench-out/results/", workers)
-        s3["store_cpu_seconds"] = _process_cpu_seconds(store.proc.pid) - cpu0
-        s3["machine_cpu"] = _during(machine0)
+        for r in range(rounds):
+            pair: dict[str, Any] = {}
+            for where in (("local", "s3") if r % 2 == 0 else ("s3", "local")):
+                cpu0, machine0 = _process_cpu_seconds(store.proc.pid), machine_cpu_seconds()
+                if where == "local":
+                    job = time_batch(model, folder, tmp / f"out-s3-local-{r}", workers)
+                else:
+                    job = time_batch(model, "s3://bench-in/digits/", f"s3://bench-out/results-{r}/", workers)
+                job["store_cpu_seconds"] = _process_cpu_seconds(store.proc.pid) - cpu0
+                job["machine_cpu"] = _during(machine0)
+                pair[where] = job
+            pair["s3_vs_local"] = pair["s3"]["images_per_second"] / pair["local"]["images_per_second"]
+            pairs.append(pair)
+            local, s3 = pair["local"], pair["s3"]
+            print(f"mnist-cnn over S3, pair {r + 1} of {rounds} ({n} images, {workers} workers): local folder "
+                  f"{local['images_per_second']:.1f} img/s, S3 in and out {s3['images_per_second']:.1f} img/s "
+                  f"(x{pair['s3_vs_local']:.2f}; the store took {s3['store_cpu_seconds']:.1f} CPU s of the S3 job's "
+                  f"{s3['seconds']:.1f} s)", flush=True)
+            for name, job in (("local", local), ("S3", s3)):
+                m = job["machine_cpu"]
+                print(f"  the machine during the {name} job (Ray start included): {m['busy_s']:.1f} CPU s busy, "
+                      f"{m['idle_s']:.1f} idle, {m['steal_s']:.1f} stolen", flush=True)
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         store.stop()
-    ratio = s3["images_per_second"] / local["images_per_second"]
-    print(f"mnist-cnn over S3 ({n} images, {workers} workers): local folder {local['images_per_second']:.1f} img/s, "
-          f"S3 in and out {s3['images_per_second']:.1f} img/s (x{ratio:.2f} of local; the store took "
-          f"{s3['store_cpu_seconds']:.1f} CPU s of the job's {s3['seconds']:.1f} s); upload {upload:.1f} s", flush=True)
-    for name, job in (("local", local), ("S3", s3)):
-        m = job["machine_cpu"]
-        print(f"  the machine during the {name} job (Ray start included): {m['busy_s']:.1f} CPU s busy, "
-              f"{m['idle_s']:.1f} idle, {m['steal_s']:.1f} stolen", flush=True)
-    return {"model": "mnist-cnn", "images": n, "workers": workers, "local": local, "s3": s3, "s3_vs_local": ratio,
+    ratios = [p["s3_vs_local"] for p in pairs]
+    ratio = float(np.median(ratios))
+    med = {where: float(np.median([p[where]["images_per_second"] for p in pairs])) for where in ("local", "s3")}
+    print(f"mnist-cnn over S3: x{ratio:.2f} of local, the median of {len(pairs)} pairs ({', '.join(f'{r:.2f}' for r in ratios)}); "
+          f"median rates {med['local']:.1f} and {med['s3']:.1f} img/s; upload {upload:.1f} s", flush=True)
+    return {"model": "mnist-cnn", "images": n, "workers": workers, "pairs": pairs, "s3_vs_local": ratio,
+            "s3_vs_local_each": ratios, "local_images_per_second": med["local"], "s3_images_per_second": med["s3"],
+            "store_cpu_seconds": float(np.median([p["s3"]["store_cpu_seconds"] for p in pairs])),
             "upload_seconds": upload, "store": f"SeaweedFS {store.weed} on 127.0.0.1, same machine"}
 
 
@@ -160,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", type=int, default=600, help="photo images for ResNet-50 int8 (default: 600)")
     parser.add_argument("--s3-images", type=int, default=20000,
                         help="digit images for the object-storage row, local folder against S3 (default: 20000; 0: skip)")
+    parser.add_argument("--s3-rounds", type=int, default=3, help="pairs of jobs (local, S3) for the object-storage row (default: 3)")
     parser.add_argument("--out", default="runs/batch-bench")
     args = parser.parse_args(argv)
 
@@ -198,17 +218,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"Ray start {b2['ray_start_seconds']:.1f} s, not included", flush=True)
         s3 = None
         if args.s3_images and (models / "mnist-cnn.onnx").is_file():
-            s3 = s3_row(models / "mnist-cnn.onnx", args.data_dir, tmp, args.s3_images)
-    result = {"schema": "ferry.batch-bench/2", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            s3 = s3_row(models / "mnist-cnn.onnx", args.data_dir, tmp, args.s3_images, rounds=max(1, args.s3_rounds))
+    result = {"schema": "ferry.batch-bench/3", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "machine": machine_info(), "rows": rows, "s3": s3,
               "notes": ["images/s count from the first image read to the last result written (batch: Parquet written and "
                         "verified); model load (predict) and Ray start (batch) are reported separately",
                         "steady = (images of the whole folder - 32) / (its job's seconds - the seconds of a job of its first "
                         "32 images); fixed cost = a job's seconds - its images / steady",
                         "batch workers share the CPUs left after Ray Data's read tasks (0.25 CPU each)",
-                        "s3: the same job (2 workers) over a local folder, then over the same images in a bucket of a local "
-                        "SeaweedFS (results written to a bucket); s3_vs_local = the S3 job's images/s / the local job's; "
-                        "store_cpu_seconds: CPU time of the store's process during the S3 job",
+                        "s3: the same job (2 workers) over a local folder and over the same images in a bucket of a local "
+                        "SeaweedFS (results written to a bucket), in pairs (local then S3, the order alternating); "
+                        "s3_vs_local = the median over the pairs of the S3 job's images/s / the local job's; "
+                        "store_cpu_seconds: CPU time of the store's process during a job (median over the S3 jobs)",
                         "machine_cpu: the whole machine's CPU seconds (all cores) during each job of the s3 row, Ray's "
                         "start included: busy, idle (idle + iowait) and steal, from /proc/stat"]}
     write_json_atomic(Path(args.out) / "batch_bench.json", result)
