@@ -21,7 +21,7 @@ DETECT_RUN ?= $(RUNS)/digits
 DETECTOR_ARCH ?= retinanet_resnet50_fpn_v2
 
 .PHONY: help demo train export predict fidelity bench test docs clean fidelity-full train-avx2 int8-portability \
-	finetune bench-batch bench-serve bench-overload demo-detect scenes train-detect export-detect eval-detect numbers \
+	finetune bench-batch bench-bf16 bench-serve bench-overload demo-detect scenes train-detect export-detect eval-detect numbers \
 	bench-detect
 
 help:
@@ -30,7 +30,7 @@ help:
 	@echo "make bench [BENCH_OUT=...]  only the CPU/GPU benchmark of the models in $(MODELS)/"
 	@echo "make docs                   the documentation site (mkdocs build --strict) into build/site/"
 	@echo "more figures of the docs (after make demo): fidelity-full train-avx2 int8-portability finetune bench-batch bench-serve"
-	@echo "                                            bench-overload"
+	@echo "                                            bench-overload bench-bf16"
 	@echo "make demo-detect            digit scenes, the detector recipe (timed), its export, test-scene mAP, numbers read on the canvas"
 	@echo "                            (after make demo: the numbers are also read with its digit model, as ferry draw does)"
 	@echo "make bench-detect           a ResNet-50-FPN detector at 800x800: PyTorch vs onnxruntime (and OpenVINO) on this machine"
@@ -92,6 +92,10 @@ finetune: $(STAMP)
 
 bench-batch: $(STAMP)
 	$(BIN)/python -m ferry.bench.batch_bench --models-dir $(MODELS) --data-dir $(DATA_DIR) --out $(RUNS)/batch-bench
+
+bench-bf16: $(STAMP)
+	@# OpenVINO's bf16 hint against f32 on this CPU (emulated where the CPU has no bf16 instructions, where ferry does not offer it)
+	$(BIN)/python -m ferry.bench.openvino_bf16 --models-dir $(MODELS) --out $(RUNS)/openvino_bf16.json
 
 bench-serve: $(STAMP)
 	$(BIN)/python -m ferry.bench.loadtest --models-dir $(MODELS) --out $(RUNS)/serve-bench

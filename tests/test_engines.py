@@ -226,3 +226,26 @@ def test_the_auto_cache_tells_apart_cpus_that_share_a_class_and_a_name(cnn_expor
     assert machine.cpu_class() == "avx512_vnni" and with_bf16 != first
     monkeypatch.setattr(machine, "cpu_id", lambda cpuinfo=None: "GenuineIntel family 6 model 143")
     assert auto.cache_key(path, 2) not in (first, with_bf16)
+
+
+def test_the_bf16_measurement_compares_what_openvino_compiled(cnn_export, tmp_path):
+    """`python -m ferry.bench.openvino_bf16`: f32 against bf16 as OpenVINO compiles them on this CPU
+    (with or without bf16 instructions), each read back, or why there is nothing to compare."""
+    from ferry.bench import openvino_bf16
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "mnist-cnn.onnx").write_bytes(Path(cnn_export[0]).read_bytes())
+    out = tmp_path / "bf16.json"
+    assert openvino_bf16.main(["--models-dir", str(models), "--out", str(out), "--max-seconds", "1"]) == 0
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert row["model"] == "mnist-cnn" and row["f32_read_back"] == "fp32"
+    if row["bf16_read_back"] is None:
+        assert "not bf16" in row["why"]
+    else:
+        assert row["bf16_read_back"] == "bf16" and row["f32_p50_ms"] > 0 and row["bf16_p50_ms"] > 0
+        lo, hi = row["bf16_over_f32_ci"]
+        assert lo <= row["bf16_over_f32"] <= hi and row["rounds"] >= 8 and isinstance(row["top1_same"], bool)
+    assert result["bf16_instructions"] == ("BF16" in result["openvino_capabilities"])
+    assert openvino_bf16.main(["--models-dir", str(tmp_path / "none"), "--out", str(out)]) == 2
