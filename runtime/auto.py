@@ -7,7 +7,8 @@ validated at export). With one candidate there is nothing to measure. With sever
 start times each at batch 1 in interleaved rounds (the same input, one engine after another, so
 machine noise hits all alike), picks the lowest median and writes the choice to a cache keyed by
 the model file's sha256, the CPU (model, generation, class and flags), the threads and the
-engines' versions; every later start reads the cache and measures nothing, so a given cache always gives the same choice.
+engines' versions; every later start reads the cache and measures nothing, so a given cache
+always gives the same choice.
 Override it with an explicit provider (`--provider cpu|openvino`), or delete the cache file
 (`$FERRY_CACHE_DIR/auto-choices.json`, by default `~/.cache/ferry/`) to measure again.
 """
