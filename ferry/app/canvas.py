@@ -296,16 +296,15 @@ def strokes_in(strokes: Sequence[Stroke], boxes: Sequence[tuple[float, float, fl
 def digit_image(strokes: Sequence[Stroke], ratio: float = STROKE_RATIO) -> Image.Image:
     """One digit's strokes as the single-digit canvas draws them (`strokes_to_image`), moved onto a
     square page of their own: what a digit model reads of a digit written in a number."""
-    pts = [(x, y) for s in strokes for x, y in s.points]
-    if not pts:
+    if not any(s.points for s in strokes):
         raise EmptyImageError("no strokes")
     extent = max(centre_extent(strokes), 1.0)
     pen = max(1.0, ratio * extent)
     side = round(1.5 * extent + pen) + 2
     if side < MIN_SIDE:  # a speck: its page would be under what the runtime reads at all
         raise EmptyImageError("a mark too small to read")
-    cx = (min(p[0] for p in pts) + max(p[0] for p in pts)) / 2
-    cy = (min(p[1] for p in pts) + max(p[1] for p in pts)) / 2
+    x0, y0, x1, y1 = _bounds(strokes)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     moved = [Stroke([(x - cx + side / 2, y - cy + side / 2) for x, y in s.points], width=pen) for s in strokes]
     return render_strokes(moved, side)
 
