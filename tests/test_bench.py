@@ -392,3 +392,17 @@ def test_machine_cpu_reads_busy_idle_and_steal_from_proc_stat():
     assert machine_cpu_seconds(stat) == {"busy_s": 7.0, "idle_s": 11.0, "steal_s": 4.0}
     now = machine_cpu_seconds()  # this machine's: all three counted, busy and idle both positive since boot
     assert now["busy_s"] > 0 and now["idle_s"] > 0 and now["steal_s"] >= 0
+
+
+def test_the_s3_row_pairs_its_jobs_and_takes_medians():
+    from ferry.bench.batch_bench import pair_order, summarize_pairs
+
+    assert [pair_order(r) for r in range(4)] == [("local", "s3"), ("s3", "local")] * 2  # balanced over 4 pairs
+
+    def pair(local, s3, store):
+        return {"local": {"images_per_second": local}, "s3": {"images_per_second": s3, "store_cpu_seconds": store}}
+
+    # a slow stretch (pair 2) hits both jobs of its pair: its ratio stays in line
+    got = summarize_pairs([pair(1000, 500, 12), pair(500, 260, 14), pair(1000, 600, 13)])
+    assert got["s3_vs_local_each"] == [0.5, 0.52, 0.6] and got["s3_vs_local"] == 0.52
+    assert got["local_images_per_second"] == 1000 and got["s3_images_per_second"] == 500 and got["store_cpu_seconds"] == 13

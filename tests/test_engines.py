@@ -247,5 +247,5 @@ def test_the_bf16_measurement_compares_what_openvino_compiled(cnn_export, tmp_pa
         assert row["bf16_read_back"] == "bf16" and row["f32_p50_ms"] > 0 and row["bf16_p50_ms"] > 0
         lo, hi = row["bf16_over_f32_ci"]
         assert lo <= row["bf16_over_f32"] <= hi and row["rounds"] >= 8 and isinstance(row["top1_same"], bool)
-    assert result["bf16_instructions"] == ("BF16" in result["openvino_capabilities"])
+    assert "FP32" in result["openvino_capabilities"] and result["machine"]["cpu_class"]
     assert openvino_bf16.main(["--models-dir", str(tmp_path / "none"), "--out", str(out)]) == 2
