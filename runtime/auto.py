@@ -48,11 +48,13 @@ def cache_key(path: str | Path, threads: int) -> str:
     """The model file's sha256, the CPU (its model name, vendor/family/model, class and the flags that
     change inference: one class holds CPUs with and without bf16, and a VM's model name may not
     tell generations apart), the threads and the engines' versions."""
-    from ferry.core.machine import cpu_class, cpu_flags, cpu_id, cpu_model, versions
+    from ferry.core import machine
 
-    v = versions(("onnxruntime", "onnxruntime-gpu", "openvino"))
+    v = machine.versions(("onnxruntime", "onnxruntime-gpu", "openvino"))
     engines = ",".join(f"{k}={val}" for k, val in v.items() if val)
-    cpu = f"{cpu_model()}|{cpu_id()}|{cpu_class()}|{'+'.join(cpu_flags())}"
+    text = machine._cpuinfo()  # read once for the three readings below
+    flags = machine.cpu_flags(text)
+    cpu = f"{machine.cpu_model(text)}|{machine.cpu_id(text)}|{machine.cpu_class(flags)}|{'+'.join(flags)}"
     return f"{sha256_file(path)}|{cpu}|threads={threads}|{engines}"
 
 

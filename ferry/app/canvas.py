@@ -267,14 +267,15 @@ def places_from_ink(strokes: Sequence[Stroke], boxes: Sequence[tuple[float, floa
     places: list[tuple[float, float, float, float] | int] = []
     for k, own in enumerate(owned):
         pieces = [[own[i] for i in ix] for ix in ink_pieces(own, reach)]
-        digits = sorted((p for p in pieces if digit_sized(p)), key=lambda p: _bounds(p)[0])
-        spans = [_bounds(p) for p in digits]
-        if len(digits) > 1 and all(min(a[2], b[2]) - max(a[0], b[0]) <= 0.3 * min(a[2] - a[0], b[2] - b[0])
-                                   for a, b in zip(spans, spans[1:])):
-            for small in (p for p in pieces if not digit_sized(p)):  # a mark goes with the digit nearest it
+        sized = [digit_sized(p) for p in pieces]
+        found = sorted(((_bounds(p), p) for p, big in zip(pieces, sized) if big), key=lambda sd: sd[0][0])
+        spans = [span for span, _ in found]
+        if len(found) > 1 and all(min(a[2], b[2]) - max(a[0], b[0]) <= 0.3 * min(a[2] - a[0], b[2] - b[0])
+                                  for a, b in zip(spans, spans[1:])):
+            for small in (p for p, big in zip(pieces, sized) if not big):  # a mark goes with the digit nearest it
                 x1, _, x2, _ = _bounds(small)
-                min(zip(spans, digits), key=lambda sd: max(sd[0][0] - x2, x1 - sd[0][2], 0.0))[1].extend(small)
-            places += [around(p) for p in digits]
+                min(found, key=lambda sd: max(sd[0][0] - x2, x1 - sd[0][2], 0.0))[1].extend(small)
+            places += [around(p) for _, p in found]
         else:
             places.append(k)
     mine = {id(s) for own in owned for s in own}
