@@ -82,11 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     print(f"CPU: {machine.get('cpu')} (class {machine.get('cpu_class')}); OpenVINO's CPU capabilities: "
           f"{', '.join(capabilities)}", flush=True)
-    rows = []
+    rows, failed = [], 0
     for path in paths:
         if not path.is_file():
             continue
-        row = compare(path, max_seconds=args.max_seconds)
+        try:
+            row = compare(path, max_seconds=args.max_seconds)
+        except FerryError as exc:  # a file OpenVINO cannot read or compile: one line, the others still measured
+            print(f"error: {path}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
         rows.append(row)
         if row["bf16_read_back"] is None:
             print(f"{row['model']}: {row['why']}", flush=True)
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "machine": machine, "openvino_capabilities": capabilities,
                                        "bf16_instructions": "BF16" in capabilities, "rows": rows})
     print(f"wrote {args.out}")
-    return 0
+    return 2 if failed else 0
 
 
 if __name__ == "__main__":
