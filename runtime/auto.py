@@ -52,7 +52,7 @@ def cache_key(path: str | Path, threads: int) -> str:
 
     v = machine.versions(("onnxruntime", "onnxruntime-gpu", "openvino"))
     engines = ",".join(f"{k}={val}" for k, val in v.items() if val)
-    text = machine._cpuinfo()  # read once for the three readings below
+    text = machine.cpuinfo_text()  # read once for the three readings below
     flags = machine.cpu_flags(text)
     cpu = f"{machine.cpu_model(text)}|{machine.cpu_id(text)}|{machine.cpu_class(flags)}|{'+'.join(flags)}"
     return f"{sha256_file(path)}|{cpu}|threads={threads}|{engines}"

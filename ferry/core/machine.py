@@ -18,7 +18,8 @@ ARM_FLAGS = ("asimd", "asimddp", "i8mm", "bf16", "sve", "sve2")
 VERSIONED = ("numpy", "pillow", "onnxruntime", "onnxruntime-gpu", "openvino", "onnx", "torch", "torchvision")
 
 
-def _cpuinfo() -> str:
+def cpuinfo_text() -> str:
+    """/proc/cpuinfo's text ("" where there is none): read once by a caller that asks several things of it."""
     try:
         return Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -26,7 +27,7 @@ def _cpuinfo() -> str:
 
 
 def cpu_model(cpuinfo: str | None = None) -> str:
-    for line in (_cpuinfo() if cpuinfo is None else cpuinfo).splitlines():
+    for line in (cpuinfo_text() if cpuinfo is None else cpuinfo).splitlines():
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
@@ -35,7 +36,7 @@ def cpu_model(cpuinfo: str | None = None) -> str:
 def cpu_id(cpuinfo: str | None = None) -> str:
     """'vendor family F model M' from /proc/cpuinfo: names the generation where the model name does not."""
     fields: dict[str, str] = {}
-    for line in (_cpuinfo() if cpuinfo is None else cpuinfo).splitlines():
+    for line in (cpuinfo_text() if cpuinfo is None else cpuinfo).splitlines():
         if not line.strip():
             break  # the first processor is enough
         key, _, value = line.partition(":")
@@ -47,7 +48,7 @@ def cpu_id(cpuinfo: str | None = None) -> str:
 
 def cpu_flags(cpuinfo: str | None = None) -> list[str]:
     """The flags of INFERENCE_FLAGS (x86) or ARM_FLAGS (aarch64) this CPU has, in that order."""
-    for line in (_cpuinfo() if cpuinfo is None else cpuinfo).splitlines():
+    for line in (cpuinfo_text() if cpuinfo is None else cpuinfo).splitlines():
         key = line.split(":", 1)[0].strip()
         if key in ("flags", "Features"):
             have = set(line.split(":", 1)[1].split())
@@ -89,7 +90,7 @@ def physical_cores(cpuinfo: str | None = None) -> int:
         pass
     cores, cpu = set(), None
     fields: dict[str, str] = {}
-    for line in ((_cpuinfo() if cpuinfo is None else cpuinfo) + "\n\n").splitlines():
+    for line in ((cpuinfo_text() if cpuinfo is None else cpuinfo) + "\n\n").splitlines():
         if line.strip():
             key, _, value = line.partition(":")
             fields[key.strip()] = value.strip()
