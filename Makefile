@@ -45,7 +45,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP) train export predict fidelity bench
 
 train: $(STAMP)
-	$(BIN)/ferry train --data-dir $(DATA_DIR) --out $(RUNS)/mnist-cnn
+	$(BIN)/ferry train --data-dir $(DATA_DIR) --out $(RUNS)/mnist-cnn --overwrite
 
 export: $(STAMP)
 	$(BIN)/ferry export mnist-cnn --checkpoint $(RUNS)/mnist-cnn/checkpoint.pt --data-dir $(DATA_DIR) \
@@ -76,7 +76,7 @@ fidelity-full: $(STAMP)
 
 train-avx2: $(STAMP)
 	@# the AVX2 instruction-set class on any x86 CPU: oneDNN and ATen restricted to AVX2 kernels
-	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(BIN)/ferry train --data-dir $(DATA_DIR) --out $(RUNS)/mnist-cnn-avx2
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(BIN)/ferry train --data-dir $(DATA_DIR) --out $(RUNS)/mnist-cnn-avx2 --overwrite
 
 int8-portability: $(STAMP)
 	$(BIN)/python -m ferry.bench.int8_portability --model $(MODELS)/mnist-cnn.onnx --data-dir $(DATA_DIR) \
@@ -84,7 +84,7 @@ int8-portability: $(STAMP)
 
 finetune: $(STAMP)
 	$(BIN)/python -m ferry.bench.datasets fashion-mnist --idx-dir $(FASHION_IDX) --out $(FASHION_DIR) --train 5000 --test 2000
-	$(BIN)/ferry train --arch resnet18 --weights none --image-size 64 --data-dir $(FASHION_DIR) \
+	$(BIN)/ferry train --overwrite --arch resnet18 --weights none --image-size 64 --data-dir $(FASHION_DIR) \
 		--out $(RUNS)/fashion-resnet18
 	$(BIN)/ferry export resnet18 --checkpoint $(RUNS)/fashion-resnet18/checkpoint.pt --name fashion-resnet18 \
 		--out $(MODELS) --int8
@@ -114,7 +114,7 @@ scenes: $(STAMP)
 
 train-detect: $(STAMP)
 	@# the default recipe (fcos_small from scratch); its metrics.json records the training time and the machine
-	$(BIN)/ferry train --task detect --data-dir $(SCENES_DIR)/train --annotations $(SCENES_DIR)/train.json \
+	$(BIN)/ferry train --overwrite --task detect --data-dir $(SCENES_DIR)/train --annotations $(SCENES_DIR)/train.json \
 		--val-data-dir $(SCENES_DIR)/val --val-annotations $(SCENES_DIR)/val.json --out $(DETECT_RUN)
 
 export-detect: $(STAMP)

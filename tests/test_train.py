@@ -253,6 +253,25 @@ def test_cli_resume_continues(tmp_path, fake_mnist_dir):
     assert "resuming" in again.stdout
     changed = run_ferry("train", "--resume", "--out", str(out), "--data-dir", str(fake_mnist_dir), "--lr", "0.3")
     assert_clean_error(changed, "different recipe")
+    # a new run into the same --out replaces the trained model only when asked
+    saved = (out / "checkpoint.pt").read_bytes()
+    for extra in ([], ["--dry-run"]):
+        assert_clean_error(run_ferry("train", *common, "--epochs", "1", *extra), "already holds a trained model", "--overwrite")
+    assert (out / "checkpoint.pt").read_bytes() == saved
+    assert_clean_error(run_ferry("train", *common, "--resume", "--overwrite"), "choose one")
+    replaced = run_ferry("train", *common, "--epochs", "1", "--train-limit", "128", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert (out / "checkpoint.pt").read_bytes() != saved
+
+
+def test_cli_out_that_cannot_hold_a_run_is_refused_before_training(tmp_path, fake_mnist_dir):
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    proc = run_ferry("train", "--data-dir", str(fake_mnist_dir), "--out", str(afile), "--quiet")
+    assert_clean_error(proc, "exists and is not a folder")
+    assert "training" not in proc.stdout and afile.read_text() == "x"
+    assert_clean_error(run_ferry("train", "--data-dir", str(fake_mnist_dir), "--out", str(afile / "run"), "--quiet"),
+                       "cannot create --out")
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 from ferry.core.errors import FerryError
 
@@ -68,6 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type={"int": int, "float": float, "str": str}[kind], default=argparse.SUPPRESS,
                                 help=help_text)
     parser.add_argument("--resume", action="store_true", help="continue from the last completed epoch in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in an --out that already holds a trained model (its files are replaced)")
     parser.add_argument("--dry-run", action="store_true",
                         help="a quick run on a few images to check the set-up (results are not meaningful)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -123,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     cfg.validate()
+    check_out(cfg.out, resume=args.resume, overwrite=getattr(args, "overwrite", False))
     try:
         if getattr(args, "task", "classify") == "detect":
             from ferry.train.detect import train_detector
@@ -146,6 +150,27 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     return 0
+
+
+def check_out(out: str, *, resume: bool, overwrite: bool) -> None:
+    """Before any training: --out is a folder this process can write, and a trained model already
+    there is replaced only when asked (--overwrite), continued with --resume, and never by accident."""
+    from pathlib import Path
+
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise FerryError(f"--out {out} exists and is not a folder")
+    if resume and overwrite:
+        raise FerryError("--resume continues the model in --out and --overwrite replaces it: choose one")
+    if not resume and not overwrite and (folder / "checkpoint.pt").exists():
+        raise FerryError(f"--out {out} already holds a trained model (checkpoint.pt): choose another --out, "
+                         f"--resume to continue it, or --overwrite to replace it")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FerryError(f"cannot create --out {out}: {exc.strerror or exc}") from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FerryError(f"cannot write to --out {out}: permission denied")
 
 
 def cfg_arch(cfg) -> str:
