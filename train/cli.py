@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check_out(out: str, *, resume: bool, overwrite: bool) -> None:
-    """Before any training: --out is a folder this process can write, and a trained model already
+    """Before any training: --out is (or can be made) a folder this process can write, and a trained model already
     there is replaced only when asked (--overwrite), continued with --resume, and never by accident."""
     from pathlib import Path
 
@@ -165,12 +165,13 @@ def check_out(out: str, *, resume: bool, overwrite: bool) -> None:
     if not resume and not overwrite and (folder / "checkpoint.pt").exists():
         raise FerryError(f"--out {out} already holds a trained model (checkpoint.pt): choose another --out, "
                          f"--resume to continue it, or --overwrite to replace it")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise FerryError(f"cannot create --out {out}: {exc.strerror or exc}") from exc
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise FerryError(f"cannot write to --out {out}: permission denied")
+    nearest = folder.absolute()
+    while not nearest.exists():  # created by the run, not here: a run that fails early leaves nothing behind
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise FerryError(f"cannot create --out {out}: {nearest} is not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise FerryError(f"cannot write to --out {out}: permission denied on {nearest}")
 
 
 def cfg_arch(cfg) -> str:
