@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ferry.core.fileio import write_json_atomic
+    from ferry.core.fileio import check_file_writable, write_json_atomic
     from ferry.core.progress import Progress
     from ferry.runtime.detector import open_model
     from ferry.runtime.images import quiet_bomb_warnings
@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     files = expand_inputs(args.inputs)
     if not files:
         raise FerryError("no input files found")
+    if args.json and args.json != "-":  # before the work: a bad target found after it would waste it
+        check_file_writable(args.json, "--json", [(args.model, "the model"), *((f, f"an input ({f})") for f in files)])
     to_stdout_json = args.json == "-"
     say = (lambda s: print(s, file=sys.stderr)) if to_stdout_json else print
     say(f"model: {clf.name} ({clf.path}), provider: {clf.provider.describe()}")
@@ -114,7 +116,7 @@ def _run_detector(det, args: argparse.Namespace) -> int:
     """`ferry predict` on a detector: detections per image, --json, --draw DIR."""
     from pathlib import Path
 
-    from ferry.core.fileio import atomic_path, write_json_atomic
+    from ferry.core.fileio import atomic_path, check_file_writable, check_folder_writable, write_json_atomic
     from ferry.core.progress import Progress
     from ferry.runtime.detector import DEFAULT_MIN_SCORE, draw_detections
     from ferry.runtime.images import load_image
@@ -126,8 +128,10 @@ def _run_detector(det, args: argparse.Namespace) -> int:
     if not files:
         raise FerryError("no input files found")
     draw_dir = Path(args.draw) if args.draw else None
-    if draw_dir is not None and draw_dir.exists() and not draw_dir.is_dir():
-        raise FerryError(f"--draw {draw_dir} exists and is not a folder")
+    if draw_dir is not None:
+        check_folder_writable(draw_dir, "--draw")
+    if args.json and args.json != "-":
+        check_file_writable(args.json, "--json", [(args.model, "the model"), *((f, f"an input ({f})") for f in files)])
     min_score = DEFAULT_MIN_SCORE if args.min_score is None else args.min_score
     to_stdout_json = args.json == "-"
     say = (lambda s: print(s, file=sys.stderr)) if to_stdout_json else print

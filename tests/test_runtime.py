@@ -234,6 +234,34 @@ def test_cli_folder_run_reports_failures_and_exit_code(cnn_export, bad_folder, t
     assert len(ok) == 2 and len(ok[0]["top_k"]) == 3 and ok[0]["label"] in set("0123456789")
 
 
+def test_cli_json_never_lands_on_the_model_an_input_or_a_folder(cnn_export, bad_folder, tmp_path):
+    import shutil
+
+    model = tmp_path / "m.onnx"
+    shutil.copy(cnn_export[0], model)
+    image = tmp_path / "in" / "d.png"
+    image.parent.mkdir()
+    shutil.copy(bad_folder / "a_good.png", image)
+    before = {p: p.read_bytes() for p in (model, image)}
+    for target, needle in ((model, "is the model"), (image, "is an input"), (tmp_path / "in", "is a folder"),
+                           (image / "r.json", "is not a folder")):
+        proc = run_ferry("predict", str(model), str(image.parent), "--json", str(target), "--provider", "cpu")
+        assert_clean_error(proc, "--json", needle)
+        assert "predicted" not in proc.stdout  # refused before the work, not after it
+    assert {p: p.read_bytes() for p in before} == before
+    ok = run_ferry("predict", str(model), str(image.parent), "--json", str(tmp_path / "new" / "r.json"), "--provider", "cpu")
+    assert ok.returncode == 0 and json.loads((tmp_path / "new" / "r.json").read_text())["failed"] == 0
+
+
+def test_a_write_whose_rename_fails_is_one_error_and_leaves_nothing(tmp_path):
+    from ferry.core.fileio import write_json_atomic
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FerryError, match="cannot write .*taken"):
+        write_json_atomic(tmp_path / "taken", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no temporary file left beside it
+
+
 def test_arrays_of_the_wrong_kind_are_rejected(cnn_export):
     path, _ = cnn_export
     clf = Classifier.from_onnx(path, provider="cpu")

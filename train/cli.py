@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 
 from ferry.core.errors import FerryError
 
@@ -157,6 +156,8 @@ def check_out(out: str, *, resume: bool, overwrite: bool) -> None:
     there is replaced only when asked (--overwrite), continued with --resume, and never by accident."""
     from pathlib import Path
 
+    from ferry.core.fileio import check_folder_writable
+
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise FerryError(f"--out {out} exists and is not a folder")
@@ -165,13 +166,7 @@ def check_out(out: str, *, resume: bool, overwrite: bool) -> None:
     if not resume and not overwrite and (folder / "checkpoint.pt").exists():
         raise FerryError(f"--out {out} already holds a trained model (checkpoint.pt): choose another --out, "
                          f"--resume to continue it, or --overwrite to replace it")
-    nearest = folder.absolute()
-    while not nearest.exists():  # created by the run, not here: a run that fails early leaves nothing behind
-        nearest = nearest.parent
-    if not nearest.is_dir():
-        raise FerryError(f"cannot create --out {out}: {nearest} is not a folder")
-    if not os.access(nearest, os.W_OK | os.X_OK):
-        raise FerryError(f"cannot write to --out {out}: permission denied on {nearest}")
+    check_folder_writable(folder, "--out")  # created by the run, not here: a run that fails early leaves nothing
 
 
 def cfg_arch(cfg) -> str:

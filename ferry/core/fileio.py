@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,46 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
+        if isinstance(exc, OSError) and exc.filename in (str(tmp_path), str(target)):  # the rename: a folder there, ...
+            raise FerryError(f"cannot write {target}: {exc.strerror or exc}") from exc
         raise
+
+
+def check_folder_writable(folder: str | os.PathLike[str], flag: str) -> None:
+    """Before the work: `folder` is a folder this process can write, or one it can create (the
+    nearest folder that exists above it is writable). Creates nothing."""
+    nearest = Path(folder).absolute()
+    while not nearest.exists():
+        nearest = nearest.parent
+    if nearest == Path(folder).absolute() and not nearest.is_dir():
+        raise FerryError(f"{flag} {folder} exists and is not a folder")
+    if not nearest.is_dir():
+        raise FerryError(f"cannot create {flag} {folder}: {nearest} is not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise FerryError(f"cannot write to {flag} {folder}: permission denied on {nearest}")
+
+
+def check_file_writable(target: str | os.PathLike[str], flag: str,
+                        keep: Iterable[tuple[str | os.PathLike[str], str]] = ()) -> None:
+    """Before the work: `target` can be written as a file. Not a folder, not one of `keep` (pairs of
+    a path and what it is, e.g. the command's model and inputs, which a write would destroy), in a
+    folder that exists or can be made and that this process can write. Creates nothing."""
+    path = Path(target)
+    if path.is_dir():
+        raise FerryError(f"{flag} {target} is a folder; name a file")
+    if path.exists():
+        st = path.stat()
+        for other, what in keep:
+            try:
+                o = os.stat(other)
+            except OSError:
+                continue
+            if (o.st_dev, o.st_ino) == (st.st_dev, st.st_ino):
+                raise FerryError(f"{flag} {target} is {what}: writing there would destroy it; name another file")
+    check_folder_writable(path.parent, f"{flag}'s folder")
 
 
 def write_bytes_atomic(target: str | os.PathLike[str], data: bytes) -> None:
