@@ -59,6 +59,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.int8_max_drop is not None and args.int8_max_drop < 0:
         raise FerryError(f"--int8-max-drop must be >= 0 (got {args.int8_max_drop})")
+    if args.triton_repo:  # before the export: a bad option found after it would have replaced the files for nothing
+        from ferry.core.fileio import check_folder_writable
+
+        if args.triton_max_batch < 1:
+            raise FerryError(f"--triton-max-batch must be >= 1 (got {args.triton_max_batch})")
+        if args.triton_precision != "fp32" and not getattr(args, args.triton_precision):
+            raise FerryError(f"--triton-precision {args.triton_precision}: export it too (--{args.triton_precision})")
+        check_folder_writable(args.triton_repo, "--triton-repo")
 
     result = export_model(ExportOptions(
         model=args.model, out=args.out, checkpoint=args.checkpoint, weights=args.weights, name=args.name,

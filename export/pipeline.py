@@ -85,6 +85,8 @@ def _check_options(opts: ExportOptions) -> None:
         raise FerryError("--calib-dir is for pretrained models; a checkpoint's int8 is calibrated on its own training images")
     if opts.opset < 17:
         raise FerryError(f"--opset must be >= 17 (got {opts.opset})")
+    if not opts.atol > 0:  # NaN too
+        raise FerryError(f"--atol must be > 0 (got {opts.atol})")
     if opts.annotations:
         raise FerryError("--annotations is for detectors (a COCO JSON of images to check the detector on)")
     _check_out(opts)

@@ -444,9 +444,18 @@ def parse(text: str | None, where: str | Path) -> ModelMetadata:
 def read(path: str | Path) -> ModelMetadata:
     """The metadata of a model file, read without onnx and without loading the graph."""
     path = Path(path)
+    check_model_file(path)
+    return parse(read_props(path).get(METADATA_KEY), path)
+
+
+def check_model_file(path: Path) -> None:
+    """A model path names a file with something in it: a folder or an empty file is said as such."""
+    if path.is_dir():
+        raise FerryError(f"{path} is a folder; name the model's .onnx file in it")
     if not path.is_file():
         raise FerryError(f"model not found: {path}")
-    return parse(read_props(path).get(METADATA_KEY), path)
+    if path.stat().st_size == 0:
+        raise FerryError(f"model {path} is an empty file (0 bytes)")
 
 
 def from_session(session: Any, path: str | Path) -> ModelMetadata:

@@ -167,9 +167,10 @@ def create_session(
         raise ProviderError(f"threads must be >= 1 (got {threads})")
     ort = ort or _import_ort()
     check_single_ort(distributions)
+    from ferry.runtime.contract import check_model_file
+
     path = Path(model_path)
-    if not path.is_file():
-        raise FerryError(f"model not found: {path}")
+    check_model_file(path)
 
     def options(profile_dir: str | None = None):
         opts = ort.SessionOptions()

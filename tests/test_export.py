@@ -139,9 +139,36 @@ def test_cli_bad_inputs_are_clear_errors(tmp_path, tiny_checkpoint, fake_mnist):
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
     cases.append((["export", "resnet50", "--weights", "none", "--int8", "--calib-dir", str(empty), "--out", str(out)], "no usable images"))
+    empty_ckpt = tmp_path / "empty.pt"
+    empty_ckpt.write_bytes(b"")
+    random_ckpt = tmp_path / "random.pt"
+    random_ckpt.write_bytes(np.random.default_rng(0).bytes(4096))
+    common = ["--out", str(out), "--data-dir", str(fake_mnist)]
+    cases += [
+        (["export", "mnist-cnn", "--checkpoint", str(empty_ckpt), *common], "is an empty file"),  # was an IndexError
+        (["export", "mnist-cnn", "--checkpoint", str(random_ckpt), *common], "never runs code from a checkpoint"),
+        (["export", "mnist-cnn", "--checkpoint", str(tmp_path), *common], "is a folder"),
+        (["export", "mnist-cnn", "--checkpoint", str(tiny_checkpoint), "--atol", "-1", *common], "--atol must be > 0"),
+    ]
     for args, needle in cases:
-        assert_clean_error(run_ferry(*args), needle)
+        proc = run_ferry(*args)
+        assert_clean_error(proc, needle)
+        assert "weights_only" not in proc.stderr  # torch's advice to load unsafely is not passed on
         _no_onnx_left(out)
+
+
+def test_triton_options_are_checked_before_anything_is_exported(tmp_path, tiny_checkpoint, fake_mnist):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mnist-cnn.onnx").write_bytes(b"the previous export")
+    common = ["export", "mnist-cnn", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--data-dir", str(fake_mnist),
+              "--triton-repo", str(tmp_path / "triton")]
+    for extra, needle in ((["--triton-max-batch", "0"], "--triton-max-batch must be >= 1"),
+                          (["--triton-precision", "int8"], "export it too (--int8)"),
+                          (["--triton-precision", "fp16"], "export it too (--fp16)")):
+        proc = run_ferry(*common, *extra)
+        assert_clean_error(proc, needle)
+        assert "exporting" not in proc.stdout and (out / "mnist-cnn.onnx").read_bytes() == b"the previous export"
 
 
 def test_resnet_weights_download_failure_says_what_to_do(monkeypatch):

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,20 @@ def save(path: Path, state: dict[str, Any]) -> None:
 def load(path: str | Path, *, fmt: str, kind: str, required: Sequence[str]) -> dict[str, Any]:
     """The checkpoint at `path`, which must be of format `fmt` and hold `required` keys."""
     path = Path(path)
+    if path.is_dir():
+        raise FerryError(f"checkpoint {path} is a folder; name the checkpoint file in it (checkpoint.pt)")
     if not path.is_file():
         raise FerryError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise FerryError(f"checkpoint {path} is an empty file (0 bytes)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's text would suggest weights_only=False: never for a file of unknown origin
+        raise FerryError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint of weights ({type(exc).__name__}); "
+                         f"ferry loads weights only and never runs code from a checkpoint") from exc
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        raise FerryError(f"checkpoint {path} is corrupt or unreadable: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise FerryError(f"checkpoint {path} is corrupt or unreadable: {type(exc).__name__}" + (f": {first}" if first else "")) from exc
     found = state.get("format") if isinstance(state, dict) else None
     if isinstance(found, str) and found != fmt and found.split("/")[0] == fmt.split("/")[0]:
         raise FerryError(f"{path} was written by another version of ferry (format {found}; this one reads {fmt}, "
