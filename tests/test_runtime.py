@@ -283,6 +283,11 @@ def test_missing_corrupt_and_mismatched_models(cnn_export, tmp_path):
     path, _ = cnn_export
     with pytest.raises(FerryError, match="model not found"):
         Classifier.from_onnx(tmp_path / "missing.onnx")
+    with pytest.raises(FerryError, match="is a folder"):
+        Classifier.from_onnx(tmp_path)
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(FerryError, match="empty file"):
+        Classifier.from_onnx(tmp_path / "empty.onnx")
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(Path(path).read_bytes()[:500])
     with pytest.raises(FerryError, match="is not a readable ONNX file"):
