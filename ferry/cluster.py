@@ -16,8 +16,8 @@ def check_reachable(address: str, timeout: float = 3.0) -> None:
         return
     hostport = address.split("://", 1)[-1]
     host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise FerryError(f"--address {address!r}: expected auto, HOST:PORT or ray://HOST:PORT")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise FerryError(f"--address {address!r}: expected auto, HOST:PORT (a port of 1 to 65535) or ray://HOST:PORT")
     try:
         with socket.create_connection((host, int(port)), timeout=timeout):
             pass

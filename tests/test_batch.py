@@ -185,9 +185,15 @@ def test_cli_run_on_the_session_ray_and_bad_arguments(ray_local, cnn_export, tmp
         ([model, str(tmp_path / "empty")], "no input files"),
         ([model, str(tmp_path / "nowhere")], "does not exist"),
         ([model, str(folder), "--address", "127.0.0.1:1"], "cannot reach a Ray cluster at 127.0.0.1:1"),
+        ([model, str(folder), "--address", "127.0.0.1:99999"], "a port of 1 to 65535"),
         ([model, str(folder), "--batch-size", "0"], "--batch-size must be >= 1"),
+        ([model, str(folder), "--object-store-mb", "0"], "--object-store-mb must be >= 80"),
         ([model, str(folder), "--workers", "4", "--cpus-per-worker", "1", "--address", address], "starve"),
     ]
-    for args, needle in cases:
-        assert_clean_error(run_ferry("batch", *args, "--out", str(tmp_path / "o")), needle)
+    for i, (args, needle) in enumerate(cases):
+        out = tmp_path / f"o{i}"
+        assert_clean_error(run_ferry("batch", *args, "--out", str(out)), needle)
+        # refused before --out is claimed (a record there would refuse the corrected run as "another job's");
+        # too many workers is known only once Ray tells the cluster's CPUs
+        assert not out.exists() or needle == "starve", args
     assert_clean_error(run_ferry("batch", model, str(folder), "--out", str(tmp_path / "out")), "already holds this job's")

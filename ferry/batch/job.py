@@ -584,6 +584,8 @@ def _check_options(opts: BatchOptions) -> None:
             raise FerryError(f"{name} must be >= {low} (got {value})")
     if opts.cpus_per_worker < 0 or opts.gpus_per_worker < 0:
         raise FerryError("--cpus-per-worker and --gpus-per-worker must be >= 0")
+    if not opts.address and opts.object_store_mb < 80:
+        raise FerryError(f"--object-store-mb must be >= 80 (Ray's minimum is 75 MiB; got {opts.object_store_mb})")
 
 
 def run_batch(opts: BatchOptions, *, log: Callable[[str], None] = print) -> BatchSummary:
@@ -606,6 +608,10 @@ def run_batch(opts: BatchOptions, *, log: Callable[[str], None] = print) -> Batc
         raise FerryError(f"no input files in {opts.input}")
     if len(set(items)) != len(items):
         raise FerryError(f"{opts.input} lists {len(items) - len(set(items))} path(s) more than once; each image once, please")
+    if opts.address:  # before --out is claimed: a cluster that is not there is the whole error
+        from ferry.cluster import check_reachable
+
+        check_reachable(opts.address)
     dest = open_destination(opts.out, endpoint)
     items_sha256 = _digest(items)
     if dest.job is not None:
