@@ -261,6 +261,19 @@ def test_soak_of_2000_mixed_requests(server, tmp_path):
     assert rss_after - rss_before < 40, (rss_before, rss_after)
 
 
+def test_options_of_the_other_host_are_refused_not_ignored(monkeypatch):
+    from ferry.core.errors import FerryError
+    from ferry.serve.local import ServeOptions, check_options
+
+    monkeypatch.delenv("FERRY_API_KEY", raising=False)
+    with pytest.raises(FerryError, match="--replicas 3 is for Ray Serve"):
+        check_options(ServeOptions(models=["m.onnx"], port=0, replicas=3))
+    with pytest.raises(FerryError, match="--workers 2 is for the local server"):
+        check_options(ServeOptions(models=["m.onnx"], port=0, workers=2, address="auto"))
+    check_options(ServeOptions(models=["m.onnx"], port=0, workers=2))  # each where it belongs
+    check_options(ServeOptions(models=["m.onnx"], port=0, replicas=3, address="auto"))
+
+
 def test_keys_come_from_the_environment_or_a_file_and_the_probes_are_open(cnn_export, tmp_path):
     model = cnn_export[0]
     secret = "s3cret-on-the-command-line"

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an S3-compatible store for s3:// URIs, e.g. http://127.0.0.1:9000 "
                              "(default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else Amazon S3)")
     parser.add_argument("--address", help="join a Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: start a local Ray)")
-    parser.add_argument("--workers", type=int, default=0, help="actors in the pool (default: one per CPU, or per GPU)")
+    parser.add_argument("--workers", type=int, default=0, help="actors in the pool (default, or 0: one per CPU, or per GPU)")
     parser.add_argument("--cpus-per-worker", type=float, default=0.0,
                         help="CPUs each actor reserves; its onnxruntime threads follow (default: share what reading leaves)")
     parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs each actor reserves (selects CUDA)")

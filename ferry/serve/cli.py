@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=0,
                         help="prediction requests per model the server admits at once (reading, decoding, queued or "
                              "computing), split over the worker processes or replicas; one more gets 503 with Retry-After "
-                             "(default: 2 x --max-batch-size, at least 16, per process or replica)")
+                             "(default, or 0: 2 x --max-batch-size, at least 16, per process or replica)")
     parser.add_argument("--timeout-s", type=float, default=10.0,
                         help="deadline of a prediction from its arrival; past it: 504 and its work is dropped (default: 10)")
     parser.add_argument("--drain-timeout-s", type=float, default=15.0,

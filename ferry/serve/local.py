@@ -109,6 +109,12 @@ def check_options(opts: ServeOptions) -> None:
         problems.append(f"--workers must be >= 1 (got {opts.workers})")
     if opts.replicas < 1:
         problems.append(f"--replicas must be >= 1 (got {opts.replicas})")
+    elif opts.replicas != 1 and not opts.address:
+        problems.append(f"--replicas {opts.replicas} is for Ray Serve (with --address); on one machine --workers "
+                        f"sets the processes")
+    if opts.workers != 1 and opts.address:
+        problems.append(f"--workers {opts.workers} is for the local server; on Ray Serve (--address) --replicas "
+                        f"sets the copies")
     if opts.max_batch_size < 1:
         problems.append(f"--max-batch-size must be >= 1 (got {opts.max_batch_size})")
     if opts.batch_wait_ms is not None and opts.batch_wait_ms < 0:
