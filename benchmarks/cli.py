@@ -85,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.models_dir}` for each model")
     if args.max_seconds <= 0:
         raise FerryError("--max-seconds must be > 0")
+    from ferry.core.fileio import check_folder_writable
+
+    check_folder_writable(args.out, "--out")  # now, not after the whole benchmark
     cfg = BenchConfig(models_dir=args.models_dir, models=tuple(args.models), backends=tuple(args.backends),
                       batch_sizes=batches, checkpoint=checkpoints(args.checkpoint), threads=args.threads,
                       min_seconds=0.3 if args.quick else args.min_seconds, min_calls=10 if args.quick else 50,

@@ -327,6 +327,10 @@ def test_cli_bad_arguments(tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     missing = run_ferry("bench", "--models-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "d"))
     assert_clean_error(missing, "does not exist")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    for out in (tmp_path / "a-file", tmp_path / "a-file" / "sub"):  # said before a benchmark runs, not after it
+        assert_clean_error(run_ferry("bench", "--models-dir", str(tmp_path / "models"), "--out", str(out)), "not a folder")
 
 
 def test_train_step_benchmark_runs():
