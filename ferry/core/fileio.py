@@ -44,13 +44,15 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
 
 def check_folder_writable(folder: str | os.PathLike[str], flag: str) -> None:
     """Before the work: `folder` is a folder this process can write, or one it can create (the
-    nearest folder that exists above it is writable). Creates nothing."""
-    nearest = Path(folder).absolute()
-    while not nearest.exists():
-        nearest = nearest.parent
-    if nearest == Path(folder).absolute() and not nearest.is_dir():
+    nearest folder that exists above it is writable). Creates nothing. os.path's probes answer False
+    where Path's may raise (a folder on the way that cannot be entered)."""
+    given = os.path.abspath(folder)
+    if os.path.lexists(given) and not os.path.isdir(given):  # a file, or a link to nowhere
         raise FerryError(f"{flag} {folder} exists and is not a folder")
-    if not nearest.is_dir():
+    nearest = given
+    while not os.path.lexists(nearest):
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest):
         raise FerryError(f"cannot create {flag} {folder}: {nearest} is not a folder")
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise FerryError(f"cannot write to {flag} {folder}: permission denied on {nearest}")
@@ -61,11 +63,13 @@ def check_file_writable(target: str | os.PathLike[str], flag: str,
     """Before the work: `target` can be written as a file. Not a folder, not one of `keep` (pairs of
     a path and what it is, e.g. the command's model and inputs, which a write would destroy), in a
     folder that exists or can be made and that this process can write. Creates nothing."""
-    path = Path(target)
-    if path.is_dir():
+    if os.path.isdir(target):
         raise FerryError(f"{flag} {target} is a folder; name a file")
-    if path.exists():
-        st = path.stat()
+    try:
+        st = os.stat(target)
+    except OSError:
+        st = None  # not there (or not to be looked at): nothing of ours to destroy; the folder check says the rest
+    if st is not None:
         for other, what in keep:
             try:
                 o = os.stat(other)
@@ -73,7 +77,7 @@ def check_file_writable(target: str | os.PathLike[str], flag: str,
                 continue
             if (o.st_dev, o.st_ino) == (st.st_dev, st.st_ino):
                 raise FerryError(f"{flag} {target} is {what}: writing there would destroy it; name another file")
-    check_folder_writable(path.parent, f"{flag}'s folder")
+    check_folder_writable(os.path.dirname(os.path.abspath(target)), f"{flag}'s folder")
 
 
 def write_bytes_atomic(target: str | os.PathLike[str], data: bytes) -> None:
