@@ -450,11 +450,11 @@ def read(path: str | Path) -> ModelMetadata:
 
 def check_model_file(path: Path) -> None:
     """A model path names a file with something in it: a folder or an empty file is said as such."""
-    if path.is_dir():
+    if os.path.isdir(path):  # os.path's probes answer False where Path's may raise (a folder that cannot be entered)
         raise FerryError(f"{path} is a folder; name the model's .onnx file in it")
-    if not path.is_file():
+    if not os.path.isfile(path):
         raise FerryError(f"model not found: {path}")
-    if path.stat().st_size == 0:
+    if os.path.getsize(path) == 0:
         raise FerryError(f"model {path} is an empty file (0 bytes)")
 
 

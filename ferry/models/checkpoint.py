@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,11 +32,11 @@ def save(path: Path, state: dict[str, Any]) -> None:
 def load(path: str | Path, *, fmt: str, kind: str, required: Sequence[str]) -> dict[str, Any]:
     """The checkpoint at `path`, which must be of format `fmt` and hold `required` keys."""
     path = Path(path)
-    if path.is_dir():
+    if os.path.isdir(path):  # os.path's probes answer False where Path's may raise
         raise FerryError(f"checkpoint {path} is a folder; name the checkpoint file in it (checkpoint.pt)")
-    if not path.is_file():
+    if not os.path.isfile(path):
         raise FerryError(f"checkpoint not found: {path}")
-    if path.stat().st_size == 0:
+    if os.path.getsize(path) == 0:
         raise FerryError(f"checkpoint {path} is an empty file (0 bytes)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
