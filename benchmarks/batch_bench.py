@@ -93,8 +93,6 @@ def time_batch(model: Path, inputs: Path | str, out: Path | str, workers: int) -
 
 
 def _process_cpu_seconds(pid: int) -> float:
-    import os
-
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
@@ -104,8 +102,6 @@ def machine_cpu_seconds(stat: str | None = None) -> dict[str, float]:
     (user, nice, system, irq, softirq; guest time is already in user), idle (idle, iowait) and
     steal (time the hypervisor gave to others while this machine wanted to run). In a container,
     /proc/stat is still the host's (or the VM's): the whole machine, not the container's share."""
-    import os
-
     text = Path("/proc/stat").read_text() if stat is None else stat
     ticks = [int(v) for v in text.splitlines()[0].split()[1:]] + [0] * 8
     user, nice, system, idle, iowait, irq, softirq, steal = ticks[:8]

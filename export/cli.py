@@ -78,8 +78,6 @@ def run(args: argparse.Namespace) -> int:
     if args.triton_repo:
         from ferry.export.triton import DOCKER_RUN, write_repository
 
-        if args.triton_precision not in result.paths:
-            raise FerryError(f"--triton-precision {args.triton_precision}: export it too (--{args.triton_precision})")
         folder = write_repository(result.paths[args.triton_precision], result.metadata[args.triton_precision],
                                   args.triton_repo, max_batch_size=args.triton_max_batch, tensorrt_fp16=args.triton_trt_fp16)
         print(f"triton: {folder} (config.pbtxt checked against Triton's model-config schema); serve it with:\n  "

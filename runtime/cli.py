@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ferry.core.fileio import check_file_writable, write_json_atomic
+    from ferry.core.fileio import write_json_atomic
     from ferry.core.progress import Progress
     from ferry.runtime.detector import open_model
     from ferry.runtime.images import quiet_bomb_warnings
@@ -60,8 +60,7 @@ def run(args: argparse.Namespace) -> int:
     files = expand_inputs(args.inputs)
     if not files:
         raise FerryError("no input files found")
-    if args.json and args.json != "-":  # before the work: a bad target found after it would waste it
-        check_file_writable(args.json, "--json", [(args.model, "the model"), *((f, f"an input ({f})") for f in files)])
+    _check_json_target(args, files)
     to_stdout_json = args.json == "-"
     say = (lambda s: print(s, file=sys.stderr)) if to_stdout_json else print
     say(f"model: {clf.name} ({clf.path}), provider: {clf.provider.describe()}")
@@ -102,6 +101,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_json_target(args: argparse.Namespace, files: list) -> None:
+    """Before the work (a bad --json FILE found after it would waste it): FILE can be written and is
+    neither the model nor an input."""
+    if args.json and args.json != "-":
+        from ferry.core.fileio import check_file_writable
+
+        check_file_writable(args.json, "--json", [(args.model, "the model"), *((f, f"an input ({f})") for f in files)])
+
+
 def _print_outcome(outcome, top_k: int) -> None:
     if not outcome.ok:
         print(f"ERROR {outcome.error}", file=sys.stderr)  # the error names its file
@@ -117,7 +125,7 @@ def _run_detector(det, args: argparse.Namespace) -> int:
     """`ferry predict` on a detector: detections per image, --json, --draw DIR."""
     from pathlib import Path
 
-    from ferry.core.fileio import atomic_path, check_file_writable, check_folder_writable, write_json_atomic
+    from ferry.core.fileio import atomic_path, check_folder_writable, write_json_atomic
     from ferry.core.progress import Progress
     from ferry.runtime.detector import DEFAULT_MIN_SCORE, draw_detections
     from ferry.runtime.images import load_image
@@ -136,8 +144,7 @@ def _run_detector(det, args: argparse.Namespace) -> int:
         if inside is not None:  # a drawing named after its input (x.png) would replace it
             raise FerryError(f"--draw {draw_dir} holds inputs (e.g. {inside}): the drawings could replace them; "
                              f"choose another folder")
-    if args.json and args.json != "-":
-        check_file_writable(args.json, "--json", [(args.model, "the model"), *((f, f"an input ({f})") for f in files)])
+    _check_json_target(args, files)
     min_score = DEFAULT_MIN_SCORE if args.min_score is None else args.min_score
     to_stdout_json = args.json == "-"
     say = (lambda s: print(s, file=sys.stderr)) if to_stdout_json else print

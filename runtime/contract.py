@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ferry.core.errors import FerryError
-from ferry.core.fileio import atomic_path, sha256_file
+from ferry.core.fileio import atomic_path, check_input_file, sha256_file
 from ferry.runtime.presets import Preprocess, SpecError
 
 METADATA_KEY = "ferry"  # metadata_props key of the JSON object
@@ -450,12 +450,7 @@ def read(path: str | Path) -> ModelMetadata:
 
 def check_model_file(path: Path) -> None:
     """A model path names a file with something in it: a folder or an empty file is said as such."""
-    if os.path.isdir(path):  # os.path's probes answer False where Path's may raise (a folder that cannot be entered)
-        raise FerryError(f"{path} is a folder; name the model's .onnx file in it")
-    if not os.path.isfile(path):
-        raise FerryError(f"model not found: {path}")
-    if os.path.getsize(path) == 0:
-        raise FerryError(f"model {path} is an empty file (0 bytes)")
+    check_input_file(path, "model", "model's .onnx file")
 
 
 def from_session(session: Any, path: str | Path) -> ModelMetadata:

@@ -42,6 +42,18 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+def check_input_file(path: str | os.PathLike[str], what: str, name: str) -> None:
+    """A path given as `what` (a model, a checkpoint) names a file with something in it; a folder, a
+    missing or an empty file is said as such (`name`: what to name in a folder instead). os.path's
+    probes answer False where Path's may raise (a folder on the way that cannot be entered)."""
+    if os.path.isdir(path):
+        raise FerryError(f"{what} {path} is a folder; name the {name} in it")
+    if not os.path.isfile(path):
+        raise FerryError(f"{what} not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise FerryError(f"{what} {path} is an empty file (0 bytes)")
+
+
 def check_folder_writable(folder: str | os.PathLike[str], flag: str) -> None:
     """Before the work: `folder` is a folder this process can write, or one it can create (the
     nearest folder that exists above it is writable). Creates nothing. os.path's probes answer False

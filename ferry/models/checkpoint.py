@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 
 from ferry.core.errors import FerryError
-from ferry.core.fileio import atomic_path
+from ferry.core.fileio import atomic_path, check_input_file
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
@@ -32,12 +31,7 @@ def save(path: Path, state: dict[str, Any]) -> None:
 def load(path: str | Path, *, fmt: str, kind: str, required: Sequence[str]) -> dict[str, Any]:
     """The checkpoint at `path`, which must be of format `fmt` and hold `required` keys."""
     path = Path(path)
-    if os.path.isdir(path):  # os.path's probes answer False where Path's may raise
-        raise FerryError(f"checkpoint {path} is a folder; name the checkpoint file in it (checkpoint.pt)")
-    if not os.path.isfile(path):
-        raise FerryError(f"checkpoint not found: {path}")
-    if os.path.getsize(path) == 0:
-        raise FerryError(f"checkpoint {path} is an empty file (0 bytes)")
+    check_input_file(path, "checkpoint", "checkpoint file (checkpoint.pt)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # torch's text would suggest weights_only=False: never for a file of unknown origin
