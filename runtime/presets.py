@@ -249,33 +249,28 @@ def preprocess_imagenet(img: Image.Image, spec: Preprocess) -> np.ndarray:
     size = spec.resize
     new_short, new_long = size, int(size * long / short)
     new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    if (new_w, new_h) != (w, h):
-        resample = INTERPOLATIONS[spec.interpolation]
-        img = img.resize((new_w, new_h), resample)
     ch, cw = spec.crop
     if new_w < cw or new_h < ch:
         raise FerryError(f"image resized to {new_w}x{new_h} is smaller than the {cw}x{ch} crop")
     top = int(round((new_h - ch) / 2.0))
     left = int(round((new_w - cw) / 2.0))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), INTERPOLATIONS[spec.interpolation])
     img = img.crop((left, top, left + cw, top + ch))
-    arr = np.asarray(img)  # (H, W, 3) uint8
-    lut = _channel_lut(spec.mean, spec.std)
-    out = np.empty((3, *arr.shape[:2]), np.float32)
-    for c in range(3):  # straight into CHW: no float (H, W, 3) array, no transpose
-        np.take(lut[c], arr[:, :, c], out=out[c])
+    out = np.empty((3, ch, cw), np.float32)
+    normalize_into(out, img, spec.mean, spec.std)
     return out
 
 
-@functools.lru_cache(maxsize=16)
-def _channel_lut(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """(3, 256) float32: what each 8-bit value of each channel becomes after the same float32
-    operations as torchvision (x / 255, then (x - mean) / std), in the same order. A lookup gives
-    those values bit for bit."""
-    v = np.repeat(np.arange(256, dtype=np.float32)[None], len(mean), axis=0)
-    v /= np.float32(255)
-    v -= np.asarray(mean, dtype=np.float32)[:, None]
-    v /= np.asarray(std, dtype=np.float32)[:, None]
-    return v
+def normalize_into(out: np.ndarray, img: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    """Fill `out` ((3, H, W) float32, a view is fine) from an RGB image of (W, H) pixels with
+    torchvision's float32 operations in its order: x / 255, then (x - mean) / std per channel. The
+    same IEEE operations give the same values bit for bit."""
+    for c, band in enumerate(img.split()):
+        np.copyto(out[c], np.asarray(band), casting="unsafe")
+    out /= np.float32(255)
+    out -= np.asarray(mean, np.float32)[:, None, None]
+    out /= np.asarray(std, np.float32)[:, None, None]
 
 
 # --- letterbox (detectors) ------------------------------------------------------------------
@@ -321,11 +316,8 @@ def preprocess_letterbox(img: Image.Image, spec: Preprocess) -> tuple[np.ndarray
     new_w, new_h = letterbox_size(w, h, spec)
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), INTERPOLATIONS[spec.interpolation])
-    arr = np.asarray(img)
-    lut = _channel_lut(spec.mean, spec.std)
     out = np.zeros((3, *spec.size), np.float32)
-    for c in range(3):
-        np.take(lut[c], arr[:, :, c], out=out[c, :new_h, :new_w])
+    normalize_into(out[:, :new_h, :new_w], img, spec.mean, spec.std)
     return out, Frame(w, h, new_w / w, new_h / h)
 
 

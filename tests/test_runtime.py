@@ -43,6 +43,28 @@ def test_imagenet_preprocessing_equals_torchvision(weights, name):
     assert np.abs(ours - ref).max() <= 1e-6
 
 
+def test_every_pixel_value_is_normalized_with_torchvisions_float32_operations():
+    """Each 8-bit value of each channel becomes exactly x / 255, then (x - mean) / std, in float32 and
+    in that order (torchvision's operations), through the ImageNet and the letterbox paths: an
+    image holding all 256 values in every channel, at its own size so nothing is resized. A
+    reciprocal multiply, a float64 pass or another order changes some values' last bits."""
+    from ferry.runtime.presets import letterbox_spec, preprocess_letterbox
+
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    rgb = np.stack([values, np.roll(values, 85), values[::-1]], axis=-1)  # each channel in another order
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    want = rgb.transpose(2, 0, 1).astype(np.float32)
+    want /= np.float32(255)
+    want -= np.asarray(mean, np.float32)[:, None, None]
+    want /= np.asarray(std, np.float32)[:, None, None]
+    img = Image.fromarray(rgb)
+    got = preprocess_imagenet(img, imagenet_spec(resize=16, crop=16, mean=mean, std=std))
+    assert got.dtype == np.float32 and np.array_equal(got, want)
+    boxed, _ = preprocess_letterbox(img, letterbox_spec(size=(20, 24), mean=mean, std=std))
+    assert np.array_equal(boxed[:, :16, :16], want)
+    assert not boxed[:, 16:].any() and not boxed[:, :, 16:].any()  # the padding: the mean colour, 0
+
+
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "1"])
 def test_any_mode_becomes_rgb(mode):
     base = photo("chelsea")
