@@ -40,27 +40,25 @@ def test_imagenet_preprocessing_equals_torchvision(weights, name):
     ours = preprocess_imagenet(img, spec)
     ref = transforms(img).numpy()
     assert ours.shape == ref.shape == (3, 224, 224)
-    assert np.abs(ours - ref).max() <= 1e-6
+    assert np.array_equal(ours, ref)  # bit for bit
 
 
-def test_every_pixel_value_is_normalized_with_torchvisions_float32_operations():
-    """Each 8-bit value of each channel becomes exactly x / 255, then (x - mean) / std, in float32 and
-    in that order (torchvision's operations), through the ImageNet and the letterbox paths: an
-    image holding all 256 values in every channel, at its own size so nothing is resized. A
-    reciprocal multiply, a float64 pass or another order changes some values' last bits."""
+def test_every_pixel_value_is_normalized_as_torchvision_does_bit_for_bit():
+    """Each 8-bit value of each channel becomes exactly what torchvision's preset makes of it (x / 255,
+    then (x - mean) / std, in float32), through the ImageNet and the letterbox paths: an image holding
+    all 256 values in every channel, at its own size so nothing is resized. A reciprocal multiply, a
+    float64 pass or another order changes some values' last bits."""
+    import torchvision.models as tvm
+
     from ferry.runtime.presets import letterbox_spec, preprocess_letterbox
 
     values = np.arange(256, dtype=np.uint8).reshape(16, 16)
-    rgb = np.stack([values, np.roll(values, 85), values[::-1]], axis=-1)  # each channel in another order
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    want = rgb.transpose(2, 0, 1).astype(np.float32)
-    want /= np.float32(255)
-    want -= np.asarray(mean, np.float32)[:, None, None]
-    want /= np.asarray(std, np.float32)[:, None, None]
-    img = Image.fromarray(rgb)
-    got = preprocess_imagenet(img, imagenet_spec(resize=16, crop=16, mean=mean, std=std))
+    img = Image.fromarray(np.stack([values, np.roll(values, 85), values[::-1]], axis=-1))  # each channel in another order
+    preset = tvm.ResNet50_Weights.IMAGENET1K_V1.transforms.func  # torchvision's ImageClassification
+    want = preset(crop_size=16, resize_size=16)(img).numpy()
+    got = preprocess_imagenet(img, imagenet_spec(resize=16, crop=16))
     assert got.dtype == np.float32 and np.array_equal(got, want)
-    boxed, _ = preprocess_letterbox(img, letterbox_spec(size=(20, 24), mean=mean, std=std))
+    boxed, _ = preprocess_letterbox(img, letterbox_spec(size=(20, 24)))
     assert np.array_equal(boxed[:, :16, :16], want)
     assert not boxed[:, 16:].any() and not boxed[:, :, 16:].any()  # the padding: the mean colour, 0
 
