@@ -258,16 +258,16 @@ def preprocess_imagenet(img: Image.Image, spec: Preprocess) -> np.ndarray:
         img = img.resize((new_w, new_h), INTERPOLATIONS[spec.interpolation])
     img = img.crop((left, top, left + cw, top + ch))
     out = np.empty((3, ch, cw), np.float32)
-    normalize_into(out, img, spec.mean, spec.std)
+    _normalize_into(out, img, spec.mean, spec.std)
     return out
 
 
-def normalize_into(out: np.ndarray, img: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+def _normalize_into(out: np.ndarray, img: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
     """Fill `out` ((3, H, W) float32, a view is fine) from an RGB image of (W, H) pixels with
     torchvision's float32 operations in its order: x / 255, then (x - mean) / std per channel. The
     same IEEE operations give the same values bit for bit."""
     for c, band in enumerate(img.split()):
-        np.copyto(out[c], np.asarray(band), casting="unsafe")
+        np.copyto(out[c], np.asarray(band))  # uint8 -> float32: exact
     out /= np.float32(255)
     out -= np.asarray(mean, np.float32)[:, None, None]
     out /= np.asarray(std, np.float32)[:, None, None]
@@ -317,7 +317,7 @@ def preprocess_letterbox(img: Image.Image, spec: Preprocess) -> tuple[np.ndarray
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), INTERPOLATIONS[spec.interpolation])
     out = np.zeros((3, *spec.size), np.float32)
-    normalize_into(out[:, :new_h, :new_w], img, spec.mean, spec.std)
+    _normalize_into(out[:, :new_h, :new_w], img, spec.mean, spec.std)
     return out, Frame(w, h, new_w / w, new_h / h)
 
 

@@ -53,14 +53,15 @@ def test_every_pixel_value_is_normalized_as_torchvision_does_bit_for_bit():
     from ferry.runtime.presets import letterbox_spec, preprocess_letterbox
 
     values = np.arange(256, dtype=np.uint8).reshape(16, 16)
-    img = Image.fromarray(np.stack([values, np.roll(values, 85), values[::-1]], axis=-1))  # each channel in another order
-    preset = tvm.ResNet50_Weights.IMAGENET1K_V1.transforms.func  # torchvision's ImageClassification
-    want = preset(crop_size=16, resize_size=16)(img).numpy()
+    rgb = np.stack([values, np.roll(values, 85), values[::-1]], axis=-1)  # each channel in another order
+    img = Image.fromarray(rgb)
+    want = tvm.ResNet50_Weights.IMAGENET1K_V1.transforms(crop_size=16, resize_size=16)(img).numpy()
     got = preprocess_imagenet(img, imagenet_spec(resize=16, crop=16))
     assert got.dtype == np.float32 and np.array_equal(got, want)
-    boxed, _ = preprocess_letterbox(img, letterbox_spec(size=(20, 24)))
-    assert np.array_equal(boxed[:, :16, :16], want)
-    assert not boxed[:, 16:].any() and not boxed[:, :, 16:].any()  # the padding: the mean colour, 0
+    wide = Image.fromarray(rgb.reshape(8, 32, 3))  # not square: the letterbox's rows and columns apart
+    boxed, _ = preprocess_letterbox(wide, letterbox_spec(size=(20, 40)))
+    assert np.array_equal(boxed[:, :8, :32], want.reshape(3, 8, 32))  # (each value alone: any layout)
+    assert not boxed[:, 8:].any() and not boxed[:, :, 32:].any()  # the padding: the mean colour, 0
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "1"])
