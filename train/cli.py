@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 from ferry.core.errors import FerryError
 
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     cfg.validate()
-    check_out(cfg.out, resume=args.resume, overwrite=getattr(args, "overwrite", False))
+    check_out(cfg.out, resume=args.resume, overwrite=args.overwrite)
     try:
         if getattr(args, "task", "classify") == "detect":
             from ferry.train.detect import train_detector
@@ -154,16 +155,12 @@ def run(args: argparse.Namespace) -> int:
 def check_out(out: str, *, resume: bool, overwrite: bool) -> None:
     """Before any training: --out is (or can be made) a folder this process can write, and a trained model already
     there is replaced only when asked (--overwrite), continued with --resume, and never by accident."""
-    import os
-    from pathlib import Path
-
     from ferry.core.fileio import check_folder_writable
 
-    folder = Path(out)
-    check_folder_writable(folder, "--out")  # created by the run, not here: a run that fails early leaves nothing
+    check_folder_writable(out, "--out")  # created by the run, not here: a run that fails early leaves nothing
     if resume and overwrite:
         raise FerryError("--resume continues the model in --out and --overwrite replaces it: choose one")
-    if not resume and not overwrite and os.path.lexists(folder / "checkpoint.pt"):
+    if not resume and not overwrite and os.path.lexists(os.path.join(out, "checkpoint.pt")):
         raise FerryError(f"--out {out} already holds a trained model (checkpoint.pt): choose another --out, "
                          f"--resume to continue it, or --overwrite to replace it")
 
