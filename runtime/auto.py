@@ -5,7 +5,9 @@ On the CPU the candidates are onnxruntime, OpenVINO at f32 (when `ferry[openvino
 and OpenVINO at bf16 (only where the CPU has bf16 instructions and the model's bf16 accuracy was
 validated at export). With one candidate there is nothing to measure. With several, the first
 start times each at batch 1 in interleaved rounds (the same input, one engine after another, so
-machine noise hits all alike), picks the lowest median and writes the choice to a cache keyed by
+machine noise hits all alike), picks the lowest median (onnxruntime unless another engine beats it
+by more than TIE: a closer gap is within what seven short rounds can tell apart) and writes the
+choice to a cache keyed by
 the model file's sha256, the CPU (model, generation, class and flags), the threads and the
 engines' versions; every later start reads the cache and measures nothing, so a given cache
 always gives the same choice.
@@ -34,6 +36,7 @@ from ferry.runtime.providers import ProviderInfo, create_session, default_thread
 CACHE_FILE = "auto-choices.json"
 ROUNDS = 7  # interleaved rounds of the first measurement
 ROUND_SECONDS = 0.1  # each engine's share of one round (at least 3 calls)
+TIE = 0.03  # another engine is chosen over onnxruntime only when its median is this much lower (a 0.2% gap once chose the slower)
 
 
 def cache_dir() -> Path:
@@ -188,7 +191,7 @@ def _choose(path, meta: ModelMetadata, names: list[str], key: str, folder: Path,
             engines[name] = open_engine(path, name, meta, threads=threads)
         x = np.zeros((1, *meta.input_shape), np.float32)
         seconds = measure(engines, x)
-        choice = min(seconds, key=seconds.__getitem__)
+        choice = pick(seconds)
         medians = {n: round(1e3 * s, 4) for n, s in seconds.items()}
         written = _write_cache(folder, key, {"choice": choice, "median_ms": medians, "model": str(path),
                                              "measured": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
@@ -198,6 +201,15 @@ def _choose(path, meta: ModelMetadata, names: list[str], key: str, folder: Path,
         for other in engines.values():
             other.close()
     return engine, choice, how
+
+
+def pick(seconds: dict[str, float]) -> str:
+    """The engine with the lowest median, but onnxruntime ("cpu") unless that one is more than TIE
+    faster than it: a gap the start-up rounds cannot resolve keeps the default engine."""
+    fastest = min(seconds, key=seconds.__getitem__)
+    if "cpu" in seconds and seconds[fastest] > (1 - TIE) * seconds["cpu"]:
+        return "cpu"
+    return fastest
 
 
 def _medians(medians: dict[str, float], meta: ModelMetadata) -> str:

@@ -181,8 +181,19 @@ def test_auto_measures_once_then_reads_its_cache(cnn_export, tmp_path, monkeypat
     monkeypatch.setenv("FERRY_CACHE_DIR", str(tmp_path / "cache2"))
     real = Classifier.from_onnx(path)
     (record,) = json.loads((tmp_path / "cache2" / auto.CACHE_FILE).read_text()).values()
-    assert set(record["median_ms"]) == {"cpu", "openvino"} and record["choice"] == min(record["median_ms"], key=record["median_ms"].get)
+    assert set(record["median_ms"]) == {"cpu", "openvino"} and record["choice"] == auto.pick(record["median_ms"])
     assert real.provider.engine == ("openvino" if record["choice"] == "openvino" else "onnxruntime")
+
+
+def test_auto_keeps_onnxruntime_unless_another_engine_is_clearly_faster():
+    """A gap the start-up rounds cannot resolve (within TIE) keeps onnxruntime; a clear one picks the
+    faster engine, whichever it is."""
+    assert auto.pick({"cpu": 42.365, "openvino": 42.279}) == "cpu"  # 0.2%: the gap that once chose the slower
+    assert auto.pick({"cpu": 1.0, "openvino": 0.98, "openvino-bf16": 0.975}) == "cpu"
+    assert auto.pick({"cpu": 1.0, "openvino": 0.96}) == "openvino"
+    assert auto.pick({"cpu": 1.0, "openvino": 0.9, "openvino-bf16": 0.5}) == "openvino-bf16"
+    assert auto.pick({"cpu": 0.5, "openvino": 1.0}) == "cpu"
+    assert auto.pick({"openvino": 1.0, "openvino-bf16": 0.99}) == "openvino-bf16"  # no onnxruntime: the lowest
 
 
 def test_without_openvino_nothing_breaks_and_asking_for_it_says_how(cnn_export, tmp_path):
