@@ -5,6 +5,7 @@ on its own (`ferry bench` from an empty folder), and `python -m ferry` working l
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import os
 import shutil
@@ -35,6 +36,49 @@ def test_no_bare_stage_imports_anywhere():
                  if ".venv" not in p.parts and "build" not in p.parts
                  for m in _imports(p) if m.split(".")[0] in ("runtime", "train", "export", "benchmarks")]
     assert not offenders, offenders
+
+
+def test_every_library_the_code_imports_is_a_base_dependency_or_names_its_extra():
+    """A missing optional library is one line naming the extra that installs it (`ferry.cli`): every
+    module beyond the standard library that ferry's code imports is numpy, pillow or in
+    `EXTRA_OF`, and each extra named there is one of pyproject.toml's."""
+    import tomllib
+
+    from ferry.cli import EXTRA_OF
+
+    where: dict[str, str] = {}
+    for folder in ("train", "export", "runtime", "benchmarks", "ferry"):
+        for path in (REPO / folder).rglob("*.py"):
+            for name in _imports(path):
+                where.setdefault(name.split(".")[0], str(path.relative_to(REPO)))
+    # fsspec: ferry.batch.storage catches its absence itself and names the package for the scheme
+    base = {"ferry", "numpy", "PIL", "fsspec"}
+    unnamed = {top: path for top, path in where.items()
+               if top not in sys.stdlib_module_names and top not in base and top not in EXTRA_OF}
+    assert not unnamed, unnamed
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(EXTRA_OF.values()) <= set(extras), set(EXTRA_OF.values()) - set(extras)
+    assert {"prometheus_client", "obstore", "faster_coco_eval", "openvino"} <= set(EXTRA_OF)  # the scan reaches them
+
+
+def test_a_missing_library_is_one_line_naming_its_extra(monkeypatch, capsys):
+    """A command that needs a library that is not installed exits 2 with one line naming the extra;
+    a module ferry does not know of stays the ModuleNotFoundError it is."""
+    import types
+
+    import ferry.cli
+
+    command = types.ModuleType("ferry_test_command")
+    command.add_arguments = lambda parser: parser.add_argument("module")
+    command.run = lambda args: importlib.import_module(args.module)
+    monkeypatch.setitem(sys.modules, "ferry_test_command", command)
+    monkeypatch.setitem(ferry.cli.COMMANDS, "needs", ("ferry_test_command", "imports a module"))
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # as if not installed
+    assert ferry.cli.main(["needs", "prometheus_client.multiprocess"]) == 2
+    err = capsys.readouterr().err
+    assert err == "ferry needs: error: needs the Python package 'prometheus_client'; install it with: pip install 'ferry[serve]'\n"
+    with pytest.raises(ModuleNotFoundError):
+        ferry.cli.main(["needs", "ferry_no_such_library"])
 
 
 def _site_packages(python: Path) -> Path:

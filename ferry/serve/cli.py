@@ -4,7 +4,7 @@ address needs an API key, read from $FERRY_API_KEY or --api-key-file (never from
 where the process list would show it).
 
   ferry serve models/mnist-cnn.onnx models/resnet50.int8.onnx --port 8000
-  curl -s --data-binary @samples/digits/digit_7.png localhost:8000/v1/models/mnist-cnn/predict?top_k=3
+  curl -s --data-binary @ferry/samples/digits/digit_7.png localhost:8000/v1/models/mnist-cnn/predict?top_k=3
   FERRY_API_KEY=... ferry serve models/resnet50.fp16.onnx --address auto --replicas 4 --host 0.0.0.0
 
 API (the OpenAPI 3 description at /openapi.json, its page at /docs): GET /healthz, /readyz (both
