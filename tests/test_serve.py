@@ -551,6 +551,63 @@ def test_the_live_server_conforms_to_its_openapi_description(cnn_export):
 
 # --- Ray Serve ---------------------------------------------------------------------------------
 
+def test_on_ray_serve_a_models_failure_fails_its_own_requests_only():
+    """Ray Serve's @serve.batch fails every request of a batch when the batch function raises, and one
+    batch may hold several models' requests: a model whose call fails hands the error to its own
+    requests (which raise it), the other model's requests get their logits."""
+    from ferry.serve.ray_host import RayEntry, _deployment_class
+
+    class Gauge:
+        def __init__(self):
+            self.value = 0
+
+        def inc(self, n=1):
+            self.value += n
+
+        def dec(self, n=1):
+            self.value -= n
+
+    class Owner:
+        def __init__(self):
+            self.batches = []
+            self.metrics = self
+
+        def gauge(self, kind, name):
+            return Gauge()
+
+        def batch(self, name, n):
+            self.batches.append((name, n))
+
+    class Model:
+        def __init__(self, fails):
+            self.fails = fails
+
+        def infer(self, x):
+            if self.fails:
+                raise RuntimeError("CUDA out of memory")
+            return x * 2
+
+    owner = Owner()
+    good, bad = RayEntry(owner, "good", Model(False)), RayEntry(owner, "bad", Model(True))
+    items = [(bad, np.ones(3, np.float32), [False]), (good, np.arange(3, dtype=np.float32), [False]),
+             (good, np.full(3, 5, np.float32), [False])]
+    batched = _deployment_class().func_or_class._batched.__wrapped__  # what @serve.batch calls with a batch
+    out = asyncio.run(batched(owner, items))  # returns, does not raise
+    assert isinstance(out[0], RuntimeError)
+    assert np.array_equal(out[1], [0, 2, 4]) and np.array_equal(out[2], [10, 10, 10])
+    assert owner.batches == [("good", 2)] and all(taken[0] for _, _, taken in items)
+
+    async def answer(value):
+        return value
+
+    owner._batched = lambda item: answer(out[0] if item[0] is bad else out[1])
+    depths = bad.depth.value, good.depth.value
+    with pytest.raises(RuntimeError, match="out of memory"):
+        asyncio.run(bad.submit(np.ones(3, np.float32)))
+    assert np.array_equal(asyncio.run(good.submit(np.ones(3, np.float32))), [0, 2, 4])
+    assert (bad.depth.value, good.depth.value) == depths  # not taken by a batch here: submit releases its count
+
+
 @pytest.mark.slow
 def test_ray_serve_two_replicas_same_answers_stats_metrics_and_reload(ray_local, cnn_export, tmp_path):
     """The same app deployed on Ray Serve (the session's local Ray) with 2 replicas and @serve.batch:

@@ -91,7 +91,10 @@ class RayEntry:
         taken = [False]
         self.depth.inc()
         try:
-            return await self.owner._batched((self, x, taken))
+            out = await self.owner._batched((self, x, taken))
+            if isinstance(out, BaseException):  # this model's call failed: its requests fail, no one else's
+                raise out
+            return out
         finally:
             if not taken[0]:  # dropped by @serve.batch (past its deadline) or failed before its batch
                 self.depth.dec()
@@ -143,7 +146,10 @@ def _deployment_class():
             return e
 
         @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
-        async def _batched(self, items: list[tuple[RayEntry, np.ndarray, list]]) -> list[np.ndarray]:
+        async def _batched(self, items: list[tuple[RayEntry, np.ndarray, list]]) -> list[Any]:
+            """One batch of Ray Serve's, which may mix models: each model's requests run as one call.
+            A model's failure is handed to its own requests (`RayEntry.submit` raises it); raised
+            here, Ray Serve would fail every request of the batch, other models' too."""
             loop = asyncio.get_running_loop()
             out: list[Any] = [None] * len(items)
             for entry in dict.fromkeys(e for e, _, _ in items):
@@ -151,8 +157,12 @@ def _deployment_class():
                 for i in idx:
                     items[i][2][0] = True
                 entry.depth.dec(len(idx))
-                logits = await loop.run_in_executor(None, entry.clf.infer, np.stack([items[i][1] for i in idx]))
-                self.metrics.batch(entry.name, len(idx))
+                try:
+                    logits = await loop.run_in_executor(None, entry.clf.infer, np.stack([items[i][1] for i in idx]))
+                except Exception as exc:  # noqa: BLE001 - this model's requests get it, the others go on
+                    logits = [exc] * len(idx)
+                else:
+                    self.metrics.batch(entry.name, len(idx))
                 for i, row in zip(idx, logits):
                     out[i] = row
             return out
