@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from ferry.core.errors import FerryError
 from tests.conftest import BAD_IMAGES, REPO, assert_clean_error, run_ferry, write_bad_images, write_digit_pngs
 
 pytest.importorskip("ray")
@@ -108,6 +109,51 @@ def test_read_files_reads_paths_and_uris_and_names_what_it_cannot_read(tmp_path)
     assert batch["bytes"][3] == b"" and batch["read_error"][3] == f"{tmp_path / 'gone.png'}: no such file"
 
 
+def test_a_file_too_large_for_an_image_is_a_row_unread(tmp_path, monkeypatch):
+    """A file larger than any image the runtime decodes (a stray video, an archive) is a row with its
+    error, its bytes not read: a worker that read it whole could run out of memory on every retry."""
+    import ferry.batch.job as job
+    from ferry.runtime.images import max_pixels
+
+    assert job.max_input_bytes() > 4 * max_pixels()  # an uncompressed RGBA image at Pillow's limit still fits
+    monkeypatch.setattr(job, "max_input_bytes", lambda: 3)
+    small, large = tmp_path / "small.png", tmp_path / "large.png"
+    small.write_bytes(b"abc")
+    large.write_bytes(b"abcd")
+    batch = job.read_files({"path": [str(small), str(large), small.as_uri(), large.as_uri()]})
+    assert batch["bytes"] == [b"abc", b"", b"abc", b""]
+    assert batch["read_error"][0] == batch["read_error"][2] == ""
+    for i, where in ((1, str(large)), (3, large.as_uri())):
+        assert batch["read_error"][i] == f"{where}: too large for an image (0 MiB; at most 0 MiB)"
+
+
+def test_obstore_signs_for_the_buckets_own_region(monkeypatch):
+    """On Amazon S3 without $AWS_REGION, obstore's reads are signed for the bucket's own region (asked
+    of S3, as pyarrow does), not us-east-1, which S3 answers with a redirect for a bucket elsewhere;
+    when S3 cannot say, pyarrow reads; an S3-compatible store (an endpoint) or a region set is used as is."""
+    pytest.importorskip("obstore")
+    import pyarrow.fs as pafs
+
+    from ferry.batch.storage import FileSystems
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    for var in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    asked = []
+    monkeypatch.setattr(pafs, "resolve_s3_region", lambda bucket: asked.append(bucket) or "eu-west-1")
+    assert FileSystems()._object_store("photos").config["region"] == "eu-west-1" and asked == ["photos"]
+
+    def offline(bucket):
+        raise OSError("cannot resolve")
+
+    monkeypatch.setattr(pafs, "resolve_s3_region", offline)
+    assert FileSystems()._object_store("photos") is None
+    assert FileSystems("http://127.0.0.1:1")._object_store("photos").config["region"] == "us-east-1"
+    monkeypatch.setenv("AWS_REGION", "ap-south-1")
+    assert FileSystems()._object_store("photos").config["region"] == "ap-south-1"
+
+
 def test_a_killed_actor_loses_and_doubles_nothing(ray_local, cnn_export, tmp_path):
     """SIGKILL one actor process in the middle of a job: Ray restarts it and retries its work; the
     output still has every path exactly once."""
@@ -172,6 +218,40 @@ cluster.shutdown()
     assert len(read_rows(tmp_path / "out")) == 60 and len({r["path"] for r in read_rows(tmp_path / "out")}) == 60
 
 
+def test_an_out_inside_the_inputs_folder_and_a_failed_commit(ray_local, cnn_export, tmp_path, monkeypatch):
+    """--out inside the folder of inputs: its own files (the job's record, part files, manifest) are
+    never inputs, so a re-run lists the same inputs and finds the job. A commit that cannot be
+    written is one line that says the parts are kept, and --resume then commits them."""
+    import dataclasses
+
+    import ferry.batch.job as job
+    from ferry.batch.job import BatchOptions, run_batch
+
+    folder = tmp_path / "in"
+    write_digit_pngs(folder, 6)
+    opts = BatchOptions(model=str(cnn_export[0]), input=str(folder), out=str(folder / "results"))
+    write = job.write_bytes
+
+    def refused(fs, path, data, **kw):
+        if path.endswith(job.SUCCESS_FILE):
+            raise PermissionError("read-only")
+        return write(fs, path, data, **kw)
+
+    monkeypatch.setattr(job, "write_bytes", refused)  # the driver's writes (the actors write their parts)
+    with pytest.raises(FerryError, match="cannot commit .*permission denied; every part file is written: run again "
+                                         "with --resume"):
+        run_batch(opts, log=lambda _m: None)
+    monkeypatch.setattr(job, "write_bytes", write)
+    said = []
+    summary = run_batch(dataclasses.replace(opts, resume=True), log=said.append)
+    assert "2 file(s) inside --out" in said[0]  # the job's record and its one part file
+    assert summary.images == 6 and summary.failures == 0 and summary.resumed_parts == 1
+    assert sorted(Path(r["path"]).name for r in read_rows(folder / "results")) == sorted(p.name for p in folder.glob("*.png"))
+    said.clear()
+    run_batch(dataclasses.replace(opts, resume=True), log=said.append)
+    assert "nothing to do" in said[-1]
+
+
 def test_cli_run_on_the_session_ray_and_bad_arguments(ray_local, cnn_export, tmp_path):
     address = ray_local.get_runtime_context().gcs_address
     folder = write_bad_images(tmp_path / "in")
@@ -190,6 +270,8 @@ def test_cli_run_on_the_session_ray_and_bad_arguments(ray_local, cnn_export, tmp
         ([model, str(folder), "--object-store-mb", "0"], "--object-store-mb must be >= 80"),
         ([model, str(folder), "--workers", "4", "--cpus-per-worker", "1", "--address", address], "starve"),
     ]
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9.png\n".encode("latin-1"))
+    cases.append(([model, str(tmp_path / "latin1.txt")], "is not UTF-8 text (byte 3)"))
     for i, (args, needle) in enumerate(cases):
         out = tmp_path / f"o{i}"
         assert_clean_error(run_ferry("batch", *args, "--out", str(out)), needle)

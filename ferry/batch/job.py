@@ -44,7 +44,9 @@ from typing import Any
 from ferry.batch.storage import (
     OBJECT_STORES,
     FileSystems,
+    TooLarge,
     check_bucket,
+    check_size,
     filesystem,
     first_line,
     is_uri,
@@ -131,7 +133,13 @@ def resolve_inputs(spec: str, endpoint: str | None = None) -> list[str]:
         return _list_uri(spec, endpoint)
     path = Path(spec)
     if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-        return _list_entries(path.read_text(encoding="utf-8"), str(path.parent))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise FerryError(f"cannot read the list {spec}: {reason(exc)}") from exc
+        except UnicodeDecodeError as exc:
+            raise FerryError(f"the list {spec} is not UTF-8 text (byte {exc.start}): one path or URI a line") from exc
+        return _list_entries(text, str(path.parent))
     if path.exists():
         return expand_inputs([spec])
     if any(ch in spec for ch in "*?["):
@@ -165,9 +173,20 @@ def _list_uri(uri: str, endpoint: str | None) -> list[str]:
         files = [i.path for i in fs.get_file_info(pafs.FileSelector(inner, recursive=True)) if i.type == pafs.FileType.File]
     except OSError as exc:
         raise FerryError(f"cannot list input {uri}: {reason(exc)}") from exc
+    except UnicodeDecodeError as exc:
+        raise FerryError(f"the list {uri} is not UTF-8 text (byte {exc.start}): one path or URI a line") from exc
     base, root = uri.rstrip("/"), inner.rstrip("/")
     rel = [f[len(root):].lstrip("/") for f in files]
     return sorted(f"{base}/{r}" for r in rel if not any(part.startswith(".") for part in r.split("/")))
+
+
+def max_input_bytes() -> int:
+    """Files larger than this are no image the runtime decodes (4 bytes a pixel at Pillow's
+    decompression-bomb limit, and a MiB for headers): their rows say so, unread. A job that read
+    a stray video or archive whole could run its worker out of memory, again on every retry."""
+    from ferry.runtime.images import max_pixels
+
+    return 4 * max_pixels() + 2**20
 
 
 def read_files(batch: dict[str, Any], endpoint: str | None = None, filesystems: FileSystems | None = None) -> dict[str, list]:
@@ -180,16 +199,19 @@ def read_files(batch: dict[str, Any], endpoint: str | None = None, filesystems: 
     file (docs: "Batch inference"; Ray's own issue #37499 reports the same for read_images)."""
     paths = [str(p) for p in batch["path"]]
     filesystems = filesystems or FileSystems(endpoint)
+    limit = max_input_bytes()
 
     def one(p: str) -> tuple[bytes, str]:
         try:
             if is_uri(p):
-                return filesystems.read(p), ""
+                return filesystems.read(p, limit), ""
             with open(p, "rb") as fh:
+                check_size(os.fstat(fh.fileno()).st_size, limit)
                 return fh.read(), ""
         except Exception as exc:  # noqa: BLE001 - one unreadable file is one row's error
             why = reason(exc)
-            return b"", f"{p}: {why}" if why in ("no such file", "permission denied", "is a folder") else f"{p}: cannot read: {why}"
+            plain = why in ("no such file", "permission denied", "is a folder") or isinstance(exc, TooLarge)
+            return b"", f"{p}: {why}" if plain else f"{p}: cannot read: {why}"
 
     if any(is_uri(p) for p in paths) and len(paths) > 1:
         with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(paths))) as pool:
@@ -213,6 +235,12 @@ def choose_part_rows(paths: list[str], batch_size: int) -> int:
     """Inputs per part: about PARTS_TARGET parts a job (resume loses at most a part's work per
     worker), at least one inference batch, at most a read batch's bytes (`read_batch_rows`)."""
     return max(1, min(read_batch_rows(paths, batch_size), max(batch_size, math.ceil(len(paths) / PARTS_TARGET))))
+
+
+def _inside(items: list[str], out: str) -> list[str]:
+    """The inputs inside the folder or prefix `out` (local paths absolute, as `items` are)."""
+    root = (out if is_uri(out) else os.path.abspath(out)).rstrip("/") + "/"
+    return [p for p in items if p.startswith(root)]
 
 
 def _digest(paths: list[str]) -> str:
@@ -352,14 +380,21 @@ def _commit(dest: Destination, job: dict, done: dict[int, dict], seconds: float)
                 "rows": sum(f["rows"] for f in files), "errors": sum(f["errors"] for f in files),
                 "providers": sorted({m.get("provider") for m in done.values() if m.get("provider")}),
                 "seconds": round(seconds, 3), "files": files}
-    write_bytes(dest.fs, dest.path(SUCCESS_FILE), (json.dumps(manifest, indent=2) + "\n").encode(), in_place=dest.in_place)
-    if not dest.in_place:  # temporary files of writers killed mid-write
+    try:
+        write_bytes(dest.fs, dest.path(SUCCESS_FILE), (json.dumps(manifest, indent=2) + "\n").encode(), in_place=dest.in_place)
+    except OSError as exc:
+        raise FerryError(f"cannot commit {dest.location}: {reason(exc)}; every part file is written: run again with "
+                         f"--resume to commit them") from exc
+    if not dest.in_place:  # temporary files of writers killed mid-write: tidying, the commit is done
         import pyarrow.fs as pafs
 
-        for e in dest.fs.get_file_info(pafs.FileSelector(dest.root)):
-            name = e.path.rsplit("/", 1)[-1]
-            if name.startswith(".part-") and name.endswith(".tmp"):
-                dest.fs.delete_file(e.path)
+        try:
+            for e in dest.fs.get_file_info(pafs.FileSelector(dest.root)):
+                name = e.path.rsplit("/", 1)[-1]
+                if name.startswith(".part-") and name.endswith(".tmp"):
+                    dest.fs.delete_file(e.path)
+        except OSError:
+            pass  # hidden names: readers and --resume never take them
     return manifest
 
 
@@ -604,6 +639,11 @@ def run_batch(opts: BatchOptions, *, log: Callable[[str], None] = print) -> Batc
     provider = opts.provider if opts.provider != "auto" or not opts.gpus_per_worker else "cuda"
     endpoint = storage_endpoint(opts.storage_endpoint)
     items = [p if is_uri(p) else os.path.abspath(p) for p in resolve_inputs(opts.input, endpoint)]
+    inside = _inside(items, opts.out)
+    if inside:  # --out in the inputs' folder: its own files are results, not images (and a resume lists the same inputs)
+        log(f"ferry batch: {len(inside)} file(s) inside --out {opts.out} are not inputs (e.g. {inside[0]})")
+        skip = set(inside)
+        items = [p for p in items if p not in skip]
     if not items:
         raise FerryError(f"no input files in {opts.input}")
     if len(set(items)) != len(items):

@@ -71,6 +71,22 @@ def filesystem(location: str, endpoint: str | None = None) -> tuple[Any, str]:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), fs._strip_protocol(location)
 
 
+def bucket_region(bucket: str, endpoint: str | None) -> str | None:
+    """The region to sign an S3 bucket's requests for: $AWS_REGION or $AWS_DEFAULT_REGION; else, on
+    Amazon S3, the bucket's own (asked of S3, as pyarrow does: a bucket outside us-east-1 answers
+    requests signed for another region with a redirect); else, on an S3-compatible store, us-east-1.
+    None when S3 cannot say (pyarrow's filesystem then reads, finding the region itself)."""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region or endpoint:
+        return region or "us-east-1"
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except (OSError, ValueError):
+        return None
+
+
 class FileSystems:
     """Filesystems by scheme://authority, each built once and reused for every object there
     (creating one may cost a round trip to the store: an S3 bucket's region).
@@ -86,17 +102,20 @@ class FileSystems:
         self._cache: dict[str, tuple[Any, int | None]] = {}
         self._stores: dict[str, Any] = {}
 
-    def read(self, location: str) -> bytes:
-        """The bytes of a local file or an object (one GET for s3:// where obstore can do it)."""
+    def read(self, location: str, max_bytes: int | None = None) -> bytes:
+        """The bytes of a local file or an object (one GET for s3:// where obstore can do it); a
+        `TooLarge` error, before its bytes are read, for one of more than `max_bytes`."""
         if scheme(location) == "s3":
             bucket, _, key = location.split("://", 1)[1].partition("/")
             store = self._object_store(bucket)
             if store is not None:
                 import obstore
 
-                return bytes(obstore.get(store, key).bytes())
+                got = obstore.get(store, key)  # the object's size is known before its body is read
+                check_size(got.meta["size"], max_bytes)
+                return bytes(got.bytes())
         fs, inner = self.get(location)
-        return read_bytes(fs, inner)
+        return read_bytes(fs, inner, max_bytes)
 
     def _object_store(self, bucket: str) -> Any:
         if bucket in self._stores:
@@ -110,8 +129,9 @@ class FileSystems:
             else:
                 endpoint = storage_endpoint(self.endpoint)  # the flag, or the environment's, as pyarrow's
                 options = {"allow_http": True} if (endpoint or "").startswith("http://") else None
-                region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-                store = S3Store(bucket, endpoint=endpoint, region=region, client_options=options)
+                region = bucket_region(bucket, endpoint)
+                if region is not None:  # (endpoint=None is refused: Amazon S3 is the default without one)
+                    store = S3Store(bucket, region=region, client_options=options, **({"endpoint": endpoint} if endpoint else {}))
         self._stores[bucket] = store
         return store
 
@@ -155,6 +175,8 @@ def reason(exc: BaseException) -> str:
         return f"cannot connect ({first_line(exc, 120)})"
     if isinstance(exc, IsADirectoryError):
         return "is a folder"
+    if isinstance(exc, TooLarge):
+        return str(exc)
     return f"{type(exc).__name__}: {first_line(exc)}"
 
 
@@ -198,9 +220,22 @@ def check_bucket(fs: Any, location: str, inner: str, what: str, endpoint: str | 
                      + (f"; {hint}" if hint else "")) from cause
 
 
-def read_bytes(fs: Any, path: str) -> bytes:
-    with fs.open_input_stream(path) as stream:
-        return stream.read()
+class TooLarge(OSError):
+    """A file larger than any image the runtime would decode: not read."""
+
+
+def check_size(size: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise TooLarge(f"too large for an image ({size / 2**20:.0f} MiB; at most {max_bytes / 2**20:.0f} MiB)")
+
+
+def read_bytes(fs: Any, path: str, max_bytes: int | None = None) -> bytes:
+    if max_bytes is None:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+    with fs.open_input_file(path) as f:
+        check_size(f.size(), max_bytes)
+        return f.read()
 
 
 def write_bytes(fs: Any, path: str, data: bytes, *, in_place: bool) -> None:
