@@ -614,6 +614,7 @@ def test_ray_serve_two_replicas_same_answers_stats_metrics_and_reload(ray_local,
     --threads honoured, /v1/stats and /metrics summed over both replicas, reload on both."""
     from ray import serve
 
+    from ferry.core.errors import FerryError
     from ferry.runtime import Classifier
     from ferry.serve.local import ServeOptions
     from ferry.serve.ray_host import APP_NAME, deploy, undeploy
@@ -649,6 +650,11 @@ def test_ray_serve_two_replicas_same_answers_stats_metrics_and_reload(ray_local,
         while metric(url, "ferry_model_reloads_total", result="ok") < 2 and time.time() < deadline:
             time.sleep(0.2)
         assert metric(url, "ferry_model_reloads_total", result="ok") == 2
+        assert http("POST", f"{url}/v1/models/mnist-cnn/predict", files[0].read_bytes())[0] == 200
+        # Serve keeps the address it started with: another is refused, and the running app is untouched
+        other = free_port()
+        with pytest.raises(FerryError, match=f"already serves HTTP at 127.0.0.1:{port} .*give --host 127.0.0.1 --port {port}"):
+            deploy(ServeOptions(models=[str(cnn_export[0])], port=other, replicas=1), cpus_per_replica=0.5)
         assert http("POST", f"{url}/v1/models/mnist-cnn/predict", files[0].read_bytes())[0] == 200
     finally:
         undeploy()

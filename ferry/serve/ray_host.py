@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ferry.core.errors import FerryError
-from ferry.serve.local import ServeOptions, check_options, drain_windows, queue_per_unit, say
+from ferry.serve.local import ServeOptions, check_options, drain_windows, is_loopback, queue_per_unit, say
 
 APP_NAME = "ferry"
 CONTROL_NAME = "ferry-serve-control"
@@ -269,6 +269,7 @@ def deploy(opts: ServeOptions, *, cpus_per_replica: float = 1.0) -> str:
     models = load_models(opts.models, provider="cpu", threads=1)  # fail here, with a clear error, not in a replica
     wait = default_wait_ms(models) if opts.batch_wait_ms is None else opts.batch_wait_ms
     queue = queue_per_unit(opts)
+    _check_serve_http(opts)  # before anything of a running app is touched
     previous = _control()
     if previous is not None:
         ray.kill(previous)
@@ -287,6 +288,23 @@ def deploy(opts: ServeOptions, *, cpus_per_replica: float = 1.0) -> str:
                           opts.max_batch_size, wait, app_config, control)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{opts.host}:{opts.port}"
+
+
+def _check_serve_http(opts: ServeOptions) -> None:
+    """Ray Serve keeps the HTTP address it was first started with and ignores another (it only logs
+    a warning): on a cluster whose Serve already runs, ferry's app would be reached there, maybe on
+    every interface without the key that --host 127.0.0.1 made optional. A FerryError unless it is
+    the address asked for."""
+    from ray.serve.context import _get_global_client  # Serve's own accessor (ray.serve.api uses it)
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return
+    http = client.http_config
+    if (http.host, http.port) != (opts.host, opts.port):
+        raise FerryError(f"Ray Serve on this cluster already serves HTTP at {http.host}:{http.port} (it keeps the address "
+                         f"it started with): give --host {http.host} --port {http.port}"
+                         + ("" if is_loopback(http.host) else " and an API key") + ", or stop Serve first (serve shutdown)")
 
 
 def _control():
