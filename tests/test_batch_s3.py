@@ -187,6 +187,10 @@ def test_s3_in_and_out_on_a_cluster_whose_worker_node_shares_no_disk(s3_store, s
     local = run_ferry("batch", str(cnn_export[0]), "s3://ferry-in/twonode/inputs.txt", "--out", str(tmp_path / "local"),
                       "--address", s3_cluster.address, env=s3_cluster.driver_env)
     assert_clean_error(local, "cannot be read from 1 of 2 nodes", "shared by every node")
+    # local inputs the worker node cannot see would be rows of "no such file": refused, naming why
+    local_in = run_ferry("batch", str(cnn_export[0]), str(imgs), "--out", "s3://ferry-out/twonode/local-inputs",
+                         "--address", s3_cluster.address, env=s3_cluster.driver_env)
+    assert_clean_error(local_in, "the inputs are not on 1 of 2 nodes", f"has no {imgs}", "shared by every node")
 
 
 # --- a driver killed mid-job, then --resume -------------------------------------------------------------

@@ -709,7 +709,7 @@ def run_batch(opts: BatchOptions, *, log: Callable[[str], None] = print) -> Batc
                 + (f" x {opts.gpus_per_worker:g} GPU" if opts.gpus_per_worker else "") + f", {plan[2]} thread(s) each, "
                 f"batch {opts.batch_size}; Ray {'joined' if opts.address or not started else 'started'} in {ray_seconds:.1f} s")
             t0 = time.perf_counter()
-            _check_nodes_see(ray, dest, job["job"])
+            _check_nodes_see(ray, dest, job["job"], items)
             _run_dataset(ray, opts, items, job, todo, dest, endpoint, plan=plan, provider=provider,
                          decode=_decodes_ahead(opts, probe.task))
         finally:
@@ -732,39 +732,49 @@ def _summary(manifest: dict, dest: Destination, seconds: float, ray_seconds: flo
                         list(manifest["providers"]), len(manifest["files"]), kept)
 
 
-def _check_nodes_see(ray, dest: Destination, job: str) -> None:
+def _check_nodes_see(ray, dest: Destination, job: str, items: list[str]) -> None:
     """On a cluster of several nodes, every node must reach `--out` (a local folder only on a shared
-    filesystem; an object store with the credentials in each node's environment): a FerryError now
-    rather than results scattered over the nodes' own disks."""
+    filesystem; an object store with the credentials in each node's environment), and local inputs:
+    a FerryError now rather than results scattered over the nodes' own disks, or rows that say "no
+    such file" for whatever a node without the driver's disk was given to read."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
     if len(nodes) < 2:
         return
+    sample = next((p for p in items[:100] if not is_uri(p) and os.path.isfile(p)), None)  # a local input the driver sees
 
     @ray.remote(num_cpus=0)
-    def sees(location: str, endpoint: str | None) -> str:
+    def sees(location: str, endpoint: str | None, sample: str | None) -> tuple[str, str]:
         try:
             fs, root = filesystem(location, endpoint)
             record = json.loads(read_bytes(fs, f"{root.rstrip('/')}/{JOB_FILE}"))
-            return "" if record.get("job") == job else "another job's record"
+            out = "" if record.get("job") == job else "another job's record"
         except Exception as exc:  # noqa: BLE001 - reported to the driver
-            return reason(exc)
+            out = reason(exc)
+        return out, "" if sample is None or os.path.isfile(sample) else f"no {sample}"
 
-    refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(dest.location, dest.endpoint)
+    refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(dest.location, dest.endpoint,
+                                                                                                   sample)
             for n in nodes]
     try:
         answers = ray.get(refs, timeout=300)
     except Exception as exc:  # noqa: BLE001 - a node that does not answer: one line, not Ray's traceback
         raise FerryError(f"cannot check that every node of the cluster reaches --out {dest.location}: "
                          f"{first_line(exc)}") from exc
-    problems = [(n, why) for n, why in zip(nodes, answers) if why]
+    problems = [(n, why) for n, (why, _) in zip(nodes, answers) if why]
     if problems:
         node, why = problems[0]
         hint = ("a local folder works on a cluster only where it is a filesystem shared by every node; use an object "
                 "store (s3://...)") if not is_uri(dest.location) else "each node needs the store's credentials in its environment"
         raise FerryError(f"--out {dest.location} cannot be read from {len(problems)} of {len(nodes)} nodes of the cluster "
                          f"(node {node[:12]}: {why}); {hint}")
+    missing = [(n, why) for n, (_, why) in zip(nodes, answers) if why]
+    if missing:
+        node, why = missing[0]
+        raise FerryError(f"the inputs are not on {len(missing)} of {len(nodes)} nodes of the cluster (node {node[:12]} has "
+                         f"{why}): local inputs work on a cluster only where they are on a filesystem shared by every "
+                         f"node; use an object store (s3://...)")
 
 
 def _decodes_ahead(opts: BatchOptions, task: str) -> bool:
