@@ -274,6 +274,20 @@ def test_options_of_the_other_host_are_refused_not_ignored(monkeypatch):
     check_options(ServeOptions(models=["m.onnx"], port=0, replicas=3, address="auto"))
 
 
+def test_a_sighup_while_the_models_load_does_not_kill_the_server(cnn_export):
+    """SIGHUP reloads the models once the server runs; one that arrives while they load (a deploy
+    script's reload racing a start) is ignored, not the default action, which ends the process."""
+    code = ("import os, signal, sys\n"
+            "import ferry.serve.local as local\n"
+            "def loading(opts, log=None):\n"
+            "    os.kill(os.getpid(), signal.SIGHUP)\n"
+            "    sys.exit(7)\n"
+            "local.build_app = loading\n"
+            f"local.serve_local(local.ServeOptions(models=[{str(cnn_export[0])!r}], port=0))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 7, (proc.returncode, proc.stderr[-2000:])  # -1 (killed by SIGHUP) before
+
+
 def test_keys_come_from_the_environment_or_a_file_and_the_probes_are_open(cnn_export, tmp_path):
     model = cnn_export[0]
     secret = "s3cret-on-the-command-line"

@@ -274,6 +274,7 @@ def configure_logging() -> None:
 def app_from_env():
     """uvicorn's factory in each worker process of `--workers N`."""
     configure_logging()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload asked for while this worker loads: it is reading the files now
     opts = ServeOptions(**json.loads(os.environ[CONFIG_ENV]))
     resolve_api_key(opts)
     return build_app(opts)
@@ -326,6 +327,7 @@ def serve_local(opts: ServeOptions, *, log=say) -> int:
     stopped: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: stopped.append(signum))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # while the models load (they are being read now): not the default, death
     if opts.workers == 1:
         os.environ.pop(MULTIPROC_ENV, None)  # one process: its own registry
         os.environ.pop(SUPERVISED_ENV, None)
