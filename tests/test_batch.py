@@ -73,6 +73,15 @@ def test_batch_equals_predict_and_turns_hostile_inputs_into_rows(ray_local, cnn_
         assert (other["index"], other["label"], other["error"]) == (row["index"], row["label"], row["error"])
         assert other["probability"] == row["probability"] or abs(other["probability"] - row["probability"]) <= 1e-6
 
+    # a committed part written over by another job's (two jobs on one --out): the reader refuses the results
+    part = tmp_path / "out" / "part-000000.parquet"
+    table = pq.read_table(part)
+    meta = json.loads(table.schema.metadata[b"ferry.batch"])
+    pq.write_table(table.replace_schema_metadata({b"ferry.batch": json.dumps({**meta, "job": "0123456789abcdef"}).encode()}),
+                   part)
+    with pytest.raises(FerryError, match="part-000000.parquet is not the part _SUCCESS.json committed"):
+        read_rows(tmp_path / "out")
+
 
 def test_a_list_file_with_a_missing_path_and_a_glob(ray_local, cnn_export, tmp_path):
     from ferry.batch.job import BatchOptions, run_batch

@@ -400,7 +400,9 @@ def _commit(dest: Destination, job: dict, done: dict[int, dict], seconds: float)
 
 def read_results(out: str, endpoint: str | None = None):
     """The committed results of a job as one pyarrow Table: only the files its `_SUCCESS.json`
-    lists (a FerryError when there is none: the job has not finished)."""
+    lists (a FerryError when there is none: the job has not finished), each checked to be that
+    job's part of that number with the rows the manifest says (a file written over since, by
+    another job on the same --out, is an error, not rows of another model)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -413,6 +415,11 @@ def read_results(out: str, endpoint: str | None = None):
         raise FerryError(f"{out} holds no committed results (no {SUCCESS_FILE}): the job has not finished; "
                          f"run it again with --resume") from exc
     tables = [pq.read_table(f"{root}/{f['name']}", filesystem=fs) for f in manifest["files"]]
+    for f, t in zip(manifest["files"], tables):
+        meta = json.loads((t.schema.metadata or {}).get(PART_META_KEY, b"{}"))
+        if (meta.get("job"), meta.get("part"), t.num_rows) != (manifest["job"], int(f["name"][5:-8]), f["rows"]):
+            raise FerryError(f"{out}: {f['name']} is not the part {SUCCESS_FILE} committed (another job's, or written "
+                             f"over since): these results cannot be trusted; run the job again into a new --out")
     table = pa.concat_tables(tables) if tables else _schema().empty_table()
     if table.num_rows != manifest["rows"]:
         raise FerryError(f"{out}: {table.num_rows} rows in the listed files, {manifest['rows']} in {SUCCESS_FILE}")
