@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import pickle
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -283,6 +285,50 @@ def test_a_write_whose_rename_fails_is_one_error_and_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no temporary file left beside it
 
 
+def test_a_write_to_a_link_a_fifo_or_a_device_writes_into_it(tmp_path):
+    """An atomic write replaces a regular file by a rename; it must not replace what is not one: a
+    symbolic link is followed (the file it names replaced, the link kept), a FIFO and a device
+    (/dev/stdout, /dev/null) get the bytes written into them, and a device that takes none
+    (/dev/full) is one error."""
+    import threading
+
+    from ferry.core.fileio import check_file_writable, write_json_atomic
+
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    write_json_atomic(link, {"a": 1})
+    assert link.is_symlink() and json.loads(real.read_text()) == {"a": 1}
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    check_file_writable(fifo, "--json")
+    write_json_atomic(fifo, {"b": 2})
+    reader.join(timeout=30)
+    assert fifo.exists() and not fifo.is_file() and json.loads(got[0]) == {"b": 2}
+    out = tmp_path / "stdout"  # as /dev/stdout is: a link to the process's descriptor (here, not the system's)
+    out.symlink_to("/proc/self/fd/1")
+    proc = subprocess.run([sys.executable, "-c", "import sys; from ferry.core.fileio import write_json_atomic; "
+                           "write_json_atomic(sys.argv[1], {'e': 5})", str(out)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and json.loads(proc.stdout) == {"e": 5} and out.is_symlink()
+    devices = []
+    for name, minor in (("null", 3), ("full", 7)):  # a device of its own (root): what /dev/null and /dev/full are
+        try:
+            os.mknod(tmp_path / name, 0o666 | stat.S_IFCHR, os.makedev(1, minor))
+            devices.append(name)
+        except OSError:
+            break
+    if devices == ["null", "full"]:
+        write_json_atomic(tmp_path / "null", {"c": 3})
+        with pytest.raises(FerryError, match="cannot write .*full: No space left"):
+            write_json_atomic(tmp_path / "full", {"d": 4})
+        assert (tmp_path / "null").is_char_device() and (tmp_path / "full").is_char_device()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name not in devices) == ["link.json", "pipe", "real.json", "stdout"]
+
+
 def test_arrays_of_the_wrong_kind_are_rejected(cnn_export):
     path, _ = cnn_export
     clf = Classifier.from_onnx(path, provider="cpu")
@@ -470,3 +516,38 @@ def test_the_fast_paths_compute_what_the_general_ones_do(cnn_export):
     with pytest.raises(dataclasses.FrozenInstanceError):
         made.top_k[0].label = "x"  # type: ignore[misc]
     assert pickle.loads(pickle.dumps(made)) == made and copy.copy(made) == made  # (Ray's workers pickle them)
+
+
+def test_a_batch_top_k_over_many_classes_is_the_full_stable_sort(resnet_export):
+    """A batch over many classes takes its top k from a partition, not a sort of every row: the
+    indices are the stable full sort's (ties to the lower index), ties at the cut, NaN and one row
+    included, and each candidate carries its own class's probability."""
+    from ferry.runtime.classifier import top_k_order
+
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((40, 1000))
+    z[1] = 0.0  # every class tied
+    z[2] = rng.integers(0, 3, 1000)  # ties everywhere, at the cut too
+    z[3, [7, 9, 11]] = z[3].max() + 1  # tied at the top
+    z[4, 500:] = z[4, :500]  # every value twice
+    z[5, [20, 10]] = np.sort(z[5])[-5]  # a tie at the fifth place
+    nan = z.copy()
+    nan[6, 3] = np.nan
+    for k in (1, 2, 5, 10, 999, 1000, 1001):
+        for x in (z, z[:1], z[7:9], nan):
+            assert np.array_equal(top_k_order(x, k), np.argsort(-x, axis=1, kind="stable")[:, :k]), k
+
+    clf = Classifier.from_onnx(resnet_export.paths["int8"], provider="cpu")
+    logits = rng.standard_normal((16, 1000)).astype(np.float32)
+    logits[3, [40, 30]] = logits[3].max() + 0.5  # a tie for the top: the lower index first
+    p = logits.astype(np.float64)
+    p = np.exp(p - p.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    for k in (1, 5):
+        want = np.argsort(-p, axis=1, kind="stable")[:, :k]
+        for pred, idx, row in zip(clf.predictions(logits, k), want, p):
+            assert [c.index for c in pred.top_k] == idx.tolist()
+            assert [c.probability for c in pred.top_k] == row[idx].tolist()
+            assert [c.label for c in pred.top_k] == [clf.labels[i] for i in idx]
+            assert (pred.index, pred.label, pred.probability) == (idx[0], clf.labels[idx[0]], row[idx[0]])
+    assert clf.predictions(logits, 5)[3].index == 30

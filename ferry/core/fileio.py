@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -13,17 +15,38 @@ from typing import Any
 from ferry.core.errors import FerryError
 
 
+def written_in_place(target: str | os.PathLike[str]) -> bool:
+    """Whether `target` is something a rename must not replace, which is written into instead: a
+    device, a FIFO or a socket (/dev/stdout, /dev/null, a named pipe), or what is under /dev or
+    /proc or linked there (a descriptor: /dev/stdout redirected to a file names that open file)."""
+    path = os.path.abspath(target)
+    special = ("/dev/", "/proc/")
+    if os.path.islink(path) and os.path.abspath(os.path.join(os.path.dirname(path), os.readlink(path))).startswith(special):
+        return True
+    if path.startswith(special) and os.path.exists(path):
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success rename it over `target`.
 
     On any exception the temporary file is removed and `target` is left as it was, so a
-    reader never sees a half-written file.
+    reader never sees a half-written file. A symbolic link is followed (the file it names is
+    replaced, the link stays); a device or FIFO (`written_in_place`) gets the bytes once they are
+    complete, the temporary file then in the temporary folder.
     """
-    target = Path(target)
+    in_place = written_in_place(target)
+    target = Path(os.path.realpath(target)) if os.path.islink(target) and not in_place else Path(target)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        if not in_place:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=None if in_place else target.parent)
     except OSError as exc:
         raise FerryError(f"cannot write {target}: {exc.strerror or exc}") from exc
     os.close(fd)
@@ -33,7 +56,15 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
     try:
         yield tmp_path
-        os.replace(tmp_path, target)
+        if in_place:
+            try:
+                with open(tmp_path, "rb") as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            except OSError as exc:  # /dev/full, a pipe with no reader, ...
+                raise FerryError(f"cannot write {target}: {exc.strerror or exc}") from exc
+            tmp_path.unlink()
+        else:
+            os.replace(tmp_path, target)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
@@ -77,6 +108,12 @@ def check_file_writable(target: str | os.PathLike[str], flag: str,
     folder that exists or can be made and that this process can write. Creates nothing."""
     if os.path.isdir(target):
         raise FerryError(f"{flag} {target} is a folder; name a file")
+    if written_in_place(target):  # a device or FIFO (/dev/stdout): written into, so it must take writes
+        if not os.access(target, os.W_OK):
+            raise FerryError(f"cannot write {flag} {target}: permission denied")
+        return
+    if os.path.islink(target):  # the file it names is written (the link stays)
+        target = os.path.realpath(target)
     try:
         st = os.stat(target)
     except OSError:
