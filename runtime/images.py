@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import stat
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -50,11 +52,19 @@ def load_image(path: str | Path) -> Image.Image:
     """Open and fully decode an image file; raise ImageError for anything unusable. Thread-safe."""
     path = Path(path)
     name = str(path)
-    if not path.exists():
-        raise ImageError(f"{name}: no such file")
-    if path.is_dir():
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError) as exc:  # a link to nowhere too
+        raise ImageError(f"{name}: no such file") from exc
+    except PermissionError as exc:  # in a folder that cannot be entered
+        raise ImageError(f"{name}: permission denied") from exc
+    except OSError as exc:
+        raise ImageError(f"{name}: cannot read ({exc.strerror or exc})") from exc
+    if stat.S_ISDIR(st.st_mode):
         raise ImageError(f"{name}: is a folder")
-    if path.stat().st_size == 0:
+    if not stat.S_ISREG(st.st_mode):  # reading a FIFO would wait for a writer
+        raise ImageError(f"{name}: not a regular file (a FIFO, a device or a socket)")
+    if st.st_size == 0:
         raise ImageError(f"{name}: empty file (0 bytes)")
     return _decode(path, name)
 
@@ -80,6 +90,8 @@ def _decode(source: Path | io.BytesIO, name: str) -> Image.Image:
         raise ImageTooLarge(f"{name}: too large to decode safely ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise ImageError(f"{name}: not an image Pillow can read") from exc
+    except PermissionError as exc:
+        raise ImageError(f"{name}: permission denied") from exc
     except OSError as exc:
         raise ImageError(f"{name}: damaged or truncated image ({exc})") from exc
     except Exception as exc:  # noqa: BLE001 - decoders raise assorted errors on bad data

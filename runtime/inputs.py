@@ -16,6 +16,7 @@ folders, lists).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,22 +34,31 @@ SPLIT_SEED = 20240531  # the held-out split does not depend on any training seed
 # --- listing -----------------------------------------------------------------------------------
 
 
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
 def list_files(folder: str | Path) -> list[Path]:
-    """Every file under `folder`, recursively, sorted, hidden ones left out."""
+    """Every file under `folder`, recursively, sorted, hidden ones (any part of the path starting
+    with '.') left out. A file is anything but a folder: a link to nowhere or a FIFO is listed too,
+    so that reading it names the problem rather than it going missing. A folder that cannot be
+    read is an error (its files are unknown), not files left out."""
     folder = Path(folder)
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p, folder))
+
+    def refuse(exc: OSError) -> None:
+        raise FerryError(f"cannot read the folder {exc.filename}: {exc.strerror or exc}") from exc
+
+    out = []
+    for root, dirs, files in os.walk(folder, onerror=refuse):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        out.extend(Path(root) / f for f in files if not f.startswith("."))
+    return sorted(out)
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[str]:
-    """Files as given; folders expanded to their files (`list_files`)."""
+    """Files as given; folders expanded to their files (`list_files`). An empty path (an unset
+    variable in a script) is an error, not the current folder."""
     out: list[str] = []
     for item in inputs:
-        p = Path(item)
-        out.extend(str(f) for f in list_files(p)) if p.is_dir() else out.append(item)
+        if not str(item).strip():
+            raise FerryError("an input path is empty (an unset variable?); give a file, a folder or '.'")
+        out.extend(str(f) for f in list_files(item)) if os.path.isdir(item) else out.append(item)
     return out
 
 

@@ -129,6 +129,9 @@ def test_a_file_too_large_for_an_image_is_a_row_unread(tmp_path, monkeypatch):
     small, large = tmp_path / "small.png", tmp_path / "large.png"
     small.write_bytes(b"abc")
     large.write_bytes(b"abcd")
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # opened to read, it would wait for a writer for ever
+    assert job.read_files({"path": [str(fifo)]})["read_error"] == [f"{fifo}: not a regular file (a FIFO, a device or a socket)"]
     batch = job.read_files({"path": [str(small), str(large), small.as_uri(), large.as_uri()]})
     assert batch["bytes"] == [b"abc", b"", b"abc", b""]
     assert batch["read_error"][0] == batch["read_error"][2] == ""

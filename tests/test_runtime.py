@@ -257,6 +257,53 @@ def test_cli_folder_run_reports_failures_and_exit_code(cnn_export, bad_folder, t
     assert len(ok) == 2 and len(ok[0]["top_k"]) == 3 and ok[0]["label"] in set("0123456789")
 
 
+def test_every_entry_of_a_folder_is_a_row_and_a_folder_it_cannot_read_is_an_error(cnn_export, tmp_path, monkeypatch):
+    """Nothing is left out silently: a link to nowhere and a FIFO in a folder are rows with their
+    reason (the FIFO not opened, which would wait for a writer), a file that cannot be reached says
+    "permission denied", a folder that cannot be listed is one error, and an empty input path (an
+    unset variable) is refused rather than read as the current folder."""
+    import ferry.runtime.images as images
+    from ferry.runtime.inputs import expand_inputs
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(folder / "a.png")
+    (folder / "b_gone.png").symlink_to(tmp_path / "nowhere.png")
+    os.mkfifo(folder / "c_pipe")
+    (folder / ".hidden").mkdir()
+    (folder / ".hidden" / "x.png").write_bytes(b"x")
+    files = expand_inputs([str(folder)])
+    assert [Path(f).name for f in files] == ["a.png", "b_gone.png", "c_pipe"]
+    proc = run_ferry("predict", str(cnn_export[0]), str(folder), "--provider", "cpu")
+    assert proc.returncode == 1 and "a.png: predicted" in proc.stdout, proc.stderr
+    assert "b_gone.png: no such file" in proc.stderr and "c_pipe: not a regular file" in proc.stderr
+    assert_clean_error(run_ferry("predict", str(cnn_export[0]), ""), "an input path is empty")
+    with pytest.raises(FerryError, match="an input path is empty"):
+        expand_inputs([str(folder), ""])
+
+    real_stat, real_scandir = os.stat, os.scandir
+
+    def stat_denied(path, *a, **kw):  # as in a folder that cannot be entered (root is never denied)
+        if str(path).endswith("a.png"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_stat(path, *a, **kw)
+
+    monkeypatch.setattr(images.os, "stat", stat_denied)
+    with pytest.raises(FerryError, match="a.png: permission denied"):
+        images.load_image(folder / "a.png")
+    monkeypatch.setattr(images.os, "stat", real_stat)
+
+    def scandir_denied(path="."):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    (folder / "locked").mkdir()
+    monkeypatch.setattr(os, "scandir", scandir_denied)
+    with pytest.raises(FerryError, match="cannot read the folder .*locked: Permission denied"):
+        expand_inputs([str(folder)])
+
+
 def test_cli_json_never_lands_on_the_model_an_input_or_a_folder(cnn_export, bad_folder, tmp_path):
     import shutil
 

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -44,6 +45,7 @@ from typing import Any
 from ferry.batch.storage import (
     OBJECT_STORES,
     FileSystems,
+    NotAFile,
     TooLarge,
     check_bucket,
     check_size,
@@ -205,12 +207,17 @@ def read_files(batch: dict[str, Any], endpoint: str | None = None, filesystems: 
         try:
             if is_uri(p):
                 return filesystems.read(p, limit), ""
+            st = os.stat(p)
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(p)
+            if not stat.S_ISREG(st.st_mode):  # opening a FIFO to read would wait for a writer
+                raise NotAFile("not a regular file (a FIFO, a device or a socket)")
+            check_size(st.st_size, limit)
             with open(p, "rb") as fh:
-                check_size(os.fstat(fh.fileno()).st_size, limit)
                 return fh.read(), ""
         except Exception as exc:  # noqa: BLE001 - one unreadable file is one row's error
             why = reason(exc)
-            plain = why in ("no such file", "permission denied", "is a folder") or isinstance(exc, TooLarge)
+            plain = why in ("no such file", "permission denied", "is a folder") or isinstance(exc, (TooLarge, NotAFile))
             return b"", f"{p}: {why}" if plain else f"{p}: cannot read: {why}"
 
     if any(is_uri(p) for p in paths) and len(paths) > 1:

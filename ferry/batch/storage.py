@@ -175,7 +175,7 @@ def reason(exc: BaseException) -> str:
         return f"cannot connect ({first_line(exc, 120)})"
     if isinstance(exc, IsADirectoryError):
         return "is a folder"
-    if isinstance(exc, TooLarge):
+    if isinstance(exc, (TooLarge, NotAFile)):
         return str(exc)
     return f"{type(exc).__name__}: {first_line(exc)}"
 
@@ -222,6 +222,10 @@ def check_bucket(fs: Any, location: str, inner: str, what: str, endpoint: str | 
 
 class TooLarge(OSError):
     """A file larger than any image the runtime would decode: not read."""
+
+
+class NotAFile(OSError):
+    """A FIFO, a device or a socket among the inputs: not read (a FIFO would wait for a writer)."""
 
 
 def check_size(size: int, max_bytes: int | None) -> None:
