@@ -51,7 +51,10 @@ def start_ray(address: str | None, *, object_store_mb: int = 256, num_cpus: floa
             raise FerryError(f"--object-store-mb must be >= 80 (Ray's minimum is 75 MiB; got {object_store_mb})")
         from ferry.core.machine import usable_cpus
 
-        ray.init(num_cpus=num_cpus or usable_cpus(), object_store_memory=object_store_mb * 2**20, include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=False)
+        try:
+            ray.init(num_cpus=num_cpus or usable_cpus(), object_store_memory=object_store_mb * 2**20, include_dashboard=False,
+                     logging_level=logging.WARNING, log_to_driver=False)
+        except ValueError as exc:  # an object store this machine's memory cannot hold, ...
+            raise FerryError(f"cannot start a local Ray: {str(exc).splitlines()[0][:300]}") from exc
     quiet_ray_data()
     return True, time.perf_counter() - t0

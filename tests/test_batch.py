@@ -280,6 +280,9 @@ def test_cli_run_on_the_session_ray_and_bad_arguments(ray_local, cnn_export, tmp
         ([model, str(folder), "--address", "127.0.0.1:99999"], "a port of 1 to 65535"),
         ([model, str(folder), "--batch-size", "0"], "--batch-size must be >= 1"),
         ([model, str(folder), "--object-store-mb", "0"], "--object-store-mb must be >= 80"),
+        ([model, str(folder), "--object-store-mb", "100000000"], "more than this machine's shared memory"),
+        ([model, str(folder), "--cpus-per-worker", "nan"], "--cpus-per-worker must be a number >= 0 (got nan)"),
+        ([model, str(folder), "--provider", "tensorrt"], "tensorrt"),
         ([model, str(folder), "--workers", "4", "--cpus-per-worker", "1", "--address", address], "starve"),
     ]
     (tmp_path / "latin1.txt").write_bytes("caf\xe9.png\n".encode("latin-1"))
