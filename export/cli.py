@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from ferry.core.errors import FerryError
     from ferry.export.pipeline import ExportOptions, export_model
 
-    if args.int8_max_drop is not None and args.int8_max_drop < 0:
+    if args.int8_max_drop is not None and not args.int8_max_drop >= 0:  # NaN too: it would turn the gate off
         raise FerryError(f"--int8-max-drop must be >= 0 (got {args.int8_max_drop})")
     if args.triton_repo:  # before the export: a bad option found after it would have replaced the files for nothing
         from ferry.core.fileio import check_folder_writable

@@ -85,6 +85,8 @@ def export_detector_onnx(module, example: np.ndarray, path: Path, *, opset: int)
         raise
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types
         raise ox.ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+    if ox.written_opset(path) != opset:
+        raise ox.ExportError(f"torch.onnx.export wrote opset {ox.written_opset(path)}, not the {opset} asked for")
 
 
 # --- what is exported -----------------------------------------------------------------------------------
@@ -288,8 +290,7 @@ def export_detector(opts, *, log: Callable[[str], None] = print):
 
     if opts.calib_dir:
         raise FerryError("--calib-dir is for classifiers; a detector's int8 is calibrated on its training images")
-    if opts.opset < 17:
-        raise FerryError(f"--opset must be >= 17 (got {opts.opset})")
+    ox.check_opset(opts.opset)
     out = _check_out(opts)
     loaded = load_detector(opts, log)
     if opts.int8 and not loaded.calibration:

@@ -45,6 +45,23 @@ class PredictionMismatch(ValidationError):
     pass
 
 
+def check_opset(opset: int) -> None:
+    """--opset: 17 (the first with what ferry's graphs use) up to the newest the installed onnx knows."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not 17 <= opset <= newest:
+        raise FerryError(f"--opset must be 17 to {newest}, the newest onnx {onnx.__version__} knows (got {opset})")
+
+
+def written_opset(path: str | Path) -> int:
+    """The default-domain opset of an ONNX file, as written."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
 def export_to_onnx(model, example, path: str | Path, *, opset: int = DEFAULT_OPSET) -> None:
     """torch.onnx.export with the torch.export-based exporter (dynamo=True), a dynamic batch
     dimension, input `input` and output `logits`. Writes `path` (a temporary path: the caller
@@ -68,6 +85,8 @@ def export_to_onnx(model, example, path: str | Path, *, opset: int = DEFAULT_OPS
         raise
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+    if written_opset(path) != opset:  # the exporter falls back (with a warning) where it cannot convert: the metadata must not say otherwise
+        raise ExportError(f"torch.onnx.export wrote opset {written_opset(path)}, not the {opset} asked for")
 
 
 def _forward_arg(model) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ferry.core.errors import FerryError
-from ferry.core.fileio import sha256_file
+from ferry.core.fileio import check_folder_writable, sha256_file
 from ferry.core.machine import cpu_info
 from ferry.export import onnx_export as ox
 from ferry.export.evalset import ExportData, check_top1_against_torch
@@ -68,6 +68,7 @@ def _check_out(opts: ExportOptions) -> Path:
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise FerryError(f"--out {out} exists and is not a folder")
+    check_folder_writable(out, "--out")
     return out
 
 
@@ -83,8 +84,7 @@ def _check_options(opts: ExportOptions) -> None:
                          "one in five is held out to measure int8 against fp32)")
     if opts.checkpoint and opts.calib_dir:
         raise FerryError("--calib-dir is for pretrained models; a checkpoint's int8 is calibrated on its own training images")
-    if opts.opset < 17:
-        raise FerryError(f"--opset must be >= 17 (got {opts.opset})")
+    ox.check_opset(opts.opset)
     if not opts.atol > 0:  # NaN too
         raise FerryError(f"--atol must be > 0 (got {opts.atol})")
     if opts.annotations:
@@ -96,7 +96,10 @@ def _check_options(opts: ExportOptions) -> None:
 def _staging(out: Path) -> Iterator[Path]:
     """A hidden folder inside `out` (same file system, so the final renames are atomic) that is
     removed whatever happens: a failed export leaves nothing of itself behind."""
-    stage = Path(tempfile.mkdtemp(prefix=".ferry-export-", dir=out))
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=".ferry-export-", dir=out))
+    except OSError as exc:
+        raise FerryError(f"cannot write to --out {out}: {exc.strerror or exc}") from exc
     try:
         yield stage
     finally:

@@ -149,6 +149,11 @@ def test_cli_bad_inputs_are_clear_errors(tmp_path, tiny_checkpoint, fake_mnist):
         (["export", "mnist-cnn", "--checkpoint", str(random_ckpt), *common], "never runs code from a checkpoint"),
         (["export", "mnist-cnn", "--checkpoint", str(tmp_path), *common], "is a folder"),
         (["export", "mnist-cnn", "--checkpoint", str(tiny_checkpoint), "--atol", "-1", *common], "--atol must be > 0"),
+        # an opset the exporter cannot write: it fell back to 18 with a warning, and the metadata said 99999
+        (["export", "mnist-cnn", "--checkpoint", str(tiny_checkpoint), "--opset", "99999", *common], "--opset must be 17 to"),
+        # NaN turned the int8 gate off (no drop is > NaN)
+        (["export", "mnist-cnn", "--checkpoint", str(tiny_checkpoint), "--int8", "--int8-max-drop", "nan", *common],
+         "--int8-max-drop must be >= 0 (got nan)"),
     ]
     for args, needle in cases:
         proc = run_ferry(*args)
