@@ -69,6 +69,16 @@ def _read_cache(folder: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _usable(record: Any, names: list[str]) -> bool:
+    """A cached choice as `_choose` writes it: one of `names`, with a number of milliseconds for
+    each engine measured. Anything else (a hand-edited or damaged entry) is measured again."""
+    if not isinstance(record, dict) or record.get("choice") not in names:
+        return False
+    medians = record.get("median_ms")
+    return isinstance(medians, dict) and bool(medians) and all(
+        isinstance(n, str) and isinstance(ms, (int, float)) and not isinstance(ms, bool) for n, ms in medians.items())
+
+
 def _write_cache(folder: Path, key: str, record: dict[str, Any]) -> Path | None:
     target = folder / CACHE_FILE
     data = _read_cache(folder)
@@ -180,7 +190,7 @@ def _choose(path, meta: ModelMetadata, names: list[str], key: str, folder: Path,
     from ferry.runtime.engines import open_engine
 
     record = _read_cache(folder).get(key)
-    if isinstance(record, dict) and record.get("choice") in names:
+    if _usable(record, names):
         choice = record["choice"]
         how = (f"cached choice for this model and CPU ({_medians(record.get('median_ms', {}), meta)} at batch 1, "
                f"measured {record.get('measured', '?')}; {folder / CACHE_FILE})")

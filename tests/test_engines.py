@@ -174,6 +174,12 @@ def test_auto_measures_once_then_reads_its_cache(cnn_export, tmp_path, monkeypat
     cache.write_text(json.dumps(data))
     edited = Classifier.from_onnx(path)
     assert edited.provider.used == "CPUExecutionProvider" and len(calls) == 1
+    # an entry damaged by hand (no milliseconds, or text for them) is measured again, not a traceback
+    damaged = ({"choice": "cpu"}, {"choice": "cpu", "median_ms": None}, {"choice": "cpu", "median_ms": {"cpu": "fast"}})
+    for n, entry in enumerate(damaged, start=2):
+        cache.write_text(json.dumps({k: entry for k in data}))
+        remeasured = Classifier.from_onnx(path)
+        assert remeasured.provider.engine == "openvino" and "measured now" in remeasured.provider.note and len(calls) == n
     # an explicit provider overrides the choice
     assert Classifier.from_onnx(path, provider="openvino").provider.engine == "openvino"
     # a real measurement, once: every candidate timed, the choice among them
