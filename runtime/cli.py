@@ -144,6 +144,12 @@ def _run_detector(det, args: argparse.Namespace) -> int:
         if inside is not None:  # a drawing named after its input (x.png) would replace it
             raise FerryError(f"--draw {draw_dir} holds inputs (e.g. {inside}): the drawings could replace them; "
                              f"choose another folder")
+        used: set[str] = set()
+        targets = {f: _draw_target(draw_dir, f, used) for f in files}
+        taken = [t for t in targets.values() if os.path.lexists(t)]
+        if taken:  # never written over: a drawing of an earlier run, or a file of the user's
+            raise FerryError(f"--draw {draw_dir} already holds {len(taken)} file(s) the drawings would be named (e.g. "
+                             f"{taken[0].name}); choose another folder, or remove them")
     _check_json_target(args, files)
     min_score = DEFAULT_MIN_SCORE if args.min_score is None else args.min_score
     to_stdout_json = args.json == "-"
@@ -152,11 +158,11 @@ def _run_detector(det, args: argparse.Namespace) -> int:
     if det.untrained:
         say("warning: this model has random weights (exported with --weights none): its detections are meaningless")
     progress = Progress(len(files), desc="detecting", enabled=None if len(files) > args.batch_size else False)
-    outcomes, drawn, used_names = [], [], set()
+    outcomes, drawn = [], []
     for outcome in det.detect_many(files, batch_size=args.batch_size, min_score=min_score):
         progress.update()
         if outcome.ok and draw_dir is not None:
-            target = _draw_target(draw_dir, outcome.source, used_names)
+            target = targets[outcome.source]
             try:
                 picture = draw_detections(load_image(outcome.source), outcome.result)
                 with atomic_path(target) as tmp:

@@ -329,6 +329,13 @@ def test_drawings_never_go_where_they_could_replace_an_input(detector_export, tm
     proc = run_ferry("predict", str(detector_export["path"]), str(inputs), "--draw", str(inputs), "--provider", "cpu")
     assert_clean_error(proc, "--draw", "holds inputs")
     assert (inputs / "x.png").read_bytes() == before and "detection" not in proc.stdout
+    # nor where a file of that name is already (an earlier run's drawing, a file of the user's)
+    drawings = tmp_path / "drawings"
+    drawings.mkdir()
+    (drawings / "x.png").write_bytes(b"precious")
+    proc = run_ferry("predict", str(detector_export["path"]), str(inputs), "--draw", str(drawings), "--provider", "cpu")
+    assert_clean_error(proc, "--draw", "already holds 1 file(s) the drawings would be named (e.g. x.png)")
+    assert (drawings / "x.png").read_bytes() == b"precious" and "detection" not in proc.stdout
 
 
 def test_detector_runs_where_torch_cannot_be_imported_and_predict_draws(detector_export, tmp_path):
