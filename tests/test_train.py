@@ -225,6 +225,25 @@ def test_idx_reader_rejects_truncated_file(tmp_path, fake_mnist_dir):
         data.load_mnist_arrays(fake_mnist_dir)
 
 
+def test_a_failed_download_leaves_no_empty_folders(tmp_path, monkeypatch):
+    """A --data-dir without MNIST (a typo) tries torchvision's download; where it fails (no network
+    here) the error says so, and the empty folders the downloader made are gone again (left, they
+    looked like a data folder to later commands)."""
+    import torchvision.datasets
+
+    def offline(root, train=True, download=False):
+        (Path(root) / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)  # as torchvision does before fetching
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.delenv("FERRY_NO_DOWNLOAD", raising=False)
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    (tmp_path / "kept").mkdir()
+    for given in (tmp_path / "typo", tmp_path / "kept"):
+        with pytest.raises(FerryError, match="missing .* a download was tried and failed \\(RuntimeError\\)"):
+            data.load_mnist_arrays(given, download=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
+
+
 def test_config_validation_lists_every_problem():
     with pytest.raises(FerryError) as err:
         TrainConfig(epochs=0, lr=-1.0, batch_size=0).validate()

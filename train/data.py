@@ -7,6 +7,7 @@ transforms through a DataLoader.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Iterator
@@ -44,18 +45,24 @@ def load_mnist_arrays(data_dir: str | Path, *, download: bool = False) -> tuple[
     """
     data_dir = Path(data_dir)
     missing = missing_mnist_files(data_dir)
+    tried = ""
     if missing and download and not os.environ.get("FERRY_NO_DOWNLOAD"):
+        made = [d for d in (data_dir, data_dir / "MNIST", data_dir / "MNIST" / "raw") if not d.exists()]
         try:
             from torchvision.datasets import MNIST
 
             MNIST(str(data_dir), train=True, download=True)
             MNIST(str(data_dir), train=False, download=True)
-        except Exception:  # noqa: BLE001 - any download failure becomes the message below
-            pass
+        except Exception as exc:  # noqa: BLE001 - any download failure becomes the message below
+            tried = f"a download was tried and failed ({type(exc).__name__}). "
         missing = missing_mnist_files(data_dir)
+        if missing:  # the folders the downloader made, if it left them empty: a typo in --data-dir leaves nothing
+            for d in reversed(made):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
     if missing:
         raise FerryError(
-            f"MNIST not found in {data_dir}/MNIST/raw: missing {', '.join(missing)}. "
+            f"MNIST not found in {data_dir}/MNIST/raw: missing {', '.join(missing)}. {tried}"
             "Get them with `python -c \"import torchvision; torchvision.datasets.MNIST('"
             f"{data_dir}', download=True)\"` (needs the network), or point --data-dir at a folder "
             "that has MNIST/raw/*-ubyte"
