@@ -36,6 +36,11 @@ from ferry.runtime.providers import ProviderInfo
 
 ImageInput = str | Path | bytes | Image.Image | np.ndarray
 SMALL_HEAD = 64  # up to this many classes one prediction's softmax runs in plain Python
+MODEL_OUTPUT_NAN = "the model's output holds NaN or infinity (a numerical overflow: an fp16 model out of its range?)"
+
+
+class ModelOutputError(FerryError):
+    """The model gave logits with no probabilities in them (NaN, +inf): not a prediction."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,16 +233,16 @@ class Classifier:
         logits = logits.astype(np.float64)
         z = logits - logits.max(axis=1, keepdims=True)
         np.exp(z, out=z)
-        z /= z.sum(axis=1, keepdims=True)
-        if k == 1:
-            order = z.argmax(axis=1)[:, None]
-        else:
-            order = np.argsort(-z, axis=1, kind="stable")[:, :k]
+        total = z.sum(axis=1, keepdims=True)
+        if np.isnan(total).any():  # a NaN or +inf logit: no probabilities to give
+            raise ModelOutputError(MODEL_OUTPUT_NAN)
+        z /= total
+        order = z.argmax(axis=1)[:, None] if k == 1 else top_k_order(z, k)
         labels, used = self._labels, self.provider.used
         out = []
-        for row, idx in zip(z.tolist(), order.tolist()):
-            cands = tuple(Candidate(i, labels[i], row[i]) for i in idx)
-            out.append(Prediction(idx[0], labels[idx[0]], row[idx[0]], cands, used))
+        for row, idx in zip(np.take_along_axis(z, order, axis=1).tolist(), order.tolist()):  # k values a row, not all
+            cands = tuple(Candidate(i, labels[i], p) for i, p in zip(idx, row))
+            out.append(Prediction(idx[0], labels[idx[0]], row[0], cands, used))
         return out
 
     def _one_small(self, row: list[float], k: int) -> Prediction:
@@ -248,6 +253,8 @@ class Classifier:
         exp = math.exp
         e = [exp(v - peak) for v in row]
         total = sum(e)
+        if total != total:  # NaN: a NaN or +inf logit
+            raise ModelOutputError(MODEL_OUTPUT_NAN)
         probs = [v / total for v in e]
         labels = self._labels
         new = object.__new__
@@ -314,10 +321,37 @@ class Classifier:
     def _flush(self, pending: list, results: dict[int, Outcome], top_k: int) -> None:
         if not pending:
             return
-        preds = self.predict_batch(np.stack([p[2] for p in pending]), top_k)
-        for (i, source, _), pred in zip(pending, preds):
-            results[i] = Outcome(source, prediction=pred)
+        got = self.outcomes(self.run(np.stack([p[2] for p in pending])), [p[1] for p in pending], top_k)
+        for (i, _, _), outcome in zip(pending, got):
+            results[i] = outcome
         pending.clear()
+
+    def outcomes(self, logits: np.ndarray, sources: Sequence[str], top_k: int = 1) -> list[Outcome]:
+        """One Outcome per row of (N, classes) logits: its prediction, or, for a row with no
+        probabilities in it (NaN, +inf, all -inf), that input's error, not the whole batch's."""
+        logits = np.asarray(logits)
+        broken = ~np.isfinite(logits.max(axis=1))
+        preds = iter(self.predictions(logits[~broken], top_k) if not broken.all() else [])
+        return [Outcome(s, error=f"{s}: {MODEL_OUTPUT_NAN}") if bad else Outcome(s, prediction=next(preds))
+                for s, bad in zip(sources, broken.tolist())]
+
+
+def top_k_order(z: np.ndarray, k: int) -> np.ndarray:
+    """The indices of each row's `k` largest values, largest first, ties towards the lower index:
+    `np.argsort(-z, axis=1, kind="stable")[:, :k]`, without sorting whole rows of a batch of many
+    classes. A partition finds each row's k-th largest value; the k indices at or above it
+    (ascending) are then sorted stably by value, so the result is the full sort's. A row with more
+    than k there (a tie at the cut), NaN (which a partition does not order like the sort), a few
+    classes or one row (where numpy's per-call costs outweigh the sort) take the full sort."""
+    n = z.shape[1]
+    if z.shape[0] == 1 or n <= SMALL_HEAD or k >= n or np.isnan(z).any():
+        return np.argsort(-z, axis=1, kind="stable")[:, :k]
+    kth = np.partition(z, n - k, axis=1)[:, n - k:n - k + 1]
+    _, cols = np.nonzero(z >= kth)  # row by row, each row's indices ascending; at least k a row
+    if len(cols) != z.shape[0] * k:
+        return np.argsort(-z, axis=1, kind="stable")[:, :k]
+    cand = cols.reshape(-1, k)
+    return np.take_along_axis(cand, np.argsort(-np.take_along_axis(z, cand, axis=1), axis=1, kind="stable"), axis=1)
 
 
 def _one_line(exc: Exception, source: str) -> str:

@@ -565,6 +565,46 @@ def test_the_fast_paths_compute_what_the_general_ones_do(cnn_export):
     assert pickle.loads(pickle.dumps(made)) == made and copy.copy(made) == made  # (Ray's workers pickle them)
 
 
+def test_a_model_output_of_nan_or_infinity_is_an_error_not_a_prediction(cnn_export):
+    """An fp16 model out of its range gives NaN or +inf: no probabilities, so `predict` raises and
+    `predict_many` gives that input its error while the rest of its batch is predicted."""
+    from ferry.runtime.classifier import ModelOutputError
+
+    clf = Classifier.from_onnx(cnn_export[0], provider="cpu")
+    digits = [np.full((28, 28), v, np.uint8) for v in (0, 0, 0, 0)]
+    for d in digits:
+        d[6:22, 12:16] = 255
+    real = clf.engine
+
+    class Broken:  # the real engine, but some rows' logits are NaN, +inf or all -inf
+        def __init__(self, rows):
+            self.rows = rows
+
+        def infer(self, batch):
+            out = real.infer(batch).copy()
+            for r, value in self.rows.items():
+                if r < len(out):
+                    out[r, 3 if value != -np.inf else slice(None)] = value
+            return out
+
+        def infer_one(self, sample):
+            return self.infer(sample[None])
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    broken = dataclasses.replace(clf, engine=Broken({0: np.nan, 2: np.inf, 3: -np.inf}))
+    got = list(broken.predict_many(digits, batch_size=4, top_k=3))
+    assert [o.ok for o in got] == [False, True, False, False]
+    assert all("NaN or infinity" in o.error for o in got if not o.ok)
+    assert got[1].prediction == clf.predict(digits[1], top_k=3)
+    for top_k in (1, 3):
+        with pytest.raises(ModelOutputError, match="NaN or infinity"):
+            broken.predict(digits[0], top_k=top_k)  # the plain-Python softmax of a few classes
+        with pytest.raises(ModelOutputError):
+            broken.predictions(np.vstack([np.zeros((1, 10), np.float32), np.full((1, 10), np.nan, np.float32)]), top_k)
+
+
 def test_a_batch_top_k_over_many_classes_is_the_full_stable_sort(resnet_export):
     """A batch over many classes takes its top k from a partition, not a sort of every row: the
     indices are the stable full sort's (ties to the lower index), ties at the cut, NaN and one row

@@ -549,12 +549,9 @@ class PredictPart:
             if self.prepared:  # tensors from the decode stage: straight to the engine
                 import numpy as np
 
-                from ferry.runtime.classifier import Outcome
-
                 shape = self.clf.spec.input_shape
                 x = np.stack([np.frombuffer(data[i], np.float32).reshape(shape) for i in chunk])
-                preds = self.clf.predictions(self.clf.infer(x), self.top_k)
-                outcomes.update({i: Outcome(paths[i], prediction=p) for i, p in zip(chunk, preds)})
+                outcomes.update(zip(chunk, self.clf.outcomes(self.clf.infer(x), [paths[i] for i in chunk], self.top_k)))
             else:
                 outcomes.update(zip(chunk, self.clf.predict_many([data[i] for i in chunk], names=[paths[i] for i in chunk],
                                                                  top_k=self.top_k, batch_size=len(chunk))))

@@ -289,6 +289,7 @@ def create_app(backend, config: AppConfig | None = None, *, state: ServerState |
     from starlette.routing import Route
 
     from ferry import __version__
+    from ferry.runtime.classifier import ModelOutputError
     from ferry.runtime.images import ImageTooLarge, quiet_bomb_warnings
     from ferry.serve.metrics import CONTENT_TYPE
     from ferry.serve.openapi import docs_html, openapi_spec
@@ -422,7 +423,10 @@ def create_app(backend, config: AppConfig | None = None, *, state: ServerState |
             found = entry.clf.detections(np.asarray(row), frame, min_score).to_dict()
         else:
             logits = await entry.submit(x)
-            found = entry.clf.predictions(np.asarray(logits)[None], top_k)[0].to_dict()
+            try:
+                found = entry.clf.predictions(np.asarray(logits)[None], top_k)[0].to_dict()
+            except ModelOutputError as exc:  # the model's fault, not the request's: said, not a traceback
+                return error(request, 500, str(exc))
         scope = request.scope
         return JSONResponse({"model": entry.name, **found,
                              "latency_ms": round(1e3 * (time.monotonic() - scope["ferry.t0"]), 3),
