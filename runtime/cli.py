@@ -118,7 +118,7 @@ def _print_outcome(outcome, top_k: int) -> None:
     print(f"{outcome.source}: predicted {p.index} ({p.label}) with probability {p.probability:.4f}")
     if top_k > 1:
         for rank, c in enumerate(p.top_k, 1):
-            print(f"    {rank}. {c.index:>4} {c.label:<30} {c.probability:.4f}")
+            print(f"    {rank:>2}. {c.index:>4} {c.label:<30} {c.probability:.4f}")
 
 
 def _run_detector(det, args: argparse.Namespace) -> int:

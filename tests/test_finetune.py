@@ -119,7 +119,7 @@ def test_unknown_arch_and_weights_list_the_valid_ones(tmp_path):
     assert_clean_error(run_ferry("export", "convnet_tiny", "--weights", "none", "--out", str(tmp_path)),
                        "did you mean convnext_tiny")
     assert_clean_error(run_ferry("train", "--arch", "resnet18", "--channels", "4", "8", "8", "--data-dir", str(tmp_path)),
-                       "--channels do(es) not apply to --arch resnet18")
+                       "--channels does not apply to --arch resnet18")
 
 
 # --- the model ----------------------------------------------------------------------------------

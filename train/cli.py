@@ -54,12 +54,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         having = [(label, fields[name]) for label, fields in kinds if name in fields]
         f = having[0][1]
         flag = "--" + name.replace("_", "-")
-        defaults = [f"{list(g.default) if isinstance(g.default, tuple) else g.default} for {label}" for label, g in having]
-        only = f" [{' and '.join(label for label, _ in having)} only]" if len(having) < len(kinds) else ""
+        values = [(label, list(g.default) if isinstance(g.default, tuple) else g.default) for label, g in having
+                  if g.default not in ("", None)]  # none: the help text says what happens without it
+        if len({repr(v) for _, v in values}) == 1 and len(values) == len(having):
+            defaults = [str(values[0][1])]  # the same for every kind that has it
+        else:
+            defaults = [f"{v} for {label}" for label, v in values]
         texts = {g.metadata.get("help", "") for _, g in having}
         text = f.metadata.get("help", "") if len(texts) == 1 else \
             "; ".join(f"{label}: {g.metadata.get('help', '')}" for label, g in having)
-        help_text = f"{text}{only} (default: {', '.join(defaults)})"
+        only = f" [{' and '.join(label for label, _ in having)} only]" if len(having) < len(kinds) and " only" not in text else ""
+        help_text = f"{text}{only}" + (f" (default: {', '.join(defaults)})" if defaults else "")
         kind = _base_type(f.type)
         if kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
@@ -96,7 +101,8 @@ def config_from_args(args: argparse.Namespace):
     wrong = sorted(n for n in all_names - names if hasattr(args, n))
     if wrong:
         kind = {TrainConfig: f"the {CNN}", FinetuneConfig: f"--arch {args.arch}", DetectConfig: "--task detect"}[cls]
-        raise FerryError(f"{', '.join('--' + n.replace('_', '-') for n in wrong)} do(es) not apply to {kind}")
+        raise FerryError(f"{', '.join('--' + n.replace('_', '-') for n in wrong)} {'does' if len(wrong) == 1 else 'do'} "
+                         f"not apply to {kind}")
     if cls is DetectConfig and args.arch == CNN:
         raise FerryError(f"--task detect trains a detector; {CNN} is a classifier (use fcos_small or a torchvision detector)")
     given = {n: getattr(args, n) for n in names - {"arch"} if hasattr(args, n)}

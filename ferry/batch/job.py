@@ -115,6 +115,9 @@ class BatchSummary:
         return self.images / self.seconds if self.seconds else float("nan")
 
     def describe(self) -> str:
+        if self.workers == 0:  # every part was there: nothing ran
+            return (f"{self.images} images, {self.failures} failed; {self.resumed_parts} of {self.parts} parts kept from an "
+                    f"earlier run, nothing left to predict; results committed in {self.out} ({SUCCESS_FILE})")
         kept = f", {self.resumed_parts} of {self.parts} parts kept from an earlier run" if self.resumed_parts else ""
         return (f"{self.images} images, {self.failures} failed, {self.images_per_second:.1f} images/s "
                 f"({self.seconds:.1f} s; starting Ray took {self.ray_start_seconds:.1f} s){kept}; {self.workers} workers x "
