@@ -35,6 +35,9 @@ class EmptyImageError(FerryError):
     """The image holds no ink (a blank canvas, a single dot): there is no digit to classify."""
 
 
+BLANK = "no digit found: the image is blank (draw a digit)"
+
+
 class SpecError(FerryError):
     """A preprocessing spec that cannot be used; `field` names the bad field."""
 
@@ -360,6 +363,8 @@ def normalize_digit(image: Image.Image | np.ndarray) -> np.ndarray:
 def normalize_unit_digit(gray: np.ndarray) -> np.ndarray:
     """`normalize_digit` of a checked 2-D float32 array in [0, 1] (the runtime's array path)."""
     if _is_mnist_like(gray):
+        if float(gray.max(initial=0)) < 0.1:  # a dark square with no digit in it
+            raise EmptyImageError(BLANK)
         return np.ascontiguousarray(gray, dtype=np.float32)
 
     if float(np.median(_border(gray))) > 0.5:  # dark ink on a light page
@@ -368,7 +373,7 @@ def normalize_unit_digit(gray: np.ndarray) -> np.ndarray:
     gray = np.clip(gray - float(np.median(_border(gray))), 0, None)
     peak = float(gray.max(initial=0))
     if peak < 0.1:
-        raise EmptyImageError("no digit found: the image is blank (draw a digit)")
+        raise EmptyImageError(BLANK)
     gray = gray / peak
     ink = gray > 0.2
     rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
@@ -411,10 +416,13 @@ def mnist_uint8_passthrough(arr: np.ndarray, spec: Preprocess) -> np.ndarray | N
     if not (top == bottom == left == right == _BLANK_EDGE):  # a blank border (most digits) needs no sum
         if sum(top) + sum(bottom) + sum(left) + sum(right) >= 0.25 * 255 * 4 * MNIST_SIZE:
             return None
+    if b"\xff" not in raw and not raw.translate(None, _FAINT):  # no pixel of 26 or more: `normalize_unit_digit`'s blank
+        raise EmptyImageError(BLANK)
     return _digit_lut(spec.mean[0], spec.std[0]).take(arr)[None]
 
 
 _BLANK_EDGE = bytes(MNIST_SIZE)
+_FAINT = bytes(range(26))  # uint8 values under 0.1 x 255: no ink
 
 
 @functools.lru_cache(maxsize=4)

@@ -267,7 +267,9 @@ def test_every_entry_of_a_folder_is_a_row_and_a_folder_it_cannot_read_is_an_erro
 
     folder = tmp_path / "mixed"
     folder.mkdir()
-    Image.fromarray(np.zeros((28, 28), np.uint8)).save(folder / "a.png")
+    digit = np.zeros((28, 28), np.uint8)
+    digit[6:22, 12:16] = 255
+    Image.fromarray(digit).save(folder / "a.png")
     (folder / "b_gone.png").symlink_to(tmp_path / "nowhere.png")
     os.mkfifo(folder / "c_pipe")
     (folder / ".hidden").mkdir()
@@ -543,6 +545,15 @@ def test_the_fast_paths_compute_what_the_general_ones_do(cnn_export):
         edge[0, 5] += extra  # 7139: MNIST-like; 7140 = 0.25 x 255 x 112: not
         edge[8:20, 12:16] = 255
         assert np.array_equal(clf.prepare(edge), standardize_digit(normalize_unit_digit(_check_array(edge, "mnist")), clf.spec))
+    for faint, blank in ((0, True), (25, True), (26, False)):  # MNIST-like and dark: blank below 0.1 x 255, as the general path
+        dark = np.zeros((28, 28), np.uint8)
+        dark[10:18, 12:16] = faint
+        if blank:
+            for path in (clf.prepare, lambda a: standardize_digit(normalize_unit_digit(_check_array(a, "mnist")), clf.spec)):
+                with pytest.raises(EmptyImageError, match="blank"):
+                    path(dark)
+        else:
+            assert np.array_equal(clf.prepare(dark), standardize_digit(normalize_unit_digit(_check_array(dark, "mnist")), clf.spec))
     light = np.full((28, 28), 255, np.uint8)  # a light border: not MNIST-like, the general path
     light[8:20, 12:16] = 0
     assert np.array_equal(clf.prepare(light), standardize_digit(normalize_unit_digit(_check_array(light, "mnist")), clf.spec))
