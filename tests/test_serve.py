@@ -274,6 +274,59 @@ def test_options_of_the_other_host_are_refused_not_ignored(monkeypatch):
     check_options(ServeOptions(models=["m.onnx"], port=0, replicas=3, address="auto"))
 
 
+def test_non_finite_or_unbounded_numbers_are_refused_in_one_line(monkeypatch):
+    """argparse's float() takes "inf" and "nan": each was accepted and then failed later (a traceback at
+    start, a server whose every lone request timed out, a warm-up batch too large for memory)."""
+    from ferry.core.errors import FerryError
+    from ferry.serve.local import MAX_BATCH_SIZE, ServeOptions, check_options
+
+    monkeypatch.delenv("FERRY_API_KEY", raising=False)
+    nan, inf = float("nan"), float("inf")
+    cases = [({"max_body_mb": inf}, "--max-body-mb must be a finite number > 0"), ({"max_body_mb": nan}, "--max-body-mb"),
+             ({"max_body_mb": 1e-9}, "--max-body-mb"),  # under one byte: every request would be a 413
+             ({"drain_timeout_s": inf}, "--drain-timeout-s must be a finite number > 0"),
+             ({"drain_timeout_s": nan}, "--drain-timeout-s"), ({"timeout_s": inf}, "--timeout-s must be a finite number"),
+             ({"timeout_s": nan}, "--timeout-s"), ({"batch_wait_ms": inf}, "--batch-wait-ms must be a finite number"),
+             ({"batch_wait_ms": nan}, "--batch-wait-ms must be a finite number"),
+             ({"batch_wait_ms": 1e308}, "must be under the deadline"),
+             ({"batch_wait_ms": 500, "timeout_s": 0.5}, "--batch-wait-ms 500 must be under the deadline, --timeout-s 0.5"),
+             ({"max_batch_size": 100_000_000_000}, f"--max-batch-size must be 1-{MAX_BATCH_SIZE}"),
+             ({"max_batch_size": 0}, "--max-batch-size")]
+    for kwargs, needle in cases:
+        with pytest.raises(FerryError) as info:
+            check_options(ServeOptions(models=["m.onnx"], port=0, **kwargs))
+        assert needle in str(info.value), (kwargs, str(info.value))
+    with pytest.raises(FerryError) as info:  # every problem, in one line
+        check_options(ServeOptions(models=["m.onnx"], port=0, max_body_mb=inf, drain_timeout_s=nan, timeout_s=inf,
+                                   batch_wait_ms=nan, max_batch_size=10**11))
+    message = str(info.value)
+    assert "\n" not in message and all(flag in message for flag in (
+        "--max-body-mb", "--drain-timeout-s", "--timeout-s", "--batch-wait-ms", "--max-batch-size"))
+    # the edges that stay accepted
+    check_options(ServeOptions(models=["m.onnx"], port=0, max_batch_size=MAX_BATCH_SIZE, batch_wait_ms=499, timeout_s=0.5,
+                               max_body_mb=0.001, drain_timeout_s=0.1))
+    proc = run_ferry("serve", "m.onnx", "--port", "0", "--max-body-mb", "inf", "--batch-wait-ms", "nan",
+                     "--drain-timeout-s", "inf", env={"FERRY_API_KEY": ""})
+    assert_clean_error(proc, "--max-body-mb", "--batch-wait-ms", "--drain-timeout-s")
+
+
+def test_a_batch_too_large_to_warm_up_is_a_one_line_error():
+    from types import SimpleNamespace
+
+    from ferry.core.errors import FerryError
+    from ferry.serve.backend import warm_up
+
+    class Greedy:
+        name, spec = "big", SimpleNamespace(input_shape=(3, 224, 224))
+
+        def infer(self, x):
+            if len(x) > 1:
+                raise MemoryError("Unable to allocate")  # as numpy's ArrayMemoryError
+
+    with pytest.raises(FerryError, match="big: not enough memory to warm it up at batch 4096: lower --max-batch-size"):
+        warm_up(Greedy(), 4096)
+
+
 def test_a_sighup_while_the_models_load_does_not_kill_the_server(cnn_export):
     """SIGHUP reloads the models once the server runs; one that arrives while they load (a deploy
     script's reload racing a start) is ignored, not the default action, which ends the process."""

@@ -93,7 +93,10 @@ def warm_up(clf, max_batch_size: int) -> float:
     t0 = time.perf_counter()
     shape = tuple(clf.spec.input_shape)
     for n in sorted({1, max_batch_size}):
-        clf.infer(np.zeros((n, *shape), np.float32))
+        try:
+            clf.infer(np.zeros((n, *shape), np.float32))
+        except MemoryError as exc:  # numpy's ArrayMemoryError included
+            raise FerryError(f"{clf.name}: not enough memory to warm it up at batch {n}: lower --max-batch-size") from exc
     return time.perf_counter() - t0
 
 

@@ -34,9 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: 127.0.0.1; any other needs an API key)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    parser.add_argument("--max-batch-size", type=int, default=8, help="largest batch formed from concurrent requests (default: 8)")
+    parser.add_argument("--max-batch-size", type=int, default=8,
+                        help="largest batch formed from concurrent requests, 1-4096 (default: 8)")
     parser.add_argument("--batch-wait-ms", type=float, default=None,
-                        help="how long a batch waits to fill (default: 2 on a GPU, 0 on a CPU: never delays a lone request)")
+                        help="how long a batch waits to fill, under --timeout-s (default: 2 on a GPU, 0 on a CPU: never "
+                             "delays a lone request)")
     parser.add_argument("--max-queue", type=int, default=0,
                         help="prediction requests per model the server admits at once (reading, decoding, queued or "
                              "computing), split over the worker processes or replicas; one more gets 503 with Retry-After "

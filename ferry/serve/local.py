@@ -86,6 +86,9 @@ def units(opts: ServeOptions) -> int:
 
 WORKER_HEALTHCHECK_S = 30  # --workers N: a worker that does not answer the supervisor's ping this long is restarted
 DEFAULT_QUEUE = 16  # the least each process admits per model by default
+# The largest --max-batch-size: every model is warmed at it before the server starts (a batch of zeros
+# and the model's activations for it, in memory at once); the largest batch ferry bench measures.
+MAX_BATCH_SIZE = 4096
 
 
 def queue_per_unit(opts: ServeOptions) -> int:
@@ -96,8 +99,14 @@ def queue_per_unit(opts: ServeOptions) -> int:
     return max(DEFAULT_QUEUE, 2 * opts.max_batch_size)
 
 
+def _finite(value) -> bool:
+    """A real number, not inf or NaN (argparse's float() takes "inf" and "nan")."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def check_options(opts: ServeOptions) -> None:
-    """Safe by default: binding anything but loopback needs an API key."""
+    """Safe by default: binding anything but loopback needs an API key. Every other problem of the
+    options is collected and reported together, in one line."""
     resolve_api_key(opts)
     if not is_loopback(opts.host) and not opts.api_key:
         raise FerryError(f"--host {opts.host} would accept requests from other machines: give an API key "
@@ -115,20 +124,26 @@ def check_options(opts: ServeOptions) -> None:
     if opts.workers != 1 and opts.address:
         problems.append(f"--workers {opts.workers} is for the local server; on Ray Serve (--address) --replicas "
                         f"sets the copies")
-    if opts.max_batch_size < 1:
-        problems.append(f"--max-batch-size must be >= 1 (got {opts.max_batch_size})")
-    if opts.batch_wait_ms is not None and opts.batch_wait_ms < 0:
-        problems.append(f"--batch-wait-ms must be >= 0 (got {opts.batch_wait_ms})")
-    if opts.max_body_mb <= 0:
-        problems.append(f"--max-body-mb must be > 0 (got {opts.max_body_mb})")
+    if not 1 <= opts.max_batch_size <= MAX_BATCH_SIZE:
+        problems.append(f"--max-batch-size must be 1-{MAX_BATCH_SIZE} (got {opts.max_batch_size}): each model is warmed "
+                        f"at this batch size before the server starts, a whole batch of inputs in memory")
+    if not _finite(opts.timeout_s) or opts.timeout_s <= 0:
+        problems.append(f"--timeout-s must be a finite number > 0 (got {opts.timeout_s:g})")
+    wait = opts.batch_wait_ms
+    if wait is not None:
+        if not _finite(wait) or wait < 0:
+            problems.append(f"--batch-wait-ms must be a finite number >= 0 (got {wait:g})")
+        elif _finite(opts.timeout_s) and opts.timeout_s > 0 and wait >= 1e3 * opts.timeout_s:
+            problems.append(f"--batch-wait-ms {wait:g} must be under the deadline, --timeout-s {opts.timeout_s:g} "
+                            f"({1e3 * opts.timeout_s:g} ms): a lone request would wait for a fuller batch past it (504)")
+    if not _finite(opts.max_body_mb) or opts.max_body_mb * 2**20 < 1:
+        problems.append(f"--max-body-mb must be a finite number > 0, at least one byte (got {opts.max_body_mb:g})")
     if opts.threads < 0:
         problems.append(f"--threads must be >= 0 (got {opts.threads})")
     if opts.max_queue < 0:
         problems.append(f"--max-queue must be >= 1, or 0 for the default (got {opts.max_queue})")
-    if not opts.timeout_s > 0:
-        problems.append(f"--timeout-s must be > 0 (got {opts.timeout_s})")
-    if not opts.drain_timeout_s > 0:
-        problems.append(f"--drain-timeout-s must be > 0 (got {opts.drain_timeout_s})")
+    if not _finite(opts.drain_timeout_s) or opts.drain_timeout_s <= 0:
+        problems.append(f"--drain-timeout-s must be a finite number > 0 (got {opts.drain_timeout_s:g})")
     if problems:
         raise FerryError("; ".join(problems))
     if opts.address is None:
