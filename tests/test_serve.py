@@ -271,7 +271,10 @@ def test_options_of_the_other_host_are_refused_not_ignored(monkeypatch):
     with pytest.raises(FerryError, match="--workers 2 is for the local server"):
         check_options(ServeOptions(models=["m.onnx"], port=0, workers=2, address="auto"))
     check_options(ServeOptions(models=["m.onnx"], port=0, workers=2))  # each where it belongs
-    check_options(ServeOptions(models=["m.onnx"], port=0, replicas=3, address="auto"))
+    check_options(ServeOptions(models=["m.onnx"], port=8000, replicas=3, address="auto"))
+    # on Ray Serve every node's proxy would pick a port of its own, which the banner could not show
+    with pytest.raises(FerryError, match="--port 0 is for the local server"):
+        check_options(ServeOptions(models=["m.onnx"], port=0, address="auto"))
 
 
 def test_non_finite_or_unbounded_numbers_are_refused_in_one_line(monkeypatch):
@@ -325,6 +328,58 @@ def test_a_batch_too_large_to_warm_up_is_a_one_line_error():
 
     with pytest.raises(FerryError, match="big: not enough memory to warm it up at batch 4096: lower --max-batch-size"):
         warm_up(Greedy(), 4096)
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("host,workers", [("127.0.0.1", 1), ("127.0.0.1", 2), ("::1", 1)])
+def test_port_0_the_banner_shows_the_port_really_bound(cnn_export, tmp_path, host, workers):
+    """--port 0 lets the system pick a free port; the banner used to say http://127.0.0.1:0."""
+    import re
+
+    if ":" in host and not _ipv6_loopback():
+        pytest.skip("no IPv6 loopback (::1) on this machine")
+    out = tmp_path / "out.txt"
+    with open(out, "w") as stdout, open(tmp_path / "err.txt", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "ferry", "serve", str(cnn_export[0]), "--host", host, "--port", "0",
+                                 "--workers", str(workers), "--threads", "1"], cwd=REPO, stdout=stdout, stderr=stderr,
+                                text=True, env={**os.environ, "FERRY_API_KEY": ""})
+    try:
+        deadline = time.time() + 90
+        found = None
+        while found is None:
+            assert proc.poll() is None and time.time() < deadline, (out.read_text(), (tmp_path / "err.txt").read_text())
+            found = re.search(r"ferry serve: (http://(\[[0-9a-f:]+\]|[0-9.]+):(\d+))\s", out.read_text())
+            time.sleep(0.05)
+        url, shown_host, port = found.group(1), found.group(2), int(found.group(3))
+        assert port != 0 and shown_host == (f"[{host}]" if ":" in host else host), found.group(0)
+        while True:  # the banner's address answers
+            try:
+                if http("GET", url + "/readyz", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "err.txt").read_text()
+            time.sleep(0.1)
+        assert http("POST", url + "/v1/models/mnist-cnn/predict", digit_png())[0] == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, (tmp_path / "err.txt").read_text()
 
 
 def test_a_sighup_while_the_models_load_does_not_kill_the_server(cnn_export):

@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", metavar="MODEL", help=".onnx files written by `ferry export`")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: 127.0.0.1; any other needs an API key)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument("--port", type=int, default=8000,
+                        help="port (default: 8000; 0: one the system picks, printed when the server starts)")
     parser.add_argument("--max-batch-size", type=int, default=8,
                         help="largest batch formed from concurrent requests, 1-4096 (default: 8)")
     parser.add_argument("--batch-wait-ms", type=float, default=None,

@@ -114,6 +114,9 @@ def check_options(opts: ServeOptions) -> None:
     problems = []
     if not 0 <= opts.port <= 65535:
         problems.append(f"--port must be 0-65535 (got {opts.port})")
+    elif opts.port == 0 and opts.address:
+        problems.append("--port 0 is for the local server: on Ray Serve (--address) every node's proxy would pick a "
+                        "port of its own, which ferry cannot show; give a port")
     if opts.workers < 1:
         problems.append(f"--workers must be >= 1 (got {opts.workers})")
     if opts.replicas < 1:
@@ -148,6 +151,25 @@ def check_options(opts: ServeOptions) -> None:
         raise FerryError("; ".join(problems))
     if opts.address is None:
         _check_port_free(opts.host, opts.port)
+
+
+def http_url(host: str, port: int) -> str:
+    """The server's address as a URL; an IPv6 address in brackets (http://[::1]:8000)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound here and handed to uvicorn (inherited by its worker processes), so
+    that the banner can show the port really bound (with --port 0, the one the system picked)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise FerryError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.set_inheritable(True)
+    return sock
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -295,10 +317,11 @@ def app_from_env():
     return build_app(opts)
 
 
-def describe(opts: ServeOptions, app) -> str:
+def describe(opts: ServeOptions, app, port: int) -> str:
+    """The banner of one server process listening on `port` (the port bound: --port 0 picks one)."""
     backend = app.backend
     models = ", ".join(f"{n} ({c.provider.describe()})" for n, c in backend.models.items())
-    return (f"ferry serve: http://{opts.host}:{opts.port}  models: {models}; batching: up to {backend.max_batch_size}, "
+    return (f"ferry serve: {http_url(opts.host, port)}  models: {models}; batching: up to {backend.max_batch_size}, "
             f"wait {backend.batch_wait_ms:g} ms; queue {app.config.max_queue} per model, deadline {opts.timeout_s:g} s; "
             f"{opts.workers} process(es)" + ("; API key required" if opts.api_key else ""))
 
@@ -347,8 +370,9 @@ def serve_local(opts: ServeOptions, *, log=say) -> int:
         os.environ.pop(MULTIPROC_ENV, None)  # one process: its own registry
         os.environ.pop(SUPERVISED_ENV, None)
         app = build_app(opts, log=log)  # a bad model fails here, before the port is opened
-        log(describe(opts, app))
-        uvicorn.Server(uvicorn.Config(app, **common)).run()
+        sock = bind_socket(opts.host, opts.port)
+        log(describe(opts, app, sock.getsockname()[1]))
+        uvicorn.Server(uvicorn.Config(app, **common)).run(sockets=[sock])
         if stopped:
             log(f"ferry serve: stopped by {signal.Signals(stopped[0]).name} after the requests in flight")
         return 0
@@ -366,10 +390,11 @@ def serve_local(opts: ServeOptions, *, log=say) -> int:
         # a worker loading or warming a large model holds the GIL for a while: not a hung worker (uvicorn: 5 s)
         config = uvicorn.Config("ferry.serve.local:app_from_env", factory=True, workers=opts.workers,
                                 timeout_worker_healthcheck=WORKER_HEALTHCHECK_S, **common)
-        log(f"ferry serve: http://{opts.host}:{opts.port}  {opts.workers} worker processes, {threads_per_process(opts)} "
-            f"onnxruntime thread(s) each; queue {queue_per_unit(opts)} per model and process, deadline {opts.timeout_s:g} s"
-            + ("; API key required" if opts.api_key else ""))
-        _supervisor(folder)(config, sockets=[config.bind_socket()]).run()
+        sock = bind_socket(opts.host, opts.port)
+        log(f"ferry serve: {http_url(opts.host, sock.getsockname()[1])}  {opts.workers} worker processes, "
+            f"{threads_per_process(opts)} onnxruntime thread(s) each; queue {queue_per_unit(opts)} per model and process, "
+            f"deadline {opts.timeout_s:g} s" + ("; API key required" if opts.api_key else ""))
+        _supervisor(folder)(config, sockets=[sock]).run()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     log("ferry serve: stopped after the requests in flight")

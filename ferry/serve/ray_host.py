@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ferry.core.errors import FerryError
-from ferry.serve.local import ServeOptions, check_options, drain_windows, is_loopback, queue_per_unit, say
+from ferry.serve.local import ServeOptions, check_options, drain_windows, http_url, is_loopback, queue_per_unit, say
 
 APP_NAME = "ferry"
 CONTROL_NAME = "ferry-serve-control"
@@ -287,7 +287,7 @@ def deploy(opts: ServeOptions, *, cpus_per_replica: float = 1.0) -> str:
     app = deployment.bind([str(Path(p).resolve()) for p in opts.models], opts.provider, opts.threads or 1,
                           opts.max_batch_size, wait, app_config, control)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-    return f"http://{opts.host}:{opts.port}"
+    return http_url(opts.host, opts.port)
 
 
 def _check_serve_http(opts: ServeOptions) -> None:
