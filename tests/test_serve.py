@@ -484,6 +484,29 @@ def test_an_internal_error_is_a_500_logged_with_its_traceback_and_request_id(cnn
     assert 'ferry_requests_total{code="400",model="mnist-cnn"} 1.0' in page
 
 
+def multipart(*files: tuple[str, bytes]) -> tuple[bytes, dict]:
+    """A multipart/form-data body of (field name, file bytes) pairs, and its Content-Type header."""
+    boundary = "ferryboundary"
+    body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{i}.png\"\r\n"
+                    f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n" for i, (field, data) in enumerate(files))
+    return body + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_a_multipart_body_with_several_files_is_a_400_not_an_answer_for_one(cnn_export):
+    """curl -F file=@a.png -F file=@b.png used to get the answer for one of the two, silently."""
+    from ferry.serve.app import AppConfig, create_app
+    from ferry.serve.backend import LocalBackend
+
+    png = digit_png()
+    with inprocess(create_app(LocalBackend([cnn_export[0]], provider="cpu", threads=1), AppConfig())) as url:
+        predict = url + "/v1/models/mnist-cnn/predict"
+        for files in ([("file", png), ("file", png)], [("image", png), ("file", png)], [("image", png)] * 3):
+            status, body, _ = http("POST", predict, *multipart(*files))
+            assert status == 400 and f"{len(files)} file fields: send one image per request" in body["error"], body
+        status, body, _ = http("POST", predict + "?top_k=2", *multipart(("file", png)))
+        assert status == 200 and len(body["top_k"]) == 2
+
+
 def test_overload_is_shed_at_once_with_503_and_the_metrics_count_exactly(cnn_export):
     """The short version of `python -m ferry.bench.loadtest --overload`: 24 clients that retry at once
     against a queue of 4; every answer is 200 or 503 (no reset, no other 5xx), and /metrics counts

@@ -7,7 +7,7 @@ or Ray Serve replicas), over a `Backend` that does the inference (backend.py).
   GET  /openapi.json, /docs            the OpenAPI 3 description and its page (openapi.py)
   GET  /v1/models                      the models and their metadata (labels, preprocessing, precision)
   GET  /v1/stats                       requests, batches and mean batch size per model
-  POST /v1/models/<name>/predict       an image as the raw body or a multipart field; ?top_k=K
+  POST /v1/models/<name>/predict       one image, the raw body or one multipart file field; ?top_k=K
                                        (a detector: ?min_score=S; detect.py)
   POST /v1/admin/reload                load the model files again (as SIGHUP does)
 
@@ -494,7 +494,8 @@ def create_app(backend, config: AppConfig | None = None, *, state: ServerState |
 
 
 async def _multipart_image(body: bytes, content_type: str) -> bytes | str:
-    """The first file field of a multipart/form-data body (or a field named image/file), or what is wrong."""
+    """The one file field of a multipart/form-data body, or what is wrong (none, or more than one:
+    a prediction answers for one image, never silently for one of several)."""
     from starlette.datastructures import Headers, UploadFile
     from starlette.formparsers import MultiPartParser
 
@@ -506,8 +507,12 @@ async def _multipart_image(body: bytes, content_type: str) -> bytes | str:
         form = await MultiPartParser(Headers({"content-type": content_type}), stream(), max_part_size=len(body) + 1).parse()
     except Exception as exc:  # noqa: BLE001 - malformed multipart
         return f"malformed multipart body ({type(exc).__name__})"
-    files = [v for v in form.values() if isinstance(v, UploadFile)]
-    if not files:
-        return "multipart body has no file field: send the image as a file field (e.g. -F image=@cat.jpg)"
-    preferred = next((form[k] for k in ("image", "file") if isinstance(form.get(k), UploadFile)), files[0])
-    return await preferred.read()
+    try:
+        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]  # every field, repeated names included
+        if not files:
+            return "multipart body has no file field: send the image as a file field (e.g. -F image=@cat.jpg)"
+        if len(files) > 1:
+            return f"multipart body has {len(files)} file fields: send one image per request (e.g. -F image=@cat.jpg)"
+        return await files[0].read()
+    finally:
+        await form.close()

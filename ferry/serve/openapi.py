@@ -105,10 +105,11 @@ def openapi_spec(models: list[str], *, auth: bool, max_body_bytes: int, max_top_
             "process or replica.", {200: _ok("Statistics", _json(_ref("Stats")))}, operation_id="stats")},
         "/v1/models/{name}/predict": {"post": op(
             "Classify an image, or find the objects in it",
-            f"The image is the raw body (any content type) or the first file field of a multipart/form-data body "
-            f"(preferably named `image`). At most {max_body_bytes:,} bytes; at most {max_queue} requests per model are "
-            f"admitted at once (more get 503 with Retry-After, at once); a request not answered within {timeout_s:g} s "
-            f"gets 504 and its work is dropped.",
+            f"The image is the raw body (any content type) or the one file field of a multipart/form-data body "
+            f"(preferably named `image`; more than one file is refused: one image per request). At most "
+            f"{max_body_bytes:,} bytes; at most {max_queue} requests per model are admitted at once (more get 503 "
+            f"with Retry-After, at once); a request not answered within {timeout_s:g} s gets 504 and its work is "
+            f"dropped.",
             {200: _ok("The prediction (a classifier) or the detections (a detector)",
                       _json({"oneOf": [_ref("Prediction"), _ref("Detections")]})), 400: _error(400), 404: _error(404, "No such model"),
              413: _error(413), 503: _error(503), 504: _error(504)},
