@@ -507,6 +507,41 @@ def test_a_multipart_body_with_several_files_is_a_400_not_an_answer_for_one(cnn_
         assert status == 200 and len(body["top_k"]) == 2
 
 
+def test_query_parameters_that_do_not_apply_are_a_400_not_ignored(cnn_export, detector_export):
+    """Query parameters for the other kind of model (top_k on a detector, min_score on a classifier)
+    and unknown ones are a 400 naming them, as `ferry predict` refuses --top-k and --min-score; the
+    OpenAPI description lists a query parameter only where a model takes it."""
+    from ferry.serve.app import AppConfig, create_app
+    from ferry.serve.backend import LocalBackend
+    from ferry.serve.openapi import openapi_spec
+
+    backend = LocalBackend([cnn_export[0], detector_export["path"]], provider="cpu", threads=1)
+    png = digit_png()
+    scene = (detector_export["scenes"] / "val" / "000001.png").read_bytes()
+    with inprocess(create_app(backend, AppConfig())) as url:
+        clf, det = url + "/v1/models/mnist-cnn/predict", url + "/v1/models/digits/predict"
+        for target, query, needle in (
+                (det, "top_k=3", "query parameter top_k is for classifiers; digits is a detector (use min_score)"),
+                (clf, "min_score=0.5", "query parameter min_score is for detectors; mnist-cnn is a classifier (use top_k)"),
+                (clf, "topk=3", "unknown query parameter 'topk'"), (clf, "top_k=2&x=1", "unknown query parameter 'x'"),
+                (det, "min_score=0.5&foo=1&bar", "unknown query parameters 'bar', 'foo'"), (clf, "TOP_K=2", "'TOP_K'")):
+            status, body, _ = http("POST", f"{target}?{query}", png)
+            assert status == 400 and needle in body["error"] and "\n" not in body["error"], (query, status, body)
+        status, body, _ = http("POST", clf + "?top_k=3", png)  # each where it belongs
+        assert status == 200 and len(body["top_k"]) == 3
+        status, body, _ = http("POST", det + "?min_score=0.25", scene)
+        assert status == 200 and body["min_score"] == 0.25
+        spec = http("GET", url + "/openapi.json")[1]
+
+    def query_params(doc):
+        return {p["name"] for p in doc["paths"]["/v1/models/{name}/predict"]["post"]["parameters"] if p.get("in") == "query"}
+
+    assert query_params(spec) == {"top_k", "min_score"}
+    common = dict(auth=False, max_body_bytes=2**20, max_top_k=100, max_queue=16, timeout_s=10.0)
+    assert query_params(openapi_spec(["mnist-cnn"], **common)) == {"top_k"}
+    assert query_params(openapi_spec(["digits"], detectors=["digits"], **common)) == {"min_score"}
+
+
 def test_overload_is_shed_at_once_with_503_and_the_metrics_count_exactly(cnn_export):
     """The short version of `python -m ferry.bench.loadtest --overload`: 24 clients that retry at once
     against a queue of 4; every answer is 200 or 503 (no reset, no other 5xx), and /metrics counts

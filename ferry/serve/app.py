@@ -8,7 +8,7 @@ or Ray Serve replicas), over a `Backend` that does the inference (backend.py).
   GET  /v1/models                      the models and their metadata (labels, preprocessing, precision)
   GET  /v1/stats                       requests, batches and mean batch size per model
   POST /v1/models/<name>/predict       one image, the raw body or one multipart file field; ?top_k=K
-                                       (a detector: ?min_score=S; detect.py)
+                                       (a detector: ?min_score=S; detect.py); any other query: 400
   POST /v1/admin/reload                load the model files again (as SIGHUP does)
 
 A prediction is {"model", "index", "label", "probability", "top_k": [...], "provider", "latency_ms",
@@ -55,6 +55,7 @@ STATIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/
                           "/v1/admin/reload"})
 _VALID_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 _TOP_K = re.compile(r"[0-9]{1,6}")
+QUERY_PARAMETERS = ("top_k", "min_score")  # what a prediction takes: top_k (classifiers), min_score (detectors)
 
 
 @dataclass
@@ -118,6 +119,27 @@ def parse_top_k(values: list[str]) -> int:
         raise FerryError(f"query parameter top_k must be an integer from 1 to {MAX_TOP_K}, given once "
                          f"(got {shown!r}{f' and {len(values) - 1} more' if len(values) > 1 else ''})")
     return int(raw)
+
+
+def check_query_names(names) -> None:
+    """A FerryError naming the query parameters of a prediction that are none of QUERY_PARAMETERS."""
+    unknown = sorted({n for n in names if n not in QUERY_PARAMETERS})
+    if unknown:
+        shown = ", ".join(repr(n if len(n) <= 20 else n[:20] + "...") for n in unknown[:3])
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        raise FerryError(f"unknown query parameter{'s' if len(unknown) > 1 else ''} {shown}{more}: a prediction takes "
+                         "top_k (classifiers) or min_score (detectors)")
+
+
+def query_for_other_task(model: str, task: str, names) -> str | None:
+    """What is wrong when a query parameter is for the other kind of model (top_k on a detector,
+    min_score on a classifier), as `ferry predict` refuses --top-k and --min-score; else None."""
+    present = set(names)
+    if task == "detect" and "top_k" in present:
+        return f"query parameter top_k is for classifiers; {model} is a detector (use min_score)"
+    if task != "detect" and "min_score" in present:
+        return f"query parameter min_score is for detectors; {model} is a classifier (use top_k)"
+    return None
 
 
 def _describe(name: str, clf, load_seconds: float | None) -> dict[str, Any]:
@@ -328,12 +350,14 @@ def create_app(backend, config: AppConfig | None = None, *, state: ServerState |
 
     def spec() -> dict:
         names = tuple(sorted(backend.models))
-        if names not in spec_cache:
+        detectors = tuple(n for n in names if backend.models[n].task == "detect")
+        key = (names, detectors)  # a reload may change the models, or what they are
+        if key not in spec_cache:
             spec_cache.clear()
-            spec_cache[names] = openapi_spec(list(names), auth=config.api_key is not None, max_body_bytes=max_body,
-                                             max_top_k=MAX_TOP_K, max_queue=max_queue, timeout_s=timeout_s,
-                                             version=__version__)
-        return spec_cache[names]
+            spec_cache[key] = openapi_spec(list(names), auth=config.api_key is not None, max_body_bytes=max_body,
+                                           max_top_k=MAX_TOP_K, max_queue=max_queue, timeout_s=timeout_s,
+                                           version=__version__, detectors=detectors)
+        return spec_cache[key]
 
     async def openapi(_request: Request):
         return JSONResponse(spec())
@@ -363,15 +387,20 @@ def create_app(backend, config: AppConfig | None = None, *, state: ServerState |
     async def predict(request: Request):
         scope = request.scope
         name = request.path_params["name"]
+        query = request.query_params
         try:
-            top_k = parse_top_k(request.query_params.getlist("top_k"))
-            min_score = parse_min_score(request.query_params.getlist("min_score"))
+            check_query_names(query.keys())
+            top_k = parse_top_k(query.getlist("top_k"))
+            min_score = parse_min_score(query.getlist("min_score"))
         except FerryError as exc:
             return error(request, 400, str(exc))
         entry = backend.entry(name)
         if entry is None:
             return error(request, 404, f"unknown model {name[:100]!r}; this server has {', '.join(sorted(backend.models))}")
         try:
+            misplaced = query_for_other_task(entry.name, entry.clf.task, query.keys())
+            if misplaced:
+                return error(request, 400, misplaced)
             declared = request.headers.get("content-length")
             if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > max_body:
                 return error(request, 413, f"body of {int(declared):,} bytes is over the limit of {max_body:,} "

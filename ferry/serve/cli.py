@@ -9,7 +9,7 @@ where the process list would show it).
 
 API (the OpenAPI 3 description at /openapi.json, its page at /docs): GET /healthz, /readyz (both
 without the key), /metrics (Prometheus), /v1/models, /v1/stats; POST /v1/models/<name>/predict (one
-image: raw body or one multipart file; ?top_k=K), /v1/admin/reload.
+image: raw body or one multipart file; ?top_k=K, a detector ?min_score=S), /v1/admin/reload.
 
 Overload: at most --max-queue predictions per model are admitted at once; more get 503 with
 Retry-After at once; an admitted one not answered within --timeout-s gets 504. SIGTERM or Ctrl-C:

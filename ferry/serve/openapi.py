@@ -9,6 +9,7 @@ description: every status code, header and body the server sends must be describ
 from __future__ import annotations
 
 import html
+from collections.abc import Collection
 from typing import Any
 
 ERROR_CODES = {
@@ -48,8 +49,9 @@ def _ok(description: str, content: dict[str, Any]) -> dict[str, Any]:
 
 
 def openapi_spec(models: list[str], *, auth: bool, max_body_bytes: int, max_top_k: int, max_queue: int,
-                 timeout_s: float, version: str = "") -> dict[str, Any]:
-    """The OpenAPI 3.0 document of a server that serves `models`."""
+                 timeout_s: float, version: str = "", detectors: Collection[str] = ()) -> dict[str, Any]:
+    """The OpenAPI 3.0 document of a server that serves `models`, of which `detectors` are detectors
+    (the rest classifiers): a query parameter is described only where a model takes it."""
     secured = [{"bearer": []}, {"apiKey": []}] if auth else []
     guarded = {401: _error(401)} if auth else {}
 
@@ -62,16 +64,22 @@ def openapi_spec(models: list[str], *, auth: bool, max_body_bytes: int, max_top_
             out["security"] = [] if open_ else secured
         return out
 
-    predict_params = [
+    detectors = set(detectors) & set(models)
+    predict_params: list[dict[str, Any]] = [
         {"name": "name", "in": "path", "required": True, "description": "A model this server serves (GET /v1/models)",
-         "schema": {"type": "string", "enum": models}},
-        {"name": "top_k", "in": "query", "required": False,
-         "description": f"How many of the most probable classes to return, 1 to {max_top_k} (default 1)",
-         "schema": {"type": "integer", "minimum": 1, "maximum": max_top_k, "default": 1}},
-        {"name": "min_score", "in": "query", "required": False,
-         "description": "Detectors: the lowest score of a detection returned, a plain decimal from 0 to 1 (default 0.5); classifiers ignore it",
-         "schema": {"type": "number", "minimum": 0, "maximum": 1}},
-    ]
+         "schema": {"type": "string", "enum": models}}]
+    if set(models) - detectors:
+        predict_params.append(
+            {"name": "top_k", "in": "query", "required": False,
+             "description": f"Classifiers: how many of the most probable classes to return, 1 to {max_top_k} (default 1); "
+                            "a detector refuses it (400)",
+             "schema": {"type": "integer", "minimum": 1, "maximum": max_top_k, "default": 1}})
+    if detectors:
+        predict_params.append(
+            {"name": "min_score", "in": "query", "required": False,
+             "description": "Detectors: the lowest score of a detection returned, a plain decimal from 0 to 1 (default "
+                            "0.5); a classifier refuses it (400)",
+             "schema": {"type": "number", "minimum": 0, "maximum": 1}})
     binary = {"schema": {"type": "string", "format": "binary"}}
     paths = {
         "/healthz": {"get": op(
@@ -106,10 +114,10 @@ def openapi_spec(models: list[str], *, auth: bool, max_body_bytes: int, max_top_
         "/v1/models/{name}/predict": {"post": op(
             "Classify an image, or find the objects in it",
             f"The image is the raw body (any content type) or the one file field of a multipart/form-data body "
-            f"(preferably named `image`; more than one file is refused: one image per request). At most "
-            f"{max_body_bytes:,} bytes; at most {max_queue} requests per model are admitted at once (more get 503 "
-            f"with Retry-After, at once); a request not answered within {timeout_s:g} s gets 504 and its work is "
-            f"dropped.",
+            f"(preferably named `image`; more than one file is refused: one image per request). Any query parameter "
+            f"not described here is refused (400). At most {max_body_bytes:,} bytes; at most {max_queue} requests per "
+            f"model are admitted at once (more get 503 with Retry-After, at once); a request not answered within "
+            f"{timeout_s:g} s gets 504 and its work is dropped.",
             {200: _ok("The prediction (a classifier) or the detections (a detector)",
                       _json({"oneOf": [_ref("Prediction"), _ref("Detections")]})), 400: _error(400), 404: _error(404, "No such model"),
              413: _error(413), 503: _error(503), 504: _error(504)},
