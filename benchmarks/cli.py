@@ -11,6 +11,7 @@ run is listed as skipped with the reason, never replaced by another.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from ferry.core.errors import FerryError
@@ -64,30 +65,65 @@ def checkpoints(given: list[str] | None) -> str | dict[str, str] | None:
     return out
 
 
+def models_in(models_dir: str) -> list[str]:
+    """The models of a model set: the names of its files (fp32, int8, fp16) in `models_dir`."""
+    from pathlib import Path
+
+    from ferry.runtime.contract import PRECISIONS
+
+    names = set()
+    for path in Path(models_dir).glob("*.onnx"):
+        stem = path.name[:-len(".onnx")]
+        for precision in PRECISIONS[1:]:
+            stem = stem.removesuffix(f".{precision}")
+        names.add(stem)
+    return sorted(names)
+
+
+def check_models(models: list[str], models_dir: str) -> None:
+    """Before any work: every model named has a file in `models_dir` (else every backend of it would
+    only be skipped, and the report would have nothing of it)."""
+    from ferry.runtime.contract import PRECISIONS, variant_path
+
+    unknown = [m for m in dict.fromkeys(models) if not any(variant_path(models_dir, m, p).is_file() for p in PRECISIONS)]
+    if unknown:
+        known = models_in(models_dir)
+        raise FerryError(f"--models: {', '.join(unknown)} not in {models_dir} ("
+                         + (f"it has {', '.join(known)}" if known else "it has no models") + "): export "
+                         f"{'them' if len(unknown) > 1 else 'it'} there first (ferry export ... --out {models_dir})")
+
+
 def run(args: argparse.Namespace) -> int:
     from ferry.bench import matrix
     from ferry.bench.report import table, write_all
     from ferry.bench.suite import BenchConfig, run_benchmarks
     from ferry.core.errors import FerryError
 
+    problems = []
+    if any(b < 1 for b in (args.cnn_batches or []) + (args.resnet_batches or [])):
+        problems.append("batch sizes must be >= 1")
+    if args.threads < 0:
+        problems.append(f"--threads must be >= 0 (got {args.threads})")
+    for flag, value in (("--min-seconds", args.min_seconds), ("--max-seconds", args.max_seconds)):
+        if not (math.isfinite(value) and value > 0):  # NaN or inf would lift the time cap of every measurement
+            problems.append(f"{flag} must be a finite number > 0 (got {value:g})")
+    if problems:
+        raise FerryError("; ".join(problems))
+    from pathlib import Path
+
+    if not Path(args.models_dir).is_dir():
+        raise FerryError(f"--models-dir {args.models_dir} does not exist: run `make demo`, or `ferry export ... --out "
+                         f"{args.models_dir}` for each model")
+    from ferry.core.fileio import check_folder_writable
+
+    check_folder_writable(args.out, "--out")  # now, not after the whole benchmark
+    check_models(args.models, args.models_dir)
     plan = "quick" if args.quick else "default"
     batches = {m: matrix.batch_sizes(m, plan, matrix.input_shape(m, args.models_dir)) for m in args.models}
     if args.cnn_batches:
         batches["mnist-cnn"] = tuple(args.cnn_batches)
     if args.resnet_batches:
         batches["resnet50"] = tuple(args.resnet_batches)
-    if any(b < 1 for bs in batches.values() for b in bs) or args.threads < 0 or args.min_seconds <= 0:
-        raise FerryError("batch sizes must be >= 1, --threads >= 0 and --min-seconds > 0")
-    from pathlib import Path
-
-    if not Path(args.models_dir).is_dir():
-        raise FerryError(f"--models-dir {args.models_dir} does not exist: run `make demo`, or `ferry export ... --out "
-                         f"{args.models_dir}` for each model")
-    if args.max_seconds <= 0:
-        raise FerryError("--max-seconds must be > 0")
-    from ferry.core.fileio import check_folder_writable
-
-    check_folder_writable(args.out, "--out")  # now, not after the whole benchmark
     cfg = BenchConfig(models_dir=args.models_dir, models=tuple(args.models), backends=tuple(args.backends),
                       batch_sizes=batches, checkpoint=checkpoints(args.checkpoint), threads=args.threads,
                       min_seconds=0.3 if args.quick else args.min_seconds, min_calls=10 if args.quick else 50,

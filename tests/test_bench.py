@@ -333,6 +333,32 @@ def test_cli_bad_arguments(tmp_path):
         assert_clean_error(run_ferry("bench", "--models-dir", str(tmp_path / "models"), "--out", str(out)), "not a folder")
 
 
+def test_cli_refuses_non_finite_seconds_and_unknown_models_before_any_work(tmp_path):
+    """NaN passed the `<= 0` checks and lifted the time cap of every measurement; a model name with no
+    file in --models-dir gave a report of skipped backends only, and exit code 0."""
+    from tests.conftest import assert_clean_error, run_ferry
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("mnist-cnn.onnx", "mnist-cnn.int8.onnx", "digits.fp16.onnx", "notes.txt"):
+        (models / name).write_bytes(b"not read: only the names count")
+    out = tmp_path / "out"
+    for flag in ("--min-seconds", "--max-seconds"):
+        for value in ("nan", "inf", "-1"):
+            proc = run_ferry("bench", "--models-dir", str(models), "--models", "mnist-cnn", flag, value, "--out", str(out))
+            assert_clean_error(proc, f"{flag} must be a finite number > 0")
+    proc = run_ferry("bench", "--models-dir", str(models), "--min-seconds", "nan", "--max-seconds", "nan", "--threads", "-1",
+                     "--out", str(out))
+    assert_clean_error(proc, "--min-seconds", "--max-seconds", "--threads")  # together, in one line
+    proc = run_ferry("bench", "--models-dir", str(models), "--models", "mnist-cnn", "nosuch", "--out", str(out))
+    assert_clean_error(proc, f"--models: nosuch not in {models} (it has digits, mnist-cnn)")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_clean_error(run_ferry("bench", "--models-dir", str(empty), "--models", "a", "b", "--out", str(out)),
+                       "--models: a, b not in", "it has no models")
+    assert not out.exists()  # nothing written
+
+
 def test_train_step_benchmark_runs():
     from ferry.bench.train_step import step_times
 
