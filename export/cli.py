@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--triton-max-batch", type=int, default=64, help="Triton max_batch_size (default: 64)")
     parser.add_argument("--triton-trt-fp16", action="store_true",
                         help="ask Triton's onnxruntime backend for TensorRT FP16 acceleration on the GPU")
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset, >= 17 (default: 18)")
+    parser.add_argument("--opset", type=int, default=18,
+                        help="ONNX opset: 17 up to the newest the installed onnx knows (default: 18)")
     parser.add_argument("--atol", type=float, default=1e-4, help="fp32 tolerance against PyTorch (default: 1e-4)")
 
 

@@ -341,17 +341,23 @@ def top_k_order(z: np.ndarray, k: int) -> np.ndarray:
     `np.argsort(-z, axis=1, kind="stable")[:, :k]`, without sorting whole rows of a batch of many
     classes. A partition finds each row's k-th largest value; the k indices at or above it
     (ascending) are then sorted stably by value, so the result is the full sort's. A row with more
-    than k there (a tie at the cut), NaN (which a partition does not order like the sort), a few
-    classes or one row (where numpy's per-call costs outweigh the sort) take the full sort."""
+    than k there (a tie at the cut) takes the full sort alone; NaN (which a partition does not order
+    like the sort), a few classes or one row (where numpy's per-call costs outweigh the sort), the
+    whole batch."""
     n = z.shape[1]
     if z.shape[0] == 1 or n <= SMALL_HEAD or k >= n or np.isnan(z).any():
         return np.argsort(-z, axis=1, kind="stable")[:, :k]
-    kth = np.partition(z, n - k, axis=1)[:, n - k:n - k + 1]
-    _, cols = np.nonzero(z >= kth)  # row by row, each row's indices ascending; at least k a row
-    if len(cols) != z.shape[0] * k:
-        return np.argsort(-z, axis=1, kind="stable")[:, :k]
-    cand = cols.reshape(-1, k)
-    return np.take_along_axis(cand, np.argsort(-np.take_along_axis(z, cand, axis=1), axis=1, kind="stable"), axis=1)
+    above = z >= np.partition(z, n - k, axis=1)[:, n - k:n - k + 1]  # at least k a row
+    exact = above.sum(axis=1) == k
+    out = np.empty((z.shape[0], k), np.intp)
+    if exact.any():
+        cand = np.nonzero(above[exact])[1].reshape(-1, k)  # row by row, each row's indices ascending
+        rows = z[exact]
+        out[exact] = np.take_along_axis(cand, np.argsort(-np.take_along_axis(rows, cand, axis=1), axis=1, kind="stable"),
+                                        axis=1)
+    if not exact.all():  # rows with a tie at the cut (an int8 model's few levels): those rows fully sorted
+        out[~exact] = np.argsort(-z[~exact], axis=1, kind="stable")[:, :k]
+    return out
 
 
 def _one_line(exc: Exception, source: str) -> str:

@@ -145,8 +145,8 @@ def _run_detector(det, args: argparse.Namespace) -> int:
             raise FerryError(f"--draw {draw_dir} holds inputs (e.g. {inside}): the drawings could replace them; "
                              f"choose another folder")
         used: set[str] = set()
-        targets = {f: _draw_target(draw_dir, f, used) for f in files}
-        taken = [t for t in targets.values() if os.path.lexists(t)]
+        targets = [_draw_target(draw_dir, f, used) for f in files]  # in the inputs' order (one listed twice: two)
+        taken = [t for t in targets if os.path.lexists(t)]
         if taken:  # never written over: a drawing of an earlier run, or a file of the user's
             raise FerryError(f"--draw {draw_dir} already holds {len(taken)} file(s) the drawings would be named (e.g. "
                              f"{taken[0].name}); choose another folder, or remove them")
@@ -159,10 +159,10 @@ def _run_detector(det, args: argparse.Namespace) -> int:
         say("warning: this model has random weights (exported with --weights none): its detections are meaningless")
     progress = Progress(len(files), desc="detecting", enabled=None if len(files) > args.batch_size else False)
     outcomes, drawn = [], []
-    for outcome in det.detect_many(files, batch_size=args.batch_size, min_score=min_score):
+    for n, outcome in enumerate(det.detect_many(files, batch_size=args.batch_size, min_score=min_score)):
         progress.update()
         if outcome.ok and draw_dir is not None:
-            target = targets[outcome.source]
+            target = targets[n]
             try:
                 picture = draw_detections(load_image(outcome.source), outcome.result)
                 with atomic_path(target) as tmp:

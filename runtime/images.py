@@ -61,7 +61,8 @@ def load_image(path: str | Path) -> Image.Image:
     except OSError as exc:
         raise ImageError(f"{name}: cannot read ({exc.strerror or exc})") from exc
     if stat.S_ISDIR(st.st_mode):
-        raise ImageError(f"{name}: is a folder")
+        unreadable = not os.access(path, os.R_OK | os.X_OK)
+        raise ImageError(f"{name}: is a folder" + (" that cannot be read (permission denied)" if unreadable else ""))
     if not stat.S_ISREG(st.st_mode):  # reading a FIFO would wait for a writer
         raise ImageError(f"{name}: not a regular file (a FIFO, a device or a socket)")
     if st.st_size == 0:

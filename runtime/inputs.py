@@ -36,17 +36,20 @@ SPLIT_SEED = 20240531  # the held-out split does not depend on any training seed
 
 def list_files(folder: str | Path) -> list[Path]:
     """Every file under `folder`, recursively, sorted, hidden ones (any part of the path starting
-    with '.') left out. A file is anything but a folder: a link to nowhere or a FIFO is listed too,
-    so that reading it names the problem rather than it going missing. A folder that cannot be
-    read is an error (its files are unknown), not files left out."""
+    with '.') left out. Nothing else is left out silently: a link to nowhere or a FIFO is listed, and
+    so is a folder inside that cannot be read or a link to a folder (not followed), so that reading
+    the entry names the problem. `folder` itself unreadable is an error: its files are unknown."""
     folder = Path(folder)
+    out: list[Path] = []
 
-    def refuse(exc: OSError) -> None:
-        raise FerryError(f"cannot read the folder {exc.filename}: {exc.strerror or exc}") from exc
+    def unreadable(exc: OSError) -> None:
+        if os.path.abspath(exc.filename or folder) == os.path.abspath(folder):
+            raise FerryError(f"cannot read the folder {folder}: {exc.strerror or exc}") from exc
+        out.append(Path(exc.filename))  # a folder inside: an entry whose reading says so
 
-    out = []
-    for root, dirs, files in os.walk(folder, onerror=refuse):
+    for root, dirs, files in os.walk(folder, onerror=unreadable):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
+        out.extend(Path(root) / d for d in dirs if os.path.islink(os.path.join(root, d)))  # not followed: named
         out.extend(Path(root) / f for f in files if not f.startswith("."))
     return sorted(out)
 
@@ -56,7 +59,7 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
     variable in a script) is an error, not the current folder."""
     out: list[str] = []
     for item in inputs:
-        if not str(item).strip():
+        if not str(item):
             raise FerryError("an input path is empty (an unset variable?); give a file, a folder or '.'")
         out.extend(str(f) for f in list_files(item)) if os.path.isdir(item) else out.append(item)
     return out

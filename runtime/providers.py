@@ -129,6 +129,16 @@ def _preload_gpu_libraries(ort: ModuleType) -> str:
     return ""
 
 
+def check_gpu_build(provider: str) -> None:
+    """A first check for --provider cuda or tensorrt that makes no session and touches no device
+    (a TensorRT engine takes minutes to build): this onnxruntime build has the provider. Whether
+    it starts is known when a session is made."""
+    ort = _import_ort()
+    target = PROVIDERS[provider]
+    if target not in ort.get_available_providers():
+        raise ProviderError(f"--provider {provider} cannot run: {_gpu_failure_reason(ort, target)}")
+
+
 def _gpu_failure_reason(ort: ModuleType, provider: str, detail: str = "") -> str:
     available = ort.get_available_providers()
     if provider not in available:

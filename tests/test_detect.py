@@ -336,6 +336,11 @@ def test_drawings_never_go_where_they_could_replace_an_input(detector_export, tm
     proc = run_ferry("predict", str(detector_export["path"]), str(inputs), "--draw", str(drawings), "--provider", "cpu")
     assert_clean_error(proc, "--draw", "already holds 1 file(s) the drawings would be named (e.g. x.png)")
     assert (drawings / "x.png").read_bytes() == b"precious" and "detection" not in proc.stdout
+    # an input given twice: two drawings, the second named apart
+    proc = run_ferry("predict", str(detector_export["path"]), str(inputs / "x.png"), str(inputs / "x.png"), "--draw",
+                     str(tmp_path / "twice"), "--provider", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "twice").iterdir()) == ["x-2.png", "x.png"]
 
 
 def test_detector_runs_where_torch_cannot_be_imported_and_predict_draws(detector_export, tmp_path):

@@ -258,10 +258,11 @@ def test_cli_folder_run_reports_failures_and_exit_code(cnn_export, bad_folder, t
 
 
 def test_every_entry_of_a_folder_is_a_row_and_a_folder_it_cannot_read_is_an_error(cnn_export, tmp_path, monkeypatch):
-    """Nothing is left out silently: a link to nowhere and a FIFO in a folder are rows with their
-    reason (the FIFO not opened, which would wait for a writer), a file that cannot be reached says
-    "permission denied", a folder that cannot be listed is one error, and an empty input path (an
-    unset variable) is refused rather than read as the current folder."""
+    """Nothing is left out silently: a link to nowhere, a FIFO, a link to a folder and a folder that
+    cannot be listed, inside a folder, are rows with their reason (the FIFO not opened, which would
+    wait for a writer), a file that cannot be reached says "permission denied", the folder given
+    unreadable is one error, and an empty input path (an unset variable) is refused rather than
+    read as the current folder."""
     import ferry.runtime.images as images
     from ferry.runtime.inputs import expand_inputs
 
@@ -301,9 +302,14 @@ def test_every_entry_of_a_folder_is_a_row_and_a_folder_it_cannot_read_is_an_erro
         return real_scandir(path)
 
     (folder / "locked").mkdir()
+    (folder / "d_link").symlink_to(folder / "locked", target_is_directory=True)
     monkeypatch.setattr(os, "scandir", scandir_denied)
+    assert [Path(f).name for f in expand_inputs([str(folder)])] == ["a.png", "b_gone.png", "c_pipe", "d_link", "locked"]
     with pytest.raises(FerryError, match="cannot read the folder .*locked: Permission denied"):
-        expand_inputs([str(folder)])
+        expand_inputs([str(folder / "locked")])
+    with pytest.raises(FerryError, match="d_link: is a folder"):
+        images.load_image(folder / "d_link")
+    assert expand_inputs([" "]) == [" "]  # a name of spaces is a name (only an empty one is refused)
 
 
 def test_cli_json_never_lands_on_the_model_an_input_or_a_folder(cnn_export, bad_folder, tmp_path):
@@ -363,6 +369,15 @@ def test_a_write_to_a_link_a_fifo_or_a_device_writes_into_it(tmp_path):
     proc = subprocess.run([sys.executable, "-c", "import sys; from ferry.core.fileio import write_json_atomic; "
                            "write_json_atomic(sys.argv[1], {'e': 5})", str(out)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and json.loads(proc.stdout) == {"e": 5} and out.is_symlink()
+    # the descriptor redirected to a file (`> file`): what was printed before stays, the JSON after it, nothing lost
+    code = ("import sys; from ferry.core.fileio import write_json_atomic; print('before'); "
+            "write_json_atomic(sys.argv[1], {'f': 6}); print('after')")
+    with open(tmp_path / "redirected.txt", "w") as fh:
+        proc = subprocess.run([sys.executable, "-c", code, str(out)], stdout=fh, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = (tmp_path / "redirected.txt").read_text().splitlines()
+    assert lines[0] == "before" and lines[-1] == "after" and json.loads("\n".join(lines[1:-1])) == {"f": 6}
+    (tmp_path / "redirected.txt").unlink()
     devices = []
     for name, minor in (("null", 3), ("full", 7)):  # a device of its own (root): what /dev/null and /dev/full are
         try:

@@ -505,6 +505,12 @@ def test_a_multipart_body_with_several_files_is_a_400_not_an_answer_for_one(cnn_
             assert status == 400 and f"{len(files)} file fields: send one image per request" in body["error"], body
         status, body, _ = http("POST", predict + "?top_k=2", *multipart(("file", png)))
         assert status == 200 and len(body["top_k"]) == 2
+        # a browser form's second file input left unselected: a part with no file name and nothing in it
+        data, headers = multipart(("image", png))
+        empty = (b'--ferryboundary\r\nContent-Disposition: form-data; name="other"; filename=""\r\n'
+                 b"Content-Type: application/octet-stream\r\n\r\n\r\n")
+        status, body, _ = http("POST", predict, empty + data, headers)
+        assert status == 200 and "index" in body, body
 
 
 def test_query_parameters_that_do_not_apply_are_a_400_not_ignored(cnn_export, detector_export):

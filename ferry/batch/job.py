@@ -620,15 +620,6 @@ def plan_workers(opts: BatchOptions, cluster_cpus: float, cluster_gpus: float) -
     return workers, cpus, max(1, round(cpus))
 
 
-def _shared_memory_mb() -> int | None:
-    """MiB of /dev/shm (where a local Ray keeps its object store), or None where there is none."""
-    try:
-        st = os.statvfs("/dev/shm")
-    except OSError:
-        return None
-    return st.f_blocks * st.f_frsize // 2**20
-
-
 def _check_options(opts: BatchOptions) -> None:
     from ferry.runtime.engines import CHOICES
 
@@ -641,16 +632,11 @@ def _check_options(opts: BatchOptions) -> None:
         if value < low:
             raise FerryError(f"{name} must be >= {low} (got {value})")
     for name, value in (("--cpus-per-worker", opts.cpus_per_worker), ("--gpus-per-worker", opts.gpus_per_worker),
-                        ("--decode-cpus", opts.decode_cpus)):
+                        ("decode_cpus", opts.decode_cpus)):
         if not (math.isfinite(value) and value >= 0):
             raise FerryError(f"{name} must be a number >= 0 (got {value})")
     if not opts.address and opts.object_store_mb < 80:
         raise FerryError(f"--object-store-mb must be >= 80 (Ray's minimum is 75 MiB; got {opts.object_store_mb})")
-    if not opts.address:  # a local Ray: its object store lives in this machine's shared memory
-        shm = _shared_memory_mb()
-        if shm is not None and opts.object_store_mb > shm:
-            raise FerryError(f"--object-store-mb {opts.object_store_mb} is more than this machine's shared memory "
-                             f"(/dev/shm: {shm} MiB)")
 
 
 def run_batch(opts: BatchOptions, *, log: Callable[[str], None] = print) -> BatchSummary:
@@ -661,14 +647,19 @@ def run_batch(opts: BatchOptions, *, log: Callable[[str], None] = print) -> Batc
     _check_options(opts)
     model_path = Path(opts.model)
     probe = open_model(model_path, provider="cpu", threads=1)  # a bad or stale model fails here
-    if not opts.address and opts.provider not in ("auto", "cpu"):  # the workers are on this machine: it must run here
-        open_model(model_path, provider=opts.provider, threads=1)
     if opts.min_score is not None and probe.task != "detect":
         raise FerryError(f"--min-score applies to detectors; {opts.model} is a {probe.task} model (use --top-k)")
     if probe.task == "detect" and opts.decode_stage:
         raise FerryError("the decode stage runs classifiers only: a detector decodes in its actors (drop decode_stage)")
     model_sha256 = sha256_file(model_path)
     provider = opts.provider if opts.provider != "auto" or not opts.gpus_per_worker else "cuda"
+    if not opts.address:  # the workers are on this machine: an engine that cannot run here is the whole error
+        if provider in ("cuda", "tensorrt"):
+            from ferry.runtime.providers import check_gpu_build
+
+            check_gpu_build(provider)  # no session on the driver: no device context, no TensorRT engine built twice
+        elif provider in ("openvino", "openvino-bf16"):
+            open_model(model_path, provider=provider, threads=1)
     endpoint = storage_endpoint(opts.storage_endpoint)
     items = [p if is_uri(p) else os.path.abspath(p) for p in resolve_inputs(opts.input, endpoint)]
     inside = _inside(items, opts.out)

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import stat
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -17,19 +18,34 @@ from ferry.core.errors import FerryError
 
 def written_in_place(target: str | os.PathLike[str]) -> bool:
     """Whether `target` is something a rename must not replace, which is written into instead: a
-    device, a FIFO or a socket (/dev/stdout, /dev/null, a named pipe), or what is under /dev or
-    /proc or linked there (a descriptor: /dev/stdout redirected to a file names that open file)."""
+    device, a FIFO or a socket (/dev/null, a named pipe), or a process's descriptor (/dev/stdout,
+    /dev/fd/N, /proc/self/fd/N: redirected to a file, it names that open file, which the shell
+    holds). A regular file is replaced whole, wherever it is (/dev/shm too)."""
     path = os.path.abspath(target)
-    special = ("/dev/", "/proc/")
-    if os.path.islink(path) and os.path.abspath(os.path.join(os.path.dirname(path), os.readlink(path))).startswith(special):
-        return True
-    if path.startswith(special) and os.path.exists(path):
-        return True
+    if os.path.islink(path):
+        link = os.path.abspath(os.path.join(os.path.dirname(path), os.readlink(path)))
+        if link.startswith("/proc/") or os.path.realpath(os.path.dirname(path)).startswith("/proc/"):
+            return True
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return False
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def own_descriptor(target: str | os.PathLike[str]) -> int | None:
+    """N when `target` names one of this process's open descriptors (/dev/stdout, /dev/fd/N,
+    /proc/self/fd/N, a link to one): written through it, the bytes land where the process's own
+    output goes (a file it was redirected to: at its position, after what was printed)."""
+    path = os.path.abspath(target)
+    mine = (f"/proc/{os.getpid()}/fd", "/proc/self/fd")
+    for _ in range(8):
+        if os.path.realpath(os.path.dirname(path)) in mine and os.path.basename(path).isdigit():
+            return int(os.path.basename(path))
+        if not os.path.islink(path):
+            return None
+        path = os.path.abspath(os.path.join(os.path.dirname(path), os.readlink(path)))
+    return None
 
 
 @contextlib.contextmanager
@@ -57,9 +73,18 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp_path
         if in_place:
+            for stream in (sys.stdout, sys.stderr):  # what this process printed comes first (/dev/stdout)
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            fd = own_descriptor(target)
             try:
-                with open(tmp_path, "rb") as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+                if fd is not None:  # through the descriptor itself: its position is the one printing moves
+                    data = tmp_path.read_bytes()
+                    while data:
+                        data = data[os.write(fd, data):]
+                else:  # a device or a FIFO
+                    with open(tmp_path, "rb") as src, open(target, "ab") as dst:
+                        shutil.copyfileobj(src, dst)
             except OSError as exc:  # /dev/full, a pipe with no reader, ...
                 raise FerryError(f"cannot write {target}: {exc.strerror or exc}") from exc
             tmp_path.unlink()

@@ -537,7 +537,8 @@ async def _multipart_image(body: bytes, content_type: str) -> bytes | str:
     except Exception as exc:  # noqa: BLE001 - malformed multipart
         return f"malformed multipart body ({type(exc).__name__})"
     try:
-        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]  # every field, repeated names included
+        # every file field, repeated names included; a form's unselected file input (no name, nothing in it) is no file
+        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile) and (v.filename or v.size)]
         if not files:
             return "multipart body has no file field: send the image as a file field (e.g. -F image=@cat.jpg)"
         if len(files) > 1:

@@ -19,7 +19,8 @@ ERROR_CODES = {
     409: "The new model files could not be loaded; the previous models keep serving",
     413: "Body over the server's limit (refused from its Content-Length before it is read), or an image "
          "with more pixels than can be decoded safely",
-    500: "Internal error: logged by the server with its traceback under the request id",
+    500: "Internal error: logged by the server under the request id (with its traceback, unless the one-line `error` "
+         "says what failed: e.g. a model output of NaN or infinity)",
     503: "Not now: the model's queue is full (`--max-queue`; Retry-After: 1), or the server is stopping (Retry-After: "
          "the drain timeout, by which it has exited). Retry after `Retry-After` seconds",
     504: "No answer within the server's deadline (`--timeout-s`); the request's work was dropped",

@@ -436,6 +436,7 @@ def serve_on_ray(opts: ServeOptions, *, log=None) -> int:
     local = LocalRay(log) if opts.address == "local" else None
     started = False
     t0 = time.perf_counter()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app is up: a reload asked for meanwhile is no death
     try:
         # the local Ray starts before this process imports ray: ray reads its token mode at import
         address = local.start() if local is not None else None
