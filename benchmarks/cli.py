@@ -117,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     from ferry.core.fileio import check_folder_writable
 
     check_folder_writable(args.out, "--out")  # now, not after the whole benchmark
-    check_models(args.models, args.models_dir)
+    if any(not b.startswith("torch-") for b in args.backends):  # PyTorch alone builds the model from its name
+        check_models(args.models, args.models_dir)
     plan = "quick" if args.quick else "default"
     batches = {m: matrix.batch_sizes(m, plan, matrix.input_shape(m, args.models_dir)) for m in args.models}
     if args.cnn_batches:
