@@ -85,8 +85,7 @@ def export_detector_onnx(module, example: np.ndarray, path: Path, *, opset: int)
         raise
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types
         raise ox.ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
-    if ox.written_opset(path) != opset:
-        raise ox.ExportError(f"torch.onnx.export wrote opset {ox.written_opset(path)}, not the {opset} asked for")
+    ox.check_written_opset(path, opset)
 
 
 # --- what is exported -----------------------------------------------------------------------------------

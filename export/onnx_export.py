@@ -54,12 +54,15 @@ def check_opset(opset: int) -> None:
         raise FerryError(f"--opset must be 17 to {newest}, the newest onnx {onnx.__version__} knows (got {opset})")
 
 
-def written_opset(path: str | Path) -> int:
-    """The default-domain opset of an ONNX file, as written."""
+def check_written_opset(path: str | Path, opset: int) -> None:
+    """The exported file's default-domain opset is the one asked for: the exporter falls back (with a
+    warning) where it cannot convert, and the metadata must not say otherwise."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    written = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if written != opset:
+        raise ExportError(f"torch.onnx.export wrote opset {written}, not the {opset} asked for")
 
 
 def export_to_onnx(model, example, path: str | Path, *, opset: int = DEFAULT_OPSET) -> None:
@@ -85,8 +88,7 @@ def export_to_onnx(model, example, path: str | Path, *, opset: int = DEFAULT_OPS
         raise
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
-    if written_opset(path) != opset:  # the exporter falls back (with a warning) where it cannot convert: the metadata must not say otherwise
-        raise ExportError(f"torch.onnx.export wrote opset {written_opset(path)}, not the {opset} asked for")
+    check_written_opset(path, opset)
 
 
 def _forward_arg(model) -> str:

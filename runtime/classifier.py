@@ -344,9 +344,12 @@ def top_k_order(z: np.ndarray, k: int) -> np.ndarray:
     than k there (a tie at the cut) takes the full sort alone; NaN (which a partition does not order
     like the sort), a few classes or one row (where numpy's per-call costs outweigh the sort), the
     whole batch."""
+    def full(rows: np.ndarray) -> np.ndarray:
+        return np.argsort(-rows, axis=1, kind="stable")[:, :k]
+
     n = z.shape[1]
     if z.shape[0] == 1 or n <= SMALL_HEAD or k >= n or np.isnan(z).any():
-        return np.argsort(-z, axis=1, kind="stable")[:, :k]
+        return full(z)
     above = z >= np.partition(z, n - k, axis=1)[:, n - k:n - k + 1]  # at least k a row
     exact = above.sum(axis=1) == k
     out = np.empty((z.shape[0], k), np.intp)
@@ -356,7 +359,7 @@ def top_k_order(z: np.ndarray, k: int) -> np.ndarray:
         out[exact] = np.take_along_axis(cand, np.argsort(-np.take_along_axis(rows, cand, axis=1), axis=1, kind="stable"),
                                         axis=1)
     if not exact.all():  # rows with a tie at the cut (an int8 model's few levels): those rows fully sorted
-        out[~exact] = np.argsort(-z[~exact], axis=1, kind="stable")[:, :k]
+        out[~exact] = full(z[~exact])
     return out
 
 

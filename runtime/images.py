@@ -15,6 +15,9 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".t
 MIN_SIDE = 8  # smaller images carry no usable content (a 1x1 image is an error, not a guess)
 
 
+NOT_A_FILE = "not a regular file (a FIFO, a device or a socket)"  # what reading one would wait on, not an image
+
+
 class ImageError(FerryError):
     """An input image that cannot be used."""
 
@@ -64,7 +67,7 @@ def load_image(path: str | Path) -> Image.Image:
         unreadable = not os.access(path, os.R_OK | os.X_OK)
         raise ImageError(f"{name}: is a folder" + (" that cannot be read (permission denied)" if unreadable else ""))
     if not stat.S_ISREG(st.st_mode):  # reading a FIFO would wait for a writer
-        raise ImageError(f"{name}: not a regular file (a FIFO, a device or a socket)")
+        raise ImageError(f"{name}: {NOT_A_FILE}")
     if st.st_size == 0:
         raise ImageError(f"{name}: empty file (0 bytes)")
     return _decode(path, name)

@@ -204,6 +204,8 @@ def read_files(batch: dict[str, Any], endpoint: str | None = None, filesystems: 
     file (docs: "Batch inference"; Ray's own issue #37499 reports the same for read_images)."""
     paths = [str(p) for p in batch["path"]]
     filesystems = filesystems or FileSystems(endpoint)
+    from ferry.runtime.images import NOT_A_FILE
+
     limit = max_input_bytes()
 
     def one(p: str) -> tuple[bytes, str]:
@@ -214,7 +216,7 @@ def read_files(batch: dict[str, Any], endpoint: str | None = None, filesystems: 
             if stat.S_ISDIR(st.st_mode):
                 raise IsADirectoryError(p)
             if not stat.S_ISREG(st.st_mode):  # opening a FIFO to read would wait for a writer
-                raise NotAFile("not a regular file (a FIFO, a device or a socket)")
+                raise NotAFile(NOT_A_FILE)
             check_size(st.st_size, limit)
             with open(p, "rb") as fh:
                 return fh.read(), ""
