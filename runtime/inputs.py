@@ -232,10 +232,13 @@ def scan_class_folders(root: str | Path, *, val_fraction: float = 0.1, workers: 
     return FolderData(root, classes, train, val, source, skipped)
 
 
-def from_checkpoint(root: str | Path, classes: list[str], val_files: list[tuple[str, int]]) -> FolderData:
+def from_checkpoint(root: str | Path, classes: list[str], val_files: list[tuple[str, int]], *,
+                    check: bool = False, workers: int = 4) -> FolderData:
     """The split a checkpoint was trained on, found again in its data folder: its held-out files
-    exactly, and every other file of its classes for training (int8 calibration). Files are not
-    decoded here: the reader that prepares them skips and names what it cannot read."""
+    exactly, and every other file of its classes for training. Unless `check`, the training files
+    are not decoded here (int8 calibration: the reader that prepares them skips and names what it
+    cannot read); with `check` (a resumed training run) they are decoded once and the unreadable
+    ones skipped and named, as `scan_class_folders` does, so the run trains on the same files."""
     root = Path(root)
     if not root.is_dir():
         raise FerryError(f"the checkpoint's data folder {root} is not there; pass --data-dir with the same images")
@@ -247,4 +250,9 @@ def from_checkpoint(root: str | Path, classes: list[str], val_files: list[tuple[
     val = [Sample(f, int(label)) for f, label in val_files]
     train = [Sample(p.relative_to(root).as_posix(), label) for label, c in enumerate(classes)
              if (train_root / c).is_dir() for p in list_files(train_root / c) if p.relative_to(root).as_posix() not in held]
-    return FolderData(root, classes, train, val, "as recorded in the checkpoint")
+    skipped: list[Skipped] = []
+    if check:
+        good, skipped = check_files([root / s.path for s in train], root=root, workers=workers)
+        usable = {p.relative_to(root).as_posix() for p in good}
+        train = [s for s in train if s.path in usable]
+    return FolderData(root, classes, train, val, "as recorded in the checkpoint", skipped)

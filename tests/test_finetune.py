@@ -208,6 +208,45 @@ def test_a_folder_with_a_damaged_file_and_a_non_image_trains_and_exports(tmp_pat
     assert f"dark/damaged.png: {reason}" in predicted.stderr
 
 
+def test_resume_skips_the_files_the_first_run_skipped(tmp_path, monkeypatch):
+    """A resumed run trains on the files the first run trained on: it decodes the folder again and
+    skips the same unreadable files (it used to list them for training and stop at the first one),
+    and ends with the weights of an uninterrupted run."""
+    root = tmp_path / "data"
+    _write(root / "dark", 20, 40, (32, 32))
+    _write(root / "light", 20, 210, (32, 32))
+    good = (root / "dark" / "000.png").read_bytes()
+    (root / "dark" / "damaged.png").write_bytes(good[: len(good) // 2])
+    (root / "light" / "notes.txt").write_text("a note, not an image")
+    straight = tiny(tmp_path, root, out=str(tmp_path / "straight"), batch_size=8)
+    said: list[str] = []
+    finetune(straight, progress=False, log=said.append)
+
+    import ferry.train.finetune as ft
+
+    real = ft.train_one_epoch
+
+    def dies_in_epoch_2(*args, epoch, **kwargs):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(*args, epoch=epoch, **kwargs)
+
+    broken = dataclasses.replace(straight, out=str(tmp_path / "broken"))
+    monkeypatch.setattr(ft, "train_one_epoch", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(broken, progress=False, log=quiet)
+    monkeypatch.setattr(ft, "train_one_epoch", real)
+    resumed_said: list[str] = []
+    finetune(broken, resume=True, progress=False, log=resumed_said.append)
+    summary = next(line for line in said if line.startswith("40 images in 2 classes"))
+    assert "skipped 2 unreadable file(s)" in summary
+    assert summary.split(";")[0].split("(")[1].split(",")[0] in resumed_said[0]  # "36 train": the same count
+    assert "skipped 2 unreadable file(s)" in resumed_said[0] and "dark/damaged.png" in resumed_said[0]
+    a = load_checkpoint(Path(straight.out) / CHECKPOINT_NAME)["model"]
+    b = load_checkpoint(Path(broken.out) / CHECKPOINT_NAME)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # --- the whole path on real images --------------------------------------------------------------
 
 @pytest.mark.slow

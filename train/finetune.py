@@ -264,7 +264,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
             diffs = [f"{k}: checkpoint {v!r}, now {cfg.recipe_key()[k]!r}" for k, v in old.recipe_key().items()
                      if cfg.recipe_key()[k] != v]
             raise FerryError(f"--resume: {ckpt_path} was trained with a different recipe ({'; '.join(diffs)})")
-        data = inputs.from_checkpoint(cfg.data_dir, saved["classes"], [tuple(v) for v in saved["data"]["val_files"]])
+        data = inputs.from_checkpoint(cfg.data_dir, saved["classes"], [tuple(v) for v in saved["data"]["val_files"]], check=True)
         data.val_source = saved["data"]["val_source"]
     else:
         data = inputs.scan_class_folders(cfg.data_dir, val_fraction=cfg.val_fraction, progress=log)
