@@ -230,6 +230,33 @@ def test_training_writes_a_self_describing_checkpoint_and_resumes(detector_expor
         train_detector(dataclasses.replace(cfg, lr=0.5), resume=True, progress=False, log=lambda _m: None)
 
 
+def test_resume_refuses_a_held_out_split_that_moved(tmp_path):
+    """The held-out split is recomputed from the images listed now; when the list changed since the
+    checkpoint, most held-out images move (a resumed run would validate on images it trained on), so
+    --resume refuses it in one line. The same list resumes."""
+    from ferry.train.detect import load_data
+    from ferry.train.detect_config import DetectConfig
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    doc = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "box"}]}
+    for i in range(1, 21):
+        Image.new("RGB", (32, 32), (200, 200, 200)).save(folder / f"{i}.png")
+        doc["images"].append({"id": i, "file_name": f"{i}.png", "width": 32, "height": 32})
+        doc["annotations"].append({"id": i, "image_id": i, "category_id": 1, "bbox": [4, 4, 10, 10]})
+    ann = tmp_path / "instances.json"
+    ann.write_text(json.dumps(doc))
+    cfg = DetectConfig(data_dir=str(folder), annotations=str(ann), val_fraction=0.2)
+    _, train_images, val, _ = load_data(cfg, saved=None, log=lambda _m: None)
+    saved = {"categories": [{"id": 1, "name": "box"}], "data": {"val_ids": sorted(im.id for im in val.images)}}
+    assert [im.id for im in load_data(cfg, saved=saved, log=lambda _m: None)[2].images] == [im.id for im in val.images]
+    doc["images"] = doc["images"][:-1]  # one image less: the split moves
+    doc["annotations"] = doc["annotations"][:-1]
+    ann.write_text(json.dumps(doc))
+    with pytest.raises(FerryError, match=r"--resume: the validation images differ from the checkpoint's \(\d+ image id"):
+        load_data(cfg, saved=saved, log=lambda _m: None)
+
+
 def test_export_matches_pytorch_and_states_its_tolerances(detector_export):
     from ferry.export.detect import BOX_ATOL, MAP_TOLERANCE_PP, compare_detections
     from ferry.runtime import contract

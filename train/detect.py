@@ -139,6 +139,13 @@ def load_data(cfg: DetectConfig, *, saved: dict[str, Any] | None, log: Callable[
         train_images = train_images[: cfg.train_limit]
     if cfg.val_limit:
         val = val.subset(sorted(im.id for im in val.images)[: cfg.val_limit])
+    if saved is not None and sorted(im.id for im in val.images) != sorted(saved["data"]["val_ids"]):
+        # the split is recomputed from the images listed and readable now: a changed list moves images
+        # between training and validation, and the resumed epochs would be measured on trained images
+        moved = len({im.id for im in val.images} ^ set(saved["data"]["val_ids"]))
+        raise FerryError(f"--resume: the validation images differ from the checkpoint's ({moved} image id(s) in one "
+                         "and not the other: the annotations or the readable images changed since it was written); "
+                         "start a new run (without --resume), or restore the images")
     if not train_images:
         raise FerryError(f"{cfg.annotations}: no training images left")
     if not val.boxes():  # checked before training: the epochs' mAP needs boxes to find
