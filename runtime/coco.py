@@ -229,6 +229,9 @@ def load_coco(images_dir: str | Path, annotations: str | Path, *, categories: Se
             raise CocoError(f"{where}: {label}: iscrowd must be 0 or 1 (got {_show(crowd)})")
         x1, y1 = max(0.0, x), max(0.0, y)
         x2, y2 = min(float(W), x + w), min(float(H), y + h)
+        if x2 <= x1 or y2 <= y1:  # within the slack, but wholly past an edge: nothing left after clipping
+            raise CocoError(f"{where}: {label}: bbox {_show(box)} lies outside its image {image['file_name']} ({W}x{H}): "
+                            "nothing of it is inside")
         image["boxes"].append((x1, y1, x2, y2))
         image["classes"].append(index[cat])
         image["crowd"].append(bool(crowd))
