@@ -140,6 +140,9 @@ class Detector:
         if len(dims) != 4 or any(isinstance(g, int) and g != w for g, w in zip(dims[1:], self._input_shape)):
             raise FerryError(f"{self.path}: model input {dims} does not match its metadata "
                              f"(batch, {', '.join(map(str, self._input_shape))})")
+        boxes, k = self.engine.output_dims(), self.metadata.detection.max_detections
+        if len(boxes) != 3 or any(isinstance(g, int) and g != w for g, w in zip(boxes[1:], (k, 4))):
+            raise FerryError(f"{self.path}: the graph's boxes output {boxes} does not match its metadata (batch, {k}, 4)")
 
     @property
     def name(self) -> str:

@@ -292,6 +292,27 @@ def test_export_matches_pytorch_and_states_its_tolerances(detector_export):
     assert [o.name for o in parsed.output] == ["boxes", "scores", "labels"]
 
 
+def test_post_processing_pads_to_max_detections_when_the_network_has_fewer_pairs():
+    """With fewer (anchor, class) pairs than max_detections (a tiny input, one category), the outputs
+    still have max_detections rows, as the metadata and the Triton config say: padded with boxes 0,
+    scores 0 and labels -1 after the real detections (they were cut to the pairs' count)."""
+    import torch
+
+    from ferry.models.detectors import PostProcess, postprocess
+
+    torch.manual_seed(0)
+    anchors, classes = 6, 2  # 12 pairs, max_detections 20
+    xy = torch.rand(1, anchors, 2) * 20
+    boxes = torch.cat([xy, xy + 5 + torch.rand(1, anchors, 2) * 5], dim=-1)
+    scores = torch.rand(1, anchors, classes) * 0.8 + 0.1
+    out_boxes, out_scores, labels = postprocess(boxes, scores, PostProcess(max_detections=20, iou_threshold=1.0), (32, 32))
+    assert out_boxes.shape == (1, 20, 4) and out_scores.shape == (1, 20) and labels.shape == (1, 20)
+    assert (labels[0, :12] >= 0).all() and (labels[0, 12:] == -1).all() and (out_scores[0, 12:] == 0).all()
+    assert (out_boxes[0, 12:] == 0).all() and torch.equal(out_scores[0, :12], scores.reshape(-1).sort(descending=True).values)
+    full = postprocess(boxes, scores, PostProcess(max_detections=12, iou_threshold=1.0), (32, 32))
+    assert torch.equal(full[0][0], out_boxes[0, :12]) and torch.equal(full[2][0], labels[0, :12])
+
+
 def test_weights_unavailable_offline_exit_3(monkeypatch, tmp_path, capsys):
     from torchvision.models._api import WeightsEnum
 

@@ -336,7 +336,8 @@ def postprocess(boxes: torch.Tensor, scores: torch.Tensor, post: PostProcess, si
     (the background left out). The `candidates` best (anchor, class) pairs by score go into per-class
     NMS; of the survivors, the `max_detections` best are returned: boxes (N, K, 4) clipped to the
     input, scores (N, K) (0 where there is no detection) and labels (N, K) int64 (the category index,
-    -1 where there is no detection)."""
+    -1 where there is no detection), K = `max_detections` always (padded when the network has fewer
+    (anchor, class) pairs)."""
     n, a, c = scores.shape
     flat = scores.reshape(n, a * c)
     p = min(post.candidates, a * c)
@@ -359,7 +360,13 @@ def postprocess(boxes: torch.Tensor, scores: torch.Tensor, post: PostProcess, si
     out_boxes = torch.gather(cand, 1, order.unsqueeze(-1).expand(n, k, 4))
     valid = best > post.score_threshold
     labels = torch.where(valid, torch.gather(cls, 1, order), torch.full_like(order, -1))
-    return out_boxes * valid.unsqueeze(-1).to(out_boxes.dtype), best * valid.to(best.dtype), labels
+    out_boxes, best = out_boxes * valid.unsqueeze(-1).to(out_boxes.dtype), best * valid.to(best.dtype)
+    pad = post.max_detections - k
+    if pad:  # fewer (anchor, class) pairs than detections asked for: K stays max_detections, as the metadata says
+        out_boxes = nn.functional.pad(out_boxes, (0, 0, 0, pad))
+        best = nn.functional.pad(best, (0, pad))
+        labels = nn.functional.pad(labels, (0, pad), value=-1)
+    return out_boxes, best, labels
 
 
 # --- the inference form ------------------------------------------------------------------------------
