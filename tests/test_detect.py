@@ -141,6 +141,17 @@ def test_digit_scenes(tmp_path):
     pools = digit_pools(tmp_path / "mnist")
     test_x = pools["test"][0]
     assert len(pools["train"][0]) + len(pools["val"][0]) == 240 and len(test_x) == 60
+    # the validation scenes' digits are the digit CNN's validation digits (`ferry train`'s fixed split), so
+    # numbers written from them are held out from both models; on MNIST itself both hold out 5,000
+    from ferry.core.idx import read_mnist
+    from ferry.train.config import TrainConfig
+    from ferry.train.data import split_indices
+    from ferry.train.scenes import VAL_DIGITS
+
+    train_x, _ = read_mnist(tmp_path / "mnist", "train")
+    val_idx, _ = split_indices(240, len(pools["val"][0]))
+    assert np.array_equal(pools["val"][0], train_x[np.sort(val_idx.numpy())]) and VAL_DIGITS == TrainConfig().val_size
+    assert not {d.tobytes() for d in pools["val"][0]} & {d.tobytes() for d in pools["train"][0]}
     configs = [SceneConfig(rows=0.0), SceneConfig(pen_share=1.0, rows=0.0), SceneConfig(), SceneConfig(rows=1.0)]
     for seed, cfg in zip(range(12), configs * 3):  # scanned, pen-written, and rows of both
         img, placed = render_scene(np.random.default_rng(seed), test_x, pools["test"][1], cfg)

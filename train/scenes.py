@@ -42,8 +42,7 @@ from ferry.core.errors import FerryError
 from ferry.core.fileio import atomic_path, write_json_atomic
 
 CATEGORIES = tuple({"id": d + 1, "name": str(d), "supercategory": "digit"} for d in range(10))
-VAL_DIGITS = 5000  # MNIST training digits held out for the validation scenes
-SPLIT_SEED = 20240531  # the held-out digits do not depend on any scene seed
+VAL_DIGITS = 5000  # MNIST training digits held out for the validation scenes: the digit CNN's validation digits
 INK_THRESHOLD = 0.25  # a pixel belongs to a digit's box above this share of its ink strength
 
 
@@ -282,14 +281,17 @@ def render_scene(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarra
 
 def digit_pools(mnist_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """MNIST's digits for each split: train (training digits minus the held-out ones), val (the
-    VAL_DIGITS held-out training digits, a fixed choice), test (the test digits)."""
+    VAL_DIGITS held-out training digits: the ones `ferry train` holds out for the digit CNN, so that
+    the numbers written from them for comparing readers, which both models read, are held out from
+    both), test (the test digits)."""
     from ferry.core.idx import read_mnist
+    from ferry.train.data import split_indices
 
     train_x, train_y = read_mnist(mnist_dir, "train")
     test_x, test_y = read_mnist(mnist_dir, "t10k")
-    order = np.random.default_rng(SPLIT_SEED).permutation(len(train_x))
     n_val = min(VAL_DIGITS, max(1, len(train_x) // 12))  # a small MNIST-format set (tests) keeps most for training
-    held, kept = np.sort(order[:n_val]), np.sort(order[n_val:])
+    val_idx, train_idx = split_indices(len(train_x), n_val)
+    held, kept = np.sort(val_idx.numpy()), np.sort(train_idx.numpy())
     return {"train": (train_x[kept], train_y[kept]), "val": (train_x[held], train_y[held]), "test": (test_x, test_y)}
 
 
