@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp16", action="store_true", help="also write <name>.fp16.onnx (for GPUs; float32 inputs/outputs)")
     parser.add_argument("--calib-dir", help="pretrained ARCH --int8: folder of calibration images (a few hundred)")
     parser.add_argument("--int8-max-drop", type=float, metavar="PP",
-                        help="allowed int8 accuracy loss in percentage points on labelled held-out images "
-                             "(default: 0.1 for mnist-cnn, 0.5 for fine-tuned models)")
+                        help="classifiers: allowed int8 accuracy loss in percentage points on labelled held-out images "
+                             "(default: 0.1 for mnist-cnn, 0.5 for fine-tuned models; a detector's gate is 0.5 mAP points)")
     parser.add_argument("--triton-repo", metavar="DIR",
                         help="also write a Triton model repository: DIR/<name>/config.pbtxt and DIR/<name>/1/model.onnx")
     parser.add_argument("--triton-precision", choices=["fp32", "fp16", "int8"], default="fp32",

@@ -289,6 +289,9 @@ def export_detector(opts, *, log: Callable[[str], None] = print):
 
     if opts.calib_dir:
         raise FerryError("--calib-dir is for classifiers; a detector's int8 is calibrated on its training images")
+    if opts.int8_max_drop_pp is not None:  # it was ignored: the user would believe their gate held
+        raise FerryError(f"--int8-max-drop is for classifiers; a detector's int8 and fp16 files are gated at "
+                         f"{MAP_TOLERANCE_PP} mAP points of the checkpoint's")
     ox.check_opset(opts.opset)
     out = _check_out(opts)
     loaded = load_detector(opts, log)

@@ -154,6 +154,9 @@ def test_cli_bad_inputs_are_clear_errors(tmp_path, tiny_checkpoint, fake_mnist):
         # NaN turned the int8 gate off (no drop is > NaN)
         (["export", "mnist-cnn", "--checkpoint", str(tiny_checkpoint), "--int8", "--int8-max-drop", "nan", *common],
          "--int8-max-drop must be >= 0 (got nan)"),
+        # a detector's gate is fixed (mAP points): the option was ignored silently
+        (["export", "fcos_small", "--weights", "none", "--int8-max-drop", "5", "--out", str(out)],
+         "--int8-max-drop is for classifiers; a detector's int8 and fp16 files are gated at 0.5 mAP points"),
     ]
     for args, needle in cases:
         proc = run_ferry(*args)
