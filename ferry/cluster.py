@@ -10,14 +10,25 @@ import time
 from ferry.core.errors import FerryError
 
 
+def check_address(address: str, *, local: bool = False) -> None:
+    """A FerryError naming every accepted form unless `address` is one of them: auto, HOST:PORT or
+    ray://HOST:PORT, and also `local` where the command takes it (`local=True`: ferry serve)."""
+    if address == "auto" or (local and address == "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        forms = ("auto, HOST:PORT (a port of 1 to 65535), ray://HOST:PORT, or local (start a local Ray for this server)"
+                 if local else "auto, HOST:PORT (a port of 1 to 65535) or ray://HOST:PORT (without --address: a local Ray)")
+        raise FerryError(f"--address {address!r}: expected {forms}")
+
+
 def check_reachable(address: str, timeout: float = 3.0) -> None:
-    """A HOST:PORT or ray://HOST:PORT address that nothing answers is an error now, not a long retry."""
+    """A HOST:PORT or ray://HOST:PORT address that nothing answers is an error now, not a long retry;
+    a malformed one is refused with the accepted forms (`check_address`)."""
+    check_address(address)
     if address == "auto":
         return
-    hostport = address.split("://", 1)[-1]
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise FerryError(f"--address {address!r}: expected auto, HOST:PORT (a port of 1 to 65535) or ray://HOST:PORT")
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
     try:
         with socket.create_connection((host, int(port)), timeout=timeout):
             pass

@@ -277,6 +277,24 @@ def test_options_of_the_other_host_are_refused_not_ignored(monkeypatch):
         check_options(ServeOptions(models=["m.onnx"], port=0, address="auto"))
 
 
+def test_a_malformed_address_is_refused_with_every_accepted_form(monkeypatch):
+    """`--address garbage` used to list auto, HOST:PORT and ray://HOST:PORT only (the words of `ferry
+    batch`), not `local`, which `ferry serve` also takes; now each is named, before Ray is imported."""
+    from ferry.core.errors import FerryError
+    from ferry.serve.local import ServeOptions, check_options
+
+    monkeypatch.delenv("FERRY_API_KEY", raising=False)
+    forms = ("expected auto", "HOST:PORT (a port of 1 to 65535)", "ray://HOST:PORT", "local (start a local Ray")
+    for address in ("garbage", "127.0.0.1:99999", "ray://host", ":6379"):
+        with pytest.raises(FerryError) as info:
+            check_options(ServeOptions(models=["m.onnx"], address=address))
+        assert f"--address {address!r}: " in str(info.value) and all(f in str(info.value) for f in forms), str(info.value)
+    for address in ("auto", "local", "127.0.0.1:6379", "ray://head:10001"):
+        check_options(ServeOptions(models=["m.onnx"], address=address))
+    assert_clean_error(run_ferry("serve", "m.onnx", "--address", "garbage", env={"FERRY_API_KEY": ""}),
+                       "--address 'garbage': expected auto", "ray://HOST:PORT", "or local (start a local Ray")
+
+
 def test_non_finite_or_unbounded_numbers_are_refused_in_one_line(monkeypatch):
     """argparse's float() takes "inf" and "nan": each was accepted and then failed later (a traceback at
     start, a server whose every lone request timed out, a warm-up batch too large for memory)."""

@@ -147,6 +147,13 @@ def check_options(opts: ServeOptions) -> None:
         problems.append(f"--max-queue must be >= 1, or 0 for the default (got {opts.max_queue})")
     if not _finite(opts.drain_timeout_s) or opts.drain_timeout_s <= 0:
         problems.append(f"--drain-timeout-s must be a finite number > 0 (got {opts.drain_timeout_s:g})")
+    if opts.address:
+        from ferry.cluster import check_address
+
+        try:
+            check_address(opts.address, local=True)
+        except FerryError as exc:
+            problems.append(str(exc))
     if problems:
         raise FerryError("; ".join(problems))
     if opts.address is None:
