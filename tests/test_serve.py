@@ -625,6 +625,99 @@ def test_past_its_deadline_a_request_gets_504_and_its_work_is_dropped(resnet_exp
         assert_clean_stop(s)
 
 
+def test_a_504_keeps_its_place_until_its_decode_has_finished(cnn_export):
+    """A thread cannot be stopped: a request past its deadline gets its 504 on time, but its place among
+    the model's --max-queue stays taken until its image decode has finished (it used to be given back
+    at once, so a flood of slow decodes ran more decodes at once than the server admits requests)."""
+    from ferry.serve.app import AppConfig, ServerState, create_app
+    from ferry.serve.backend import LocalBackend
+
+    backend = LocalBackend([cnn_export[0]], provider="cpu", threads=1)
+    clf = backend.batchers["mnist-cnn"].clf
+    real, gate, lock = clf.prepare, threading.Event(), threading.Lock()
+    decodes = {"running": 0, "most": 0, "started": 0}
+
+    def slow(data, name="image"):  # a decode that lasts until the test lets it finish
+        with lock:
+            decodes["running"] += 1
+            decodes["started"] += 1
+            decodes["most"] = max(decodes["most"], decodes["running"])
+        try:
+            gate.wait(60)
+            return real(data, name)
+        finally:
+            with lock:
+                decodes["running"] -= 1
+
+    clf.prepare = slow
+    state = ServerState()
+    png = digit_png()
+    with inprocess(create_app(backend, AppConfig(max_queue=2, timeout_s=0.3), state=state)) as url:
+        predict = url + "/v1/models/mnist-cnn/predict"
+        try:
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                late = list(pool.map(lambda _: http("POST", predict, png), range(2)))
+            assert [a[0] for a in late] == [504, 504] and "--timeout-s" in late[0][1]["error"], late
+            assert decodes["running"] == 2 and state.pending["mnist-cnn"] == 2  # answered, their decodes still run
+            with ThreadPoolExecutor(max_workers=4) as pool:  # a flood while both decodes run: refused at once
+                flood = list(pool.map(lambda _: http("POST", predict, png), range(4)))
+            assert [a[0] for a in flood] == [503] * 4 and all(a[2]["retry-after"] == "1" for a in flood), flood
+            assert decodes["started"] == 2 and decodes["most"] == 2
+        finally:
+            gate.set()
+        deadline = time.time() + 30
+        while state.pending["mnist-cnn"] and time.time() < deadline:  # the decodes finish: their places come back
+            time.sleep(0.02)
+        assert state.pending["mnist-cnn"] == 0 and decodes["running"] == 0
+        clf.prepare = real
+        assert [http("POST", predict, png)[0] for _ in range(3)] == [200] * 3
+    assert decodes["most"] == 2
+
+
+def test_a_place_is_given_back_once_whether_its_work_ran_failed_or_never_started():
+    """`_Place`: held by the request and by each piece of work in a thread; given back exactly once,
+    when the last lets go: work that ran past the request's cancellation, work that raised, and work
+    cancelled while still queued behind a busy executor (it then never runs)."""
+    from ferry.serve.app import _Place
+
+    async def scenario() -> list[str]:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+        said: list[str] = []
+        gate, running = threading.Event(), threading.Event()
+        # 1. cancelled while its work runs: given back when the work returns, not before
+        late = _Place(lambda: said.append("late"))
+        task = asyncio.ensure_future(late.in_thread(lambda: running.set() or gate.wait(30)))
+        while not running.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        late.drop()
+        # 2. queued behind it, cancelled before it ran: given back at once, and it never runs
+        queued = _Place(lambda: said.append("queued"))
+        task = asyncio.ensure_future(queued.in_thread(lambda: said.append("ran")))
+        await asyncio.sleep(0.01)  # submitted, behind the busy thread
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        queued.drop()
+        assert said == ["queued"], said
+        gate.set()
+        for _ in range(500):
+            if "late" in said:
+                break
+            await asyncio.sleep(0.01)
+        # 3. work that raises: its error reaches the request, the place comes back once
+        failed = _Place(lambda: said.append("failed"))
+        with pytest.raises(ValueError, match="undecodable"):
+            await failed.in_thread(lambda: (_ for _ in ()).throw(ValueError("undecodable")))
+        failed.drop()
+        return said
+
+    assert asyncio.run(scenario()) == ["queued", "late", "failed"]
+
+
 def test_sigterm_drains_in_flight_requests_finish_new_ones_get_503(resnet_export):
     s = Server(resnet_export.paths["fp32"], args=["--max-batch-size", "1", "--max-queue", "32", "--timeout-s", "60",
                                                   "--drain-timeout-s", "15"])

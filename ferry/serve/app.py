@@ -20,7 +20,8 @@ echoed when the client sends a valid one).
 Admission control: at most `max_queue` prediction requests per model are admitted at once (reading,
 decoding, queued or computing); one more gets 503 with Retry-After at once, before its body is
 read. An admitted request not answered within `timeout_s` of its arrival gets 504 and its work is
-dropped. A body whose Content-Length is over the limit gets 413 before any of it is read; the rest
+dropped; its place is given back once a decode it started (a thread, which cannot be stopped) has
+finished (`_Place`). A body whose Content-Length is over the limit gets 413 before any of it is read; the rest
 of any body the handler did not read is read and thrown away (bounded in time) before the answer,
 so a client still sending gets the answer rather than a reset connection.
 """
@@ -34,6 +35,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -168,6 +170,53 @@ def _predict_model(path: str) -> str | None:
     if path.startswith("/v1/models/") and path.endswith("/predict"):
         return path[len("/v1/models/"):-len("/predict")]
     return None
+
+
+class _Place:
+    """One admitted prediction's place among its model's `max_queue`, given back (`release`) once
+    nothing holds it: the request (until it is answered, 504 included) and each piece of its work
+    handed to a thread (`in_thread`), which a 504 cannot stop. So a flood of slow decodes past their
+    deadline never runs more decodes at once than the model admits requests."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release = release
+        self._holders = 1  # the request
+
+    def drop(self) -> None:
+        self._holders -= 1
+        if self._holders == 0:
+            self._release()
+
+    async def in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) in the loop's default executor, this place held until fn has returned; if the
+        awaiting request is cancelled (its deadline) before fn started, fn never runs."""
+        loop = asyncio.get_running_loop()
+        lock = threading.Lock()
+        state = {"started": False, "abandoned": False}
+        self._holders += 1
+
+        def work() -> Any:
+            with lock:
+                if state["abandoned"]:
+                    return None
+                state["started"] = True
+            try:
+                return fn(*args)
+            finally:
+                try:
+                    loop.call_soon_threadsafe(self.drop)
+                except RuntimeError:  # the loop is closed: the server is gone, and its places with it
+                    pass
+
+        try:
+            return await loop.run_in_executor(None, work)
+        except BaseException:
+            with lock:
+                never_ran = not state["started"]
+                state["abandoned"] = True
+            if never_ran:
+                self.drop()
+            raise
 
 
 if sys.version_info >= (3, 11):
@@ -412,6 +461,11 @@ def create_app(backend, config: AppConfig | None = None, *, state: ServerState |
                 return error(request, 503, f"model {name} is busy: {max_queue} requests are already admitted "
                              f"(--max-queue); retry after {RETRY_AFTER_S} s", retry_after, log=False)
             pending[name] = admitted + 1
+
+            def give_back() -> None:
+                pending[name] -= 1
+
+            place = _Place(give_back)
             gauge = in_flight.get(name)
             if gauge is None and metrics is not None:
                 gauge = in_flight[name] = metrics.gauge("in_flight", name)
@@ -419,20 +473,20 @@ def create_app(backend, config: AppConfig | None = None, *, state: ServerState |
                 gauge.inc()
             try:
                 deadline = asyncio.get_running_loop().time() + timeout_s - (time.monotonic() - scope["ferry.t0"])
-                return await _within(deadline, answer(request, entry, top_k, min_score))
+                return await _within(deadline, answer(request, entry, top_k, min_score, place))
             except (TimeoutError, asyncio.TimeoutError):
                 self_app.throttle.note(f"504 {name}", f"504 model {name}: not answered within {timeout_s:g} s (--timeout-s)",
                                        scope["ferry.request_id"])
                 return error(request, 504, f"not answered within {timeout_s:g} s (--timeout-s); the request's work was "
                              "dropped", log=False)
             finally:
-                pending[name] -= 1
+                place.drop()  # the place itself is free once a decode still running past a 504 has finished
                 if gauge is not None:
                     gauge.dec()
         finally:
             entry.release()
 
-    async def answer(request: Request, entry, top_k: int, min_score: float | None):
+    async def answer(request: Request, entry, top_k: int, min_score: float | None, place: _Place):
         data = await read_body(request)
         if isinstance(data, Response):
             return data
@@ -441,7 +495,7 @@ def create_app(backend, config: AppConfig | None = None, *, state: ServerState |
         detector = entry.clf.task == "detect"
         try:
             prepare = entry.clf.prepare_frame if detector else entry.clf.prepare
-            x = await asyncio.get_running_loop().run_in_executor(None, prepare, data, "image")
+            x = await place.in_thread(prepare, data, "image")
         except ImageTooLarge as exc:
             return error(request, 413, str(exc))
         except FerryError as exc:  # ImageError included

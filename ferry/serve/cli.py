@@ -12,10 +12,11 @@ without the key), /metrics (Prometheus), /v1/models, /v1/stats; POST /v1/models/
 image: raw body or one multipart file; ?top_k=K, a detector ?min_score=S), /v1/admin/reload.
 
 Overload: at most --max-queue predictions per model are admitted at once; more get 503 with
-Retry-After at once; an admitted one not answered within --timeout-s gets 504. SIGTERM or Ctrl-C:
-/readyz turns 503, new predictions get 503, the admitted ones finish, and the server exits within
---drain-timeout-s. SIGHUP (or POST /v1/admin/reload) reloads the model files without a restart;
-if a new file is bad, the previous models keep serving.
+Retry-After at once; an admitted one not answered within --timeout-s gets 504 (its place is free
+again once an image decode it started has finished). SIGTERM or Ctrl-C: /readyz turns 503, new
+predictions get 503, the admitted ones finish, and the server exits within --drain-timeout-s.
+SIGHUP (or POST /v1/admin/reload) reloads the model files without a restart; if a new file is bad,
+the previous models keep serving.
 
 Needs `pip install 'ferry[serve]'` (and 'ferry[scale]' for --address)."""
 
