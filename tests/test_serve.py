@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -275,6 +276,8 @@ def test_options_of_the_other_host_are_refused_not_ignored(monkeypatch):
     # on Ray Serve every node's proxy would pick a port of its own, which the banner could not show
     with pytest.raises(FerryError, match="--port 0 is for the local server"):
         check_options(ServeOptions(models=["m.onnx"], port=0, address="auto"))
+    with pytest.raises(FerryError, match=r"--replace is for Ray Serve \(with --address\)"):
+        check_options(ServeOptions(models=["m.onnx"], port=0, replace=True))
 
 
 def test_a_malformed_address_is_refused_with_every_accepted_form(monkeypatch):
@@ -914,7 +917,7 @@ def test_ray_serve_two_replicas_same_answers_stats_metrics_and_reload(ray_local,
     from ferry.core.errors import FerryError
     from ferry.runtime import Classifier
     from ferry.serve.local import ServeOptions
-    from ferry.serve.ray_host import APP_NAME, deploy, undeploy
+    from ferry.serve.ray_host import APP_NAME, _control, _replaced, deploy, undeploy
 
     port = free_port()
     url = deploy(ServeOptions(models=[str(cnn_export[0])], port=port, replicas=2, max_batch_size=8, batch_wait_ms=5,
@@ -933,7 +936,8 @@ def test_ray_serve_two_replicas_same_answers_stats_metrics_and_reload(ray_local,
         models = http("GET", f"{url}/v1/models")[1]["models"]
         assert models[0]["name"] == "mnist-cnn" and models[0]["threads"] == 2
         status = serve.status().applications[APP_NAME]
-        assert next(iter(status.deployments.values())).replica_states.get("RUNNING") == 2
+        deployment = next(iter(status.deployments))
+        assert status.deployments[deployment].replica_states.get("RUNNING") == 2
         deadline = time.time() + 30  # the other replica's figures arrive with its next heartbeat
         while metric(url, "ferry_requests_total", model="mnist-cnn", code="200") < 64 and time.time() < deadline:
             time.sleep(0.2)
@@ -953,7 +957,70 @@ def test_ray_serve_two_replicas_same_answers_stats_metrics_and_reload(ray_local,
         with pytest.raises(FerryError, match=f"already serves HTTP at 127.0.0.1:{port} .*give --host 127.0.0.1 --port {port}"):
             deploy(ServeOptions(models=[str(cnn_export[0])], port=other, replicas=1), cpus_per_replica=0.5)
         assert http("POST", f"{url}/v1/models/mnist-cnn/predict", files[0].read_bytes())[0] == 200
+        # a second ferry app on the same Serve (one name, one route prefix) used to replace the first silently:
+        # refused in one line naming the running one, from the library and from the command line (exit 2) ...
+        second = ServeOptions(models=[str(cnn_export[0])], port=port, replicas=1)
+        running = (r"already runs ferry's application 'ferry' \(RUNNING; models mnist-cnn, deployed by `ferry serve` "
+                   rf"\(pid {os.getpid()} on .*\)\): a second deployment would replace it; .*give --replace")
+        with pytest.raises(FerryError, match=running):
+            deploy(second, cpus_per_replica=0.5)
+        proc = run_ferry("serve", str(cnn_export[0]), "--address", ray_local.get_runtime_context().gcs_address,
+                         "--port", str(port), env={"FERRY_API_KEY": ""}, timeout=120)
+        assert_clean_error(proc, "already runs ferry's application 'ferry' (RUNNING; models mnist-cnn", "--replace")
+        assert serve.status().applications[APP_NAME].deployments[deployment].replica_states.get("RUNNING") == 2
+        assert http("POST", f"{url}/v1/models/mnist-cnn/predict", files[0].read_bytes())[0] == 200
+        # ... unless asked to replace it; the replaced `ferry serve` sees its control actor gone (and exits)
+        ours = _control()
+        assert not _replaced(ours)
+        deploy(dataclasses.replace(second, replace=True), cpus_per_replica=0.5)
+        assert _replaced(ours) and not _replaced(_control())
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            app = serve.status().applications[APP_NAME]
+            if app.status == "RUNNING" and app.deployments[deployment].replica_states == {"RUNNING": 1}:
+                break
+            time.sleep(0.2)
+        assert app.status == "RUNNING" and app.deployments[deployment].replica_states == {"RUNNING": 1}, app
+        assert http("POST", f"{url}/v1/models/mnist-cnn/predict", files[0].read_bytes())[0] == 200
     finally:
+        undeploy()
+
+
+@pytest.mark.slow
+def test_ferry_serve_replaced_by_another_exits_and_leaves_the_new_app_serving(ray_local, cnn_export):
+    """`ferry serve --address` whose app another deployment with --replace takes over: it sees its
+    control actor gone, says so and exits 0 without draining or deleting the app now serving (it would
+    otherwise delete the new app when it is stopped later)."""
+    from ray.serve.context import _get_global_client
+
+    from ferry.serve.local import ServeOptions
+    from ferry.serve.ray_host import deploy, undeploy
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    port = client.http_config.port if client is not None else free_port()  # Serve keeps the port it started with
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "ferry", "serve", str(cnn_export[0]), "--address",
+                             ray_local.get_runtime_context().gcs_address, "--port", str(port)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "FERRY_API_KEY": ""})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and "Ctrl-C or SIGTERM stops it" not in (
+                line := proc.stdout.readline()):
+            pass
+        assert proc.poll() is None and "on Ray Serve" in line, proc.stderr.read() if proc.poll() is not None else line
+        assert http("POST", f"{url}/v1/models/mnist-cnn/predict", digit_png())[0] == 200
+        deploy(ServeOptions(models=[str(cnn_export[0])], port=port, replicas=1, replace=True), cpus_per_replica=0.5)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "the app was replaced by another `ferry serve --replace`" in out, (out, err)
+        assert "Traceback" not in err, err
+        deadline = time.time() + 60
+        while time.time() < deadline and http("GET", f"{url}/readyz")[0] != 200:
+            time.sleep(0.2)
+        assert http("POST", f"{url}/v1/models/mnist-cnn/predict", digit_png())[0] == 200  # the new app, untouched
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
         undeploy()
 
 

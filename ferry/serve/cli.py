@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest request body in MiB; larger ones get 413 before they are read (default: 16)")
     parser.add_argument("--address", help="deploy on Ray Serve: auto, HOST:PORT, ray://HOST:PORT, or local (start a local Ray)")
     parser.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --address; default: 1)")
+    parser.add_argument("--replace", action="store_true",
+                        help="with --address: replace ferry's app already running on the cluster's Ray Serve (the "
+                             "`ferry serve` that deployed it exits); without it, a running app is an error")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
                         max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, workers=args.workers,
                         api_key_file=args.api_key_file, max_body_mb=args.max_body_mb, max_queue=args.max_queue,
                         timeout_s=args.timeout_s, drain_timeout_s=args.drain_timeout_s, address=args.address,
-                        replicas=args.replicas)
+                        replicas=args.replicas, replace=args.replace)
     if args.address:
         from ferry.serve.ray_host import serve_on_ray
 

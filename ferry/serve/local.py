@@ -46,6 +46,7 @@ class ServeOptions:
     drain_timeout_s: float = 15.0  # SIGTERM: the longest the server takes to finish the requests in flight and exit
     address: str | None = None  # Ray Serve: a cluster address (or "local" for a local Ray)
     replicas: int = 1
+    replace: bool = False  # Ray Serve: replace ferry's app already running on the cluster (else: refused)
 
 
 def say(message: str) -> None:
@@ -124,6 +125,8 @@ def check_options(opts: ServeOptions) -> None:
     elif opts.replicas != 1 and not opts.address:
         problems.append(f"--replicas {opts.replicas} is for Ray Serve (with --address); on one machine --workers "
                         f"sets the processes")
+    if opts.replace and not opts.address:
+        problems.append("--replace is for Ray Serve (with --address): it replaces ferry's app running on the cluster")
     if opts.workers != 1 and opts.address:
         problems.append(f"--workers {opts.workers} is for the local server; on Ray Serve (--address) --replicas "
                         f"sets the copies")

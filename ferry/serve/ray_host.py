@@ -7,6 +7,9 @@ heartbeat (HEARTBEAT_S) each replica sends it a snapshot of its metrics and how 
 holds, and learns whether to drain or reload. So `/metrics` and `/v1/stats` cover every replica (the
 answering replica's own figures fresh, the others' at most a heartbeat old), SIGTERM drains every
 replica before Ray Serve is shut down, and SIGHUP or POST /v1/admin/reload reloads every replica.
+It also names the `ferry serve` that deployed the app: a second deployment on the same cluster is
+refused with that name unless --replace, whose deployment kills the control actor, so that the
+replaced `ferry serve` sees it gone and exits without touching the new app.
 
 `--address local` starts a local Ray in a child process of its own session (`python -m
 ferry.serve.ray_host --local-ray`), so that a signal sent to this process's group (Ctrl-C, or a
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +41,7 @@ CONTROL_NAME = "ferry-serve-control"
 CONTROL_NAMESPACE = "ferry"
 HEARTBEAT_S = 0.25
 STALE_S = 5.0  # a replica not heard from for this long is gone (scaled down, died)
+REPLACED_CHECK_S = 1.0  # how often `ferry serve --address` checks that its app was not replaced (--replace)
 
 
 def _control_class():
@@ -46,10 +51,14 @@ def _control_class():
     class FerryControl:
         """What the replicas share: the latest metrics of each, draining, and reload generations."""
 
-        def __init__(self) -> None:
+        def __init__(self, owner: dict[str, Any] | None = None) -> None:
             self.draining = False
             self.generation = 0
             self.replicas: dict[str, dict[str, Any]] = {}
+            self.owner = owner or {}  # the `ferry serve` that deployed the app: host, pid, models
+
+        def whose(self) -> dict[str, Any]:
+            return self.owner
 
         def heartbeat(self, replica: str, snapshot: list, busy: int, draining: bool, generation: int,
                       result: dict | None) -> tuple[bool, int]:
@@ -260,7 +269,8 @@ def _deployment_class():
 
 def deploy(opts: ServeOptions, *, cpus_per_replica: float = 1.0) -> str:
     """Deploy on the Ray Serve of the connected Ray (ray.init done by the caller); return the URL.
-    Each replica runs `opts.threads` onnxruntime threads (0: 1) and reserves `cpus_per_replica`."""
+    Each replica runs `opts.threads` onnxruntime threads (0: 1) and reserves `cpus_per_replica`.
+    A ferry app already running there is replaced only with `opts.replace` (`_check_running_app`)."""
     import ray
     from ray import serve
 
@@ -270,10 +280,12 @@ def deploy(opts: ServeOptions, *, cpus_per_replica: float = 1.0) -> str:
     wait = default_wait_ms(models) if opts.batch_wait_ms is None else opts.batch_wait_ms
     queue = queue_per_unit(opts)
     _check_serve_http(opts)  # before anything of a running app is touched
+    _check_running_app(opts.replace)
     previous = _control()
-    if previous is not None:
+    if previous is not None:  # --replace: the `ferry serve` that owns it sees it gone and exits, leaving the app alone
         ray.kill(previous)
-    control = _control_class().options(name=CONTROL_NAME, namespace=CONTROL_NAMESPACE).remote()
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "models": sorted(models)}
+    control = _control_class().options(name=CONTROL_NAME, namespace=CONTROL_NAMESPACE).remote(owner)
     serve.start(http_options={"host": opts.host, "port": opts.port})
     ongoing = queue * len(models) + 8  # the app admits `queue` per model and refuses the rest at once
     deployment = _deployment_class().options(
@@ -307,6 +319,46 @@ def _check_serve_http(opts: ServeOptions) -> None:
                          + ("" if is_loopback(http.host) else " and an API key") + ", or stop Serve first (serve shutdown)")
 
 
+def _check_running_app(replace: bool) -> None:
+    """ferry's app has one name and one route prefix (/) on a cluster's Ray Serve: a second deployment
+    would replace the running one (serve.run does so silently). A FerryError naming the running app
+    and whose it is, unless `replace`; another application on the prefix / is always refused."""
+    import ray
+    from ray.serve.context import _get_global_client  # Serve's own accessor (ray.serve.api uses it)
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return
+    apps = client.get_serve_details().get("applications", {})
+    for name, app in sorted(apps.items()):
+        status = str(app.get("status", "")).rsplit(".", 1)[-1]
+        if status == "DELETING":
+            continue
+        if name != APP_NAME:
+            if app.get("route_prefix") == "/":
+                raise FerryError(f"Ray Serve on this cluster already serves the application {name!r} at the route prefix "
+                                 f"/, which ferry's app needs: stop that application first")
+            continue
+        if replace:
+            return
+        control = _control()
+        owner = {}
+        if control is not None:
+            try:
+                owner = ray.get(control.whose.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - an unanswering control actor: its owner is unknown
+                owner = {}
+        if owner:
+            whose = (f"models {', '.join(owner.get('models', [])) or '-'}, deployed by `ferry serve` (pid "
+                     f"{owner.get('pid')} on {owner.get('host')})")
+            hint = "stop that `ferry serve` first, or give --replace to replace its app (it then exits)"
+        else:
+            whose = "left by a `ferry serve` that is no longer running" if control is None else "of an unknown `ferry serve`"
+            hint = "give --replace to replace it"
+        raise FerryError(f"Ray Serve on this cluster already runs ferry's application {APP_NAME!r} "
+                         f"({status or 'status unknown'}; {whose}): a second deployment would replace it; {hint}")
+
+
 def _control():
     import ray
 
@@ -314,6 +366,22 @@ def _control():
         return ray.get_actor(CONTROL_NAME, namespace=CONTROL_NAMESPACE)
     except ValueError:
         return None
+
+
+def _replaced(control) -> bool:
+    """Whether this process's control actor was killed: another `ferry serve --replace` deployed its
+    own app in this one's place (and owns it now)."""
+    import ray
+
+    if control is None:  # never found: nothing to watch
+        return False
+    try:
+        ray.get(control.whose.remote(), timeout=10)
+    except ray.exceptions.RayActorError:
+        return True
+    except Exception:  # noqa: BLE001 - slow to answer (a busy cluster): still ours
+        return False
+    return False
 
 
 def undeploy() -> None:
@@ -327,11 +395,12 @@ def undeploy() -> None:
         ray.kill(control)
 
 
-def drain(timeout_s: float, log=print) -> bool:
-    """Tell every replica to drain and wait until none holds a request (True) or `timeout_s` passes."""
+def drain(timeout_s: float, log=print, control=None) -> bool:
+    """Tell every replica to drain and wait until none holds a request (True) or `timeout_s` passes.
+    `control`: this process's control actor (default: the one named on the cluster)."""
     import ray
 
-    control = _control()
+    control = control or _control()
     if control is None:
         return True
     ray.get(control.drain.remote())
@@ -344,11 +413,11 @@ def drain(timeout_s: float, log=print) -> bool:
     return False
 
 
-def reload_all(timeout_s: float = 300) -> tuple[bool, str]:
-    """SIGHUP: every replica reloads; (all ok, what happened)."""
+def reload_all(timeout_s: float = 300, control=None) -> tuple[bool, str]:
+    """SIGHUP: every replica reloads; (all ok, what happened). `control` as for `drain`."""
     import ray
 
-    control = _control()
+    control = control or _control()
     generation = ray.get(control.request_reload.remote())
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
@@ -452,6 +521,7 @@ def serve_on_ray(opts: ServeOptions, *, log=None) -> int:
             started, _ = start_ray(opts.address)
         seconds = time.perf_counter() - t0
         url = deploy(opts)
+        control = _control()  # this process's: it goes if another `ferry serve --replace` takes the app over
         # after ray.init, whose core worker installs its own SIGTERM handler (a stack dump, then exit)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_stop)
@@ -459,21 +529,28 @@ def serve_on_ray(opts: ServeOptions, *, log=None) -> int:
         log(f"ferry serve: {url} on Ray Serve ({opts.replicas} replica(s), {opts.threads or 1} onnxruntime thread(s) each, "
             f"queue {queue_per_unit(opts)} per model and replica; Ray {'started' if local else 'joined'} in {seconds:.1f} s); "
             "Ctrl-C or SIGTERM stops it" + ("; API key required" if opts.api_key else ""))
+        next_check = time.monotonic() + REPLACED_CHECK_S
         while not stop.wait(0.2):
             if hup.is_set():
                 hup.clear()
-                ok, what = reload_all()
+                ok, what = reload_all(control=control)
                 if ok:
                     log(f"ferry serve: SIGHUP: {what}")
                 else:
                     from ferry.serve.app import LOG
 
                     LOG.warning("SIGHUP: %s", what)
+            if time.monotonic() >= next_check:
+                if _replaced(control):
+                    log(f"ferry serve: the app was replaced by another `ferry serve --replace` on this cluster; exiting "
+                        f"and leaving it serving at {url}")
+                    return 0
+                next_check = time.monotonic() + REPLACED_CHECK_S
         t_stop = time.monotonic()
         wait, _ = drain_windows(opts.drain_timeout_s)
         log(f"ferry serve: {signal.Signals(stopped_by[0]).name}: draining (new predictions get 503; at most "
             f"{opts.drain_timeout_s:g} s)")
-        if not drain(wait - 2.0 if wait > 4 else wait / 2, log):
+        if not drain(wait - 2.0 if wait > 4 else wait / 2, log, control=control):
             log("ferry serve: requests still in flight at the drain timeout; stopping")
         if local is None:
             undeploy()  # a shared cluster's Ray Serve goes on serving its other applications
