@@ -194,6 +194,61 @@ def test_a_killed_actor_loses_and_doubles_nothing(ray_local, cnn_export, tmp_pat
     assert result["summary"].failures == 0
 
 
+# Put on PYTHONPATH, this kills a Ray worker process whenever it decodes an input named *crash*, as a
+# decoder's segfault would (the driver and every other process are untouched).
+CRASHING_DECODER = """
+import os
+import sys
+
+if sys.argv[:1] and sys.argv[0].endswith("default_worker.py"):
+    import signal
+
+    import ferry.runtime.images as images
+
+    _decode = images.decode_image
+
+    def decode_image(data, name="image"):
+        if "crash" in os.path.basename(str(name)):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _decode(data, name)
+
+    images.decode_image = decode_image
+"""
+
+
+@pytest.mark.slow
+def test_an_input_that_crashes_its_worker_every_time_fails_the_job_naming_its_part(cnn_export, tmp_path):
+    """Ray Data restarts actors and retries tasks without end by default: an input that killed its
+    worker process every time it was decoded had `ferry batch` loop forever. The retries are bounded
+    now: the job fails with a line naming the part and its inputs, the other parts are written, and
+    --resume (here with the crash gone) finishes the rest. A job of its own Ray (a subprocess), whose
+    workers inherit the crashing decoder."""
+    import shutil
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(CRASHING_DECODER)
+    folder = tmp_path / "in"
+    files = write_digit_pngs(folder, 40, seed=3)
+    shutil.copy(files[5], folder / "digit_0005_crash.png")  # the 7th input, in the first part of 8
+    out = tmp_path / "out"
+    args = ("batch", str(cnn_export[0]), str(folder), "--out", str(out), "--batch-size", "8", "--workers", "2")
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+    proc = run_ferry(*args, env={"PYTHONPATH": path}, timeout=300)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr[-3000:])
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"ferry batch: error: part-000000.parquet (inputs 1-8 of 41: {folder / 'digit_0000.png'} to "
+                           f"{folder / 'digit_0006.png'}) failed on each of its "), line
+    assert "attempts: the worker process predicting it died every time" in line and "\n" not in line
+    assert line.endswith("the parts written so far are kept: run again with --resume to finish the rest"), line
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == [f"part-{i:06d}.parquet" for i in range(1, 6)]
+    assert not (out / "_SUCCESS.json").exists()
+    proc = run_ferry(*args, "--resume", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "41 images, 0 failed" in proc.stdout and "5 of 6 parts kept from an earlier run" in proc.stdout, proc.stdout
+    assert sorted(Path(r["path"]).name for r in read_rows(out)) == sorted(p.name for p in folder.iterdir())
+
+
 def test_two_node_cluster_on_one_machine(cnn_export, tmp_path):
     """ray.cluster_utils.Cluster with two nodes (its own Ray, in a subprocess): actors on both nodes,
     every row once."""

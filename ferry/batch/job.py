@@ -14,6 +14,9 @@ are cut, in order, into parts of a fixed size; a part is the unit of work and of
   inputs' digest, its row count), the driver writes `_SUCCESS.json` (the files, their row and error
   counts, the model's sha256, the inputs' count and digest) last. Readers trust only output listed
   there (`read_results`).
+- A worker process that dies has its work redone a few times, not without end (Ray Data's default):
+  a part whose worker dies on every attempt (an input that crashes the decoder) fails the job with
+  the part and its inputs named (`PartTracker`); `--resume` finishes the rest.
 - `_ferry_job.json`, written first, names the job (model sha256, inputs digest, top-k, part size):
   `--resume` after a crash skips the parts already complete and does the rest; an `--out` that holds
   another job's output is refused.
@@ -65,6 +68,12 @@ LIST_SUFFIXES = (".txt", ".lst", ".list")
 READ_BATCH_BYTES = 32 * 2**20  # bytes of files a part aims at (a part's bytes cross the object store at once)
 PARTS_TARGET = 64  # a job is cut into about this many parts, unless its part size hits a bound
 READ_THREADS = 16  # concurrent reads of one part's files from an object store
+# Ray Data's defaults retry a task and restart an actor without end: an input that crashes its worker
+# process every time (a decoder's segfault) had the job loop forever. A few are enough to survive a
+# killed worker or a lost node; past them the job fails and names the part (`PartTracker`).
+TASK_RETRIES = 3  # re-runs of a read or decode task whose process died
+ACTOR_RESTARTS = 3  # restarts of each predicting actor whose process died
+ACTOR_TASK_RETRIES = 3  # re-runs of a part on its restarted actor
 JOB_FILE = "_ferry_job.json"
 SUCCESS_FILE = "_SUCCESS.json"
 PART_META_KEY = b"ferry.batch"
@@ -458,10 +467,11 @@ def read_part(batch, endpoint: str | None = None):
                                            ("data", pa.large_list(pa.large_binary())), ("read_error", pa.list_(pa.string()))]))
 
 
-def prepare_part(batch, preprocess: dict | None = None):
+def prepare_part(batch, preprocess: dict | None = None, tracker=None):
     """Ray Data stage (the decode stage of GPU jobs): each part's images decoded and preprocessed on a
     CPU worker, with the runtime's own code, into float32 tensors of the model's input shape (bytes
-    of C-order arrays), so the GPU actors only infer. An image that cannot be used keeps its error."""
+    of C-order arrays), so the GPU actors only infer. An image that cannot be used keeps its error.
+    `tracker`: a PartTracker, told of each part begun and finished."""
     import numpy as np
     import pyarrow as pa
 
@@ -472,6 +482,7 @@ def prepare_part(batch, preprocess: dict | None = None):
     spec = Preprocess.from_dict(preprocess)
     out: dict[str, list] = {"part": [], "paths": [], "data": [], "read_error": []}
     for row in batch.to_pylist():
+        _track(tracker, "begin", "decode", row["part"])
         tensors, errors = [], []
         for path, data, error in zip(row["paths"], row["data"], row["read_error"]):
             if error:
@@ -491,8 +502,44 @@ def prepare_part(batch, preprocess: dict | None = None):
         out["paths"].append(row["paths"])
         out["data"].append(tensors)
         out["read_error"].append(errors)
+        _track(tracker, "finish", "decode", row["part"])
     return pa.table(out, schema=pa.schema([("part", pa.int64()), ("paths", pa.list_(pa.string())),
                                            ("data", pa.large_list(pa.large_binary())), ("read_error", pa.list_(pa.string()))]))
+
+
+def _part_tracker_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class PartTracker:
+        """How often each stage ("decode", "predict") began each part, and which it finished: a part
+        begun again and again and never finished is one whose worker process died on it each time."""
+
+        def __init__(self) -> None:
+            self.begun: dict[tuple[str, int], int] = {}
+            self.finished: set[tuple[str, int]] = set()
+
+        def begin(self, stage: str, part: int) -> None:
+            self.begun[stage, part] = self.begun.get((stage, part), 0) + 1
+
+        def finish(self, stage: str, part: int) -> None:
+            self.finished.add((stage, part))
+
+        def crashed(self) -> list[tuple[int, str, int]]:
+            """(attempts, stage, part) of the parts begun more than once and never finished, most first."""
+            return sorted(((n, stage, part) for (stage, part), n in self.begun.items()
+                           if n > 1 and (stage, part) not in self.finished), key=lambda t: (-t[0], t[2]))
+
+    return PartTracker
+
+
+def _track(tracker, what: str, stage: str, part: int) -> None:
+    """Tell the job's PartTracker (None: none) that `stage` began or finished `part`; waited for, so
+    that a begin is on record before the work that may crash the process."""
+    if tracker is not None:
+        import ray
+
+        ray.get(getattr(tracker, what).remote(stage, part))
 
 
 def _one_line(exc: Exception, source: str) -> str:
@@ -506,9 +553,9 @@ class PredictPart:
 
     def __init__(self, model: str | Any, model_name: str, provider: str, threads: int, top_k: int, batch_size: int,
                  out: str, endpoint: str | None, job: str, throttle_ms: int = 0, prepared: bool = False,
-                 min_score: float | None = None):
+                 min_score: float | None = None, tracker=None):
         """`model`: a path every node can read (a local job), or an ObjectRef of the model's bytes
-        (a cluster job: the model travels once through the object store)."""
+        (a cluster job: the model travels once through the object store). `tracker`: a PartTracker."""
         import ray
 
         from ferry.runtime import open_model
@@ -529,6 +576,7 @@ class PredictPart:
         self.job = job
         self.node = ray.get_runtime_context().get_node_id()
         self.prepared = prepared  # the decode stage sent tensors, not encoded images
+        self.tracker = tracker
 
     def predict(self, paths: list[str], data: list[bytes], read_errors: list[str]):
         """Result rows for one part's inputs, in order, through the runtime's own `predict_many`."""
@@ -581,6 +629,7 @@ class PredictPart:
 
         done: dict[str, list] = {"part": [], "rows": [], "errors": [], "node": []}
         for row in batch.to_pylist():
+            _track(self.tracker, "begin", "predict", row["part"])
             table = self.predict(row["paths"], row["data"], row["read_error"])
             written = table.column("path").to_pylist()
             meta = {"job": self.job, "part": row["part"], "rows": table.num_rows,
@@ -589,6 +638,7 @@ class PredictPart:
             sink = pa.BufferOutputStream()
             pq.write_table(table.replace_schema_metadata({PART_META_KEY: json.dumps(meta).encode()}), sink)
             write_bytes(self.fs, f"{self.root}/{part_name(row['part'])}", sink.getvalue().to_pybytes(), in_place=self.in_place)
+            _track(self.tracker, "finish", "predict", row["part"])
             for k in done:
                 done[k].append(meta[k])
         return pa.table(done, schema=pa.schema([("part", pa.int64()), ("rows", pa.int64()), ("errors", pa.int64()),
@@ -812,6 +862,8 @@ def _decodes_ahead(opts: BatchOptions, task: str) -> bool:
 
 def _run_dataset(ray, opts: BatchOptions, items: list[str], job: dict, todo: list[int], dest: Destination,
                  endpoint: str | None, *, plan: tuple[int, float, int], provider: str, decode: bool) -> None:
+    import warnings
+
     import ray.data
 
     from ferry.cluster import quiet_ray_data
@@ -823,28 +875,37 @@ def _run_dataset(ray, opts: BatchOptions, items: list[str], job: dict, todo: lis
     workers, cpus, threads = plan
     rows = job["part_rows"]
     parts = [{"part": p, "paths": items[p * rows:(p + 1) * rows]} for p in todo]
-    # one part a block: a read task reads a whole part, an actor call predicts and writes it
-    ds = ray.data.from_items(parts, override_num_blocks=min(len(parts), 5000))
-    ds = ds.map_batches(read_part, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS, fn_kwargs={"endpoint": endpoint})
-    if decode:  # GPU jobs: decoding on CPU workers (as many as the cluster's CPUs allow) feeds the GPU actors
-        from ferry.runtime import contract
+    tracker = _part_tracker_class().remote()
+    with warnings.catch_warnings():
+        # max_retries, max_restarts and max_task_retries reach Ray Data only as `**ray_remote_args`, which
+        # Ray >= 2.60 marks deprecated and names no replacement for: the bounds matter more than the notice
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        # one part a block: a read task reads a whole part, an actor call predicts and writes it
+        ds = ray.data.from_items(parts, override_num_blocks=min(len(parts), 5000))
+        ds = ds.map_batches(read_part, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
+                            fn_kwargs={"endpoint": endpoint}, max_retries=TASK_RETRIES)
+        if decode:  # GPU jobs: decoding on CPU workers (as many as the cluster's CPUs allow) feeds the GPU actors
+            from ferry.runtime import contract
 
-        spec = contract.read(opts.model).preprocess.to_dict()
-        ds = ds.map_batches(prepare_part, batch_size=1, batch_format="pyarrow", num_cpus=opts.decode_cpus,
-                            fn_kwargs={"preprocess": spec})
-    model = str(Path(opts.model).resolve()) if not opts.address else ray.put(Path(opts.model).read_bytes())
-    ds = ds.map_batches(
-        PredictPart,
-        fn_constructor_kwargs={"model": model, "model_name": Path(opts.model).name, "provider": provider, "threads": threads,
-                               "top_k": opts.top_k, "batch_size": opts.batch_size, "out": dest.location, "endpoint": endpoint,
-                               "job": job["job"], "throttle_ms": opts.throttle_ms, "prepared": decode,
-                               "min_score": opts.min_score},
-        batch_size=1,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=cpus,
-        num_gpus=opts.gpus_per_worker or None,
-    )
+            spec = contract.read(opts.model).preprocess.to_dict()
+            ds = ds.map_batches(prepare_part, batch_size=1, batch_format="pyarrow", num_cpus=opts.decode_cpus,
+                                fn_kwargs={"preprocess": spec, "tracker": tracker}, max_retries=TASK_RETRIES)
+        model = str(Path(opts.model).resolve()) if not opts.address else ray.put(Path(opts.model).read_bytes())
+        ds = ds.map_batches(
+            PredictPart,
+            fn_constructor_kwargs={"model": model, "model_name": Path(opts.model).name, "provider": provider,
+                                   "threads": threads, "top_k": opts.top_k, "batch_size": opts.batch_size,
+                                   "out": dest.location, "endpoint": endpoint, "job": job["job"],
+                                   "throttle_ms": opts.throttle_ms, "prepared": decode, "min_score": opts.min_score,
+                                   "tracker": tracker},
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=cpus,
+            num_gpus=opts.gpus_per_worker or None,
+            max_restarts=ACTOR_RESTARTS,
+            max_task_retries=ACTOR_TASK_RETRIES,
+        )
     try:
         for _ in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             pass  # a few numbers a part; the rows are in --out already
@@ -857,5 +918,26 @@ def _run_dataset(ray, opts: BatchOptions, items: list[str], job: dict, todo: lis
             if not isinstance(inner, BaseException) or inner is cause:
                 break
             cause = inner
+        crashed = _crashed(ray, tracker)
+        if crashed:  # the retries ran out on a part whose worker process died on every attempt
+            attempts, stage, part = crashed
+            first, last = part * rows, min(len(items), (part + 1) * rows)
+            doing = {"decode": "decoding", "predict": "predicting"}.get(stage, stage)
+            raise FerryError(f"{part_name(part)} (inputs {first + 1}-{last} of {len(items)}: {items[first]} to "
+                             f"{items[last - 1]}) failed on each of its {attempts} attempts: the worker process {doing} "
+                             f"it died every time ({reason(cause)}), so one of these inputs may crash it; the parts "
+                             f"written so far are kept: run again with --resume to finish the rest") from exc
         raise FerryError(f"the job failed on a worker: {reason(cause)}; the parts written so far are kept: fix the "
                          f"cause and run again with --resume") from exc
+    finally:
+        ray.kill(tracker)
+
+
+def _crashed(ray, tracker) -> tuple[int, str, int] | None:
+    """(attempts, stage, part) of the part begun most often without being finished, if any was begun
+    more than once; None when the tracker cannot tell."""
+    try:
+        crashed = ray.get(tracker.crashed.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 - the tracker is gone with its node: the message goes without the part
+        return None
+    return crashed[0] if crashed else None
