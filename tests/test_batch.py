@@ -106,6 +106,19 @@ def test_a_list_file_with_a_missing_path_and_a_glob(ray_local, cnn_export, tmp_p
     assert all(r["error"] is None and r["index"] is not None for u, r in rows.items() if u.endswith(".png"))
 
 
+def test_the_inputs_digest_tells_a_newline_in_a_name_from_two_names():
+    """The job's and each part's digest of their inputs: a list without a newline in any name keeps
+    the digest jobs written before recorded (their --resume still matches); ["a\\nb"] and ["a", "b"]
+    hashed alike before (each name ended by a newline), so a part's footer could vouch for other inputs."""
+    import hashlib
+
+    from ferry.batch.job import _digest
+
+    assert _digest(["/d/a.png", "/d/b.png"]) == hashlib.sha256(b"/d/a.png\n/d/b.png\n").hexdigest()
+    assert _digest(["/d/a\n/d/b.png"]) != _digest(["/d/a", "/d/b.png"])
+    assert _digest(["/d/a\n", "b"]) != _digest(["/d/a", "\nb"])
+
+
 def test_read_files_reads_paths_and_uris_and_names_what_it_cannot_read(tmp_path):
     from ferry.batch.job import read_files
 
@@ -342,6 +355,13 @@ def test_cli_run_on_the_session_ray_and_bad_arguments(ray_local, cnn_export, tmp
     ]
     (tmp_path / "latin1.txt").write_bytes("caf\xe9.png\n".encode("latin-1"))
     cases.append(([model, str(tmp_path / "latin1.txt")], "is not UTF-8 text (byte 3)"))
+    # a file whose name is not UTF-8 (an old Latin-1 archive): it was a traceback (UnicodeEncodeError)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "ok.png").write_bytes((folder / "a_good.png").read_bytes())
+    with open(os.path.join(os.fsencode(odd), b"caf\xe9.png"), "wb") as f:
+        f.write((folder / "a_good.png").read_bytes())
+    cases.append(([model, str(odd)], "1 input name(s) are not valid UTF-8 (e.g. " + str(odd) + "/caf\\xe9.png)"))
     for i, (args, needle) in enumerate(cases):
         out = tmp_path / f"o{i}"
         assert_clean_error(run_ferry("batch", *args, "--out", str(out)), needle)

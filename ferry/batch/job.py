@@ -264,10 +264,25 @@ def _inside(items: list[str], out: str) -> list[str]:
     return [p for p in items if p.startswith(root)]
 
 
+def _utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # a file name of other bytes, decoded with surrogate escapes
+        return False
+    return True
+
+
 def _digest(paths: list[str]) -> str:
+    """sha256 of the paths in order, each ended by a newline; a list where a path holds a newline
+    is hashed with each path's length before it instead, so that ["a\nb"] and ["a", "b"] differ
+    (lists without one keep the digest that jobs written before recorded)."""
     h = hashlib.sha256()
+    framed = any("\n" in p for p in paths)
+    if framed:
+        h.update(b"\0framed\n")  # no path starts with NUL: no unframed list hashes these bytes
     for p in paths:
-        h.update(p.encode("utf-8") + b"\n")
+        b = p.encode("utf-8")
+        h.update(b"%d:" % len(b) + b if framed else b + b"\n")
     return h.hexdigest()
 
 
@@ -723,6 +738,11 @@ def run_batch(opts: BatchOptions, *, log: Callable[[str], None] = print) -> Batc
         raise FerryError(f"no input files in {opts.input}")
     if len(set(items)) != len(items):
         raise FerryError(f"{opts.input} lists {len(items) - len(set(items))} path(s) more than once; each image once, please")
+    unnamed = [p for p in items if not _utf8(p)]
+    if unnamed:  # a result row names its input in Parquet's UTF-8 text: such a name cannot be a row
+        shown = unnamed[0].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise FerryError(f"{len(unnamed)} input name(s) are not valid UTF-8 (e.g. {shown}): results name their inputs "
+                         "in UTF-8 text; rename them (for example with convmv) and run again")
     if opts.address:  # before --out is claimed: a cluster that is not there is the whole error
         from ferry.cluster import check_reachable
 
