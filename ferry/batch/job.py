@@ -72,7 +72,9 @@ READ_THREADS = 16  # concurrent reads of one part's files from an object store
 # process every time (a decoder's segfault) had the job loop forever. A few are enough to survive a
 # killed worker or a lost node; past them the job fails and names the part (`PartTracker`).
 TASK_RETRIES = 3  # re-runs of a read or decode task whose process died
-ACTOR_RESTARTS = 3  # restarts of each predicting actor whose process died
+ACTOR_RESTARTS = -1  # restarts of a predicting actor whose process died: counted over the actor's life, so
+# not bounded (a long job's actors may die now and then: out-of-memory kills, preempted nodes); the
+# loop on one part is bounded by its retries:
 ACTOR_TASK_RETRIES = 3  # re-runs of a part on its restarted actor
 JOB_FILE = "_ferry_job.json"
 SUCCESS_FILE = "_SUCCESS.json"
@@ -549,12 +551,20 @@ def _part_tracker_class():
 
 
 def _track(tracker, what: str, stage: str, part: int) -> None:
-    """Tell the job's PartTracker (None: none) that `stage` began or finished `part`; waited for, so
-    that a begin is on record before the work that may crash the process."""
-    if tracker is not None:
-        import ray
+    """Tell the job's PartTracker (None: none) that `stage` began or finished `part`; a begin is waited
+    for, so that it is on record before the work that may crash the process. Best effort: a tracker
+    that cannot be reached (gone with the driver's node) costs the failure message its part's name,
+    never the job."""
+    if tracker is None:
+        return
+    import ray
 
-        ray.get(getattr(tracker, what).remote(stage, part))
+    try:
+        ref = getattr(tracker, what).remote(stage, part)
+        if what == "begin":
+            ray.get(ref, timeout=30)
+    except Exception:  # noqa: BLE001 - any failure to reach it: the work goes on
+        pass
 
 
 def _one_line(exc: Exception, source: str) -> str:
@@ -729,6 +739,11 @@ def run_batch(opts: BatchOptions, *, log: Callable[[str], None] = print) -> Batc
             open_model(model_path, provider=provider, threads=1)
     endpoint = storage_endpoint(opts.storage_endpoint)
     items = [p if is_uri(p) else os.path.abspath(p) for p in resolve_inputs(opts.input, endpoint)]
+    unnamed = [p for p in items if not _utf8(p)]
+    if unnamed:  # a result row names its input in Parquet's UTF-8 text: such a name cannot be a row
+        shown = unnamed[0].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise FerryError(f"{len(unnamed)} input name(s) are not valid UTF-8 (e.g. {shown}): results name their inputs "
+                         "in UTF-8 text; rename them (for example with convmv) and run again")
     inside = _inside(items, opts.out)
     if inside:  # --out in the inputs' folder: its own files are results, not images (and a resume lists the same inputs)
         log(f"ferry batch: {len(inside)} file(s) inside --out {opts.out} are not inputs (e.g. {inside[0]})")
@@ -738,11 +753,6 @@ def run_batch(opts: BatchOptions, *, log: Callable[[str], None] = print) -> Batc
         raise FerryError(f"no input files in {opts.input}")
     if len(set(items)) != len(items):
         raise FerryError(f"{opts.input} lists {len(items) - len(set(items))} path(s) more than once; each image once, please")
-    unnamed = [p for p in items if not _utf8(p)]
-    if unnamed:  # a result row names its input in Parquet's UTF-8 text: such a name cannot be a row
-        shown = unnamed[0].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        raise FerryError(f"{len(unnamed)} input name(s) are not valid UTF-8 (e.g. {shown}): results name their inputs "
-                         "in UTF-8 text; rename them (for example with convmv) and run again")
     if opts.address:  # before --out is claimed: a cluster that is not there is the whole error
         from ferry.cluster import check_reachable
 
@@ -882,9 +892,8 @@ def _decodes_ahead(opts: BatchOptions, task: str) -> bool:
 
 def _run_dataset(ray, opts: BatchOptions, items: list[str], job: dict, todo: list[int], dest: Destination,
                  endpoint: str | None, *, plan: tuple[int, float, int], provider: str, decode: bool) -> None:
-    import warnings
-
     import ray.data
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from ferry.cluster import quiet_ray_data
 
@@ -895,7 +904,23 @@ def _run_dataset(ray, opts: BatchOptions, items: list[str], job: dict, todo: lis
     workers, cpus, threads = plan
     rows = job["part_rows"]
     parts = [{"part": p, "paths": items[p * rows:(p + 1) * rows]} for p in todo]
-    tracker = _part_tracker_class().remote()
+    # the tracker on the driver's node: the job lives and dies with that node anyway
+    tracker = _part_tracker_class().options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        node_id=ray.get_runtime_context().get_node_id(), soft=False)).remote()
+    try:
+        _execute(ray, opts, items, job, parts, dest, endpoint, tracker, workers=workers, cpus=cpus, threads=threads,
+                 provider=provider, decode=decode)
+    finally:
+        ray.kill(tracker)
+
+
+def _execute(ray, opts: BatchOptions, items: list[str], job: dict, parts: list[dict], dest: Destination,
+             endpoint: str | None, tracker, *, workers: int, cpus: float, threads: int, provider: str, decode: bool) -> None:
+    import warnings
+
+    import ray.data
+
+    rows = job["part_rows"]
     with warnings.catch_warnings():
         # max_retries, max_restarts and max_task_retries reach Ray Data only as `**ray_remote_args`, which
         # Ray >= 2.60 marks deprecated and names no replacement for: the bounds matter more than the notice
@@ -938,7 +963,8 @@ def _run_dataset(ray, opts: BatchOptions, items: list[str], job: dict, todo: lis
             if not isinstance(inner, BaseException) or inner is cause:
                 break
             cause = inner
-        crashed = _crashed(ray, tracker)
+        died = isinstance(cause, (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError))
+        crashed = _crashed(ray, tracker) if died else None
         if crashed:  # the retries ran out on a part whose worker process died on every attempt
             attempts, stage, part = crashed
             first, last = part * rows, min(len(items), (part + 1) * rows)
@@ -949,15 +975,15 @@ def _run_dataset(ray, opts: BatchOptions, items: list[str], job: dict, todo: lis
                              f"written so far are kept: run again with --resume to finish the rest") from exc
         raise FerryError(f"the job failed on a worker: {reason(cause)}; the parts written so far are kept: fix the "
                          f"cause and run again with --resume") from exc
-    finally:
-        ray.kill(tracker)
 
 
 def _crashed(ray, tracker) -> tuple[int, str, int] | None:
-    """(attempts, stage, part) of the part begun most often without being finished, if any was begun
-    more than once; None when the tracker cannot tell."""
+    """(attempts, stage, part) of the part begun most often without being finished, if its attempts
+    reached its stage's bound (every retry spent); None otherwise, or when the tracker cannot tell."""
     try:
         crashed = ray.get(tracker.crashed.remote(), timeout=30)
-    except Exception:  # noqa: BLE001 - the tracker is gone with its node: the message goes without the part
+    except Exception:  # noqa: BLE001 - the tracker cannot be reached: the message goes without the part
         return None
-    return crashed[0] if crashed else None
+    bound = {"decode": TASK_RETRIES + 1, "predict": ACTOR_TASK_RETRIES + 1}
+    spent = [c for c in crashed if c[0] >= bound.get(c[1], 1)]
+    return spent[0] if spent else None
