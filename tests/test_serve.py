@@ -920,8 +920,8 @@ def test_ray_serve_two_replicas_same_answers_stats_metrics_and_reload(ray_local,
     from ferry.serve.ray_host import APP_NAME, _control, _replaced, deploy, undeploy
 
     port = free_port()
-    url = deploy(ServeOptions(models=[str(cnn_export[0])], port=port, replicas=2, max_batch_size=8, batch_wait_ms=5,
-                              threads=2), cpus_per_replica=0.5)
+    url, ours = deploy(ServeOptions(models=[str(cnn_export[0])], port=port, replicas=2, max_batch_size=8, batch_wait_ms=5,
+                                    threads=2), cpus_per_replica=0.5)
     try:
         files = write_digit_pngs(tmp_path / "d", 32, seed=12)
         clf = Classifier.from_onnx(cnn_export[0], provider="cpu")
@@ -970,10 +970,10 @@ def test_ray_serve_two_replicas_same_answers_stats_metrics_and_reload(ray_local,
         assert serve.status().applications[APP_NAME].deployments[deployment].replica_states.get("RUNNING") == 2
         assert http("POST", f"{url}/v1/models/mnist-cnn/predict", files[0].read_bytes())[0] == 200
         # ... unless asked to replace it; the replaced `ferry serve` sees its control actor gone (and exits)
-        ours = _control()
-        assert not _replaced(ours)
-        deploy(dataclasses.replace(second, replace=True), cpus_per_replica=0.5)
-        assert _replaced(ours) and not _replaced(_control())
+        assert ours == _control() and not _replaced(ours)
+        _, theirs = deploy(dataclasses.replace(second, replace=True), cpus_per_replica=0.5)
+        assert _replaced(ours) and not _replaced(theirs) and theirs == _control()
+        undeploy(ours)  # the replaced deployment's stop leaves the new app alone
         deadline = time.time() + 60
         while time.time() < deadline:
             app = serve.status().applications[APP_NAME]

@@ -267,8 +267,9 @@ def _deployment_class():
     return FerryDeployment
 
 
-def deploy(opts: ServeOptions, *, cpus_per_replica: float = 1.0) -> str:
-    """Deploy on the Ray Serve of the connected Ray (ray.init done by the caller); return the URL.
+def deploy(opts: ServeOptions, *, cpus_per_replica: float = 1.0) -> tuple[str, Any]:
+    """Deploy on the Ray Serve of the connected Ray (ray.init done by the caller); return the URL and
+    the app's control actor (this deployment's own: `_replaced` watches it, `undeploy` kills it).
     Each replica runs `opts.threads` onnxruntime threads (0: 1) and reserves `cpus_per_replica`.
     A ferry app already running there is replaced only with `opts.replace` (`_check_running_app`)."""
     import ray
@@ -299,7 +300,7 @@ def deploy(opts: ServeOptions, *, cpus_per_replica: float = 1.0) -> str:
     app = deployment.bind([str(Path(p).resolve()) for p in opts.models], opts.provider, opts.threads or 1,
                           opts.max_batch_size, wait, app_config, control)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-    return http_url(opts.host, opts.port)
+    return http_url(opts.host, opts.port), control
 
 
 def _check_serve_http(opts: ServeOptions) -> None:
@@ -332,6 +333,9 @@ def _check_running_app(replace: bool) -> None:
     apps = client.get_serve_details().get("applications", {})
     for name, app in sorted(apps.items()):
         status = str(app.get("status", "")).rsplit(".", 1)[-1]
+        if status == "DELETING" and name == APP_NAME:  # a `ferry serve` stopping: its delete would take a new app with it
+            raise FerryError(f"Ray Serve on this cluster is still deleting ferry's application {APP_NAME!r} (a `ferry "
+                             "serve` stopping); run again in a few seconds")
         if status == "DELETING":
             continue
         if name != APP_NAME:
@@ -369,28 +373,36 @@ def _control():
 
 
 def _replaced(control) -> bool:
-    """Whether this process's control actor was killed: another `ferry serve --replace` deployed its
-    own app in this one's place (and owns it now)."""
+    """Whether another `ferry serve --replace` took this deployment's app over: its control actor
+    (`control`) is dead and another one holds the name. An actor unreachable for a moment, or dead
+    with nothing in its place (its node lost), is not a replacement."""
     import ray
 
     if control is None:  # never found: nothing to watch
         return False
     try:
         ray.get(control.whose.remote(), timeout=10)
+    except ray.exceptions.ActorUnavailableError:  # for a moment: asked again at the next check
+        return False
     except ray.exceptions.RayActorError:
-        return True
+        current = _control()
+        return current is not None and current != control
     except Exception:  # noqa: BLE001 - slow to answer (a busy cluster): still ours
         return False
     return False
 
 
-def undeploy() -> None:
-    """Delete the application and its control actor (Ray Serve itself keeps running)."""
+def undeploy(control=None) -> None:
+    """Delete the application and its control actor (Ray Serve itself keeps running). `control`: the
+    deployment's own (`deploy`); when another `ferry serve --replace` has taken the app over since,
+    nothing is touched. None: whatever holds the name."""
     import ray
     from ray import serve
 
+    if control is not None and _replaced(control):
+        return
     serve.delete(APP_NAME)
-    control = _control()
+    control = control or _control()
     if control is not None:
         ray.kill(control)
 
@@ -520,8 +532,7 @@ def serve_on_ray(opts: ServeOptions, *, log=None) -> int:
         else:
             started, _ = start_ray(opts.address)
         seconds = time.perf_counter() - t0
-        url = deploy(opts)
-        control = _control()  # this process's: it goes if another `ferry serve --replace` takes the app over
+        url, control = deploy(opts)  # control: this deployment's; it goes if another `ferry serve --replace` takes over
         # after ray.init, whose core worker installs its own SIGTERM handler (a stack dump, then exit)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_stop)
@@ -533,7 +544,10 @@ def serve_on_ray(opts: ServeOptions, *, log=None) -> int:
         while not stop.wait(0.2):
             if hup.is_set():
                 hup.clear()
-                ok, what = reload_all(control=control)
+                try:
+                    ok, what = reload_all(control=control)
+                except ray.exceptions.RayActorError:  # replaced (seen at the next check), or its node lost
+                    ok, what = False, "reload failed: the app's control actor cannot be reached"
                 if ok:
                     log(f"ferry serve: SIGHUP: {what}")
                 else:
@@ -547,13 +561,20 @@ def serve_on_ray(opts: ServeOptions, *, log=None) -> int:
                     return 0
                 next_check = time.monotonic() + REPLACED_CHECK_S
         t_stop = time.monotonic()
+        if _replaced(control):  # taken over between two checks: the app is another's now
+            log(f"ferry serve: the app was replaced by another `ferry serve --replace` on this cluster; exiting "
+                f"and leaving it serving at {url}")
+            return 0
         wait, _ = drain_windows(opts.drain_timeout_s)
         log(f"ferry serve: {signal.Signals(stopped_by[0]).name}: draining (new predictions get 503; at most "
             f"{opts.drain_timeout_s:g} s)")
-        if not drain(wait - 2.0 if wait > 4 else wait / 2, log, control=control):
-            log("ferry serve: requests still in flight at the drain timeout; stopping")
+        try:
+            if not drain(wait - 2.0 if wait > 4 else wait / 2, log, control=control):
+                log("ferry serve: requests still in flight at the drain timeout; stopping")
+        except ray.exceptions.RayActorError:
+            log("ferry serve: the app's control actor cannot be reached (replaced, or its node lost): not drained")
         if local is None:
-            undeploy()  # a shared cluster's Ray Serve goes on serving its other applications
+            undeploy(control)  # a shared cluster's Ray Serve goes on serving its other applications
         # a local Ray goes down whole below (its Serve proxy answers 503 until then)
         log(f"ferry serve: stopped by {signal.Signals(stopped_by[0]).name} after the requests in flight "
             f"({time.monotonic() - t_stop:.1f} s)")
