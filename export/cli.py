@@ -49,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ask Triton's onnxruntime backend for TensorRT FP16 acceleration on the GPU")
     parser.add_argument("--opset", type=int, default=18,
                         help="ONNX opset: 17 up to the newest the installed onnx knows (default: 18)")
-    parser.add_argument("--atol", type=float, default=1e-4, help="fp32 tolerance against PyTorch (default: 1e-4)")
+    parser.add_argument("--atol", type=float,
+                        help="classifiers: fp32 tolerance against PyTorch (default: 1e-4; a detector's boxes are checked "
+                             "within 0.5 px)")
 
 
 def run(args: argparse.Namespace) -> int:

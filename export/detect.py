@@ -289,6 +289,9 @@ def export_detector(opts, *, log: Callable[[str], None] = print):
 
     if opts.calib_dir:
         raise FerryError("--calib-dir is for classifiers; a detector's int8 is calibrated on its training images")
+    if opts.atol is not None:  # likewise
+        raise FerryError(f"--atol is for classifiers; a detector's boxes are checked against PyTorch's within "
+                         f"{BOX_ATOL} px")
     if opts.int8_max_drop_pp is not None:  # it was ignored: the user would believe their gate held
         raise FerryError(f"--int8-max-drop is for classifiers; a detector's int8 and fp16 files are gated at "
                          f"{MAP_TOLERANCE_PP} mAP points of the checkpoint's")

@@ -7,6 +7,7 @@ temporary name in the output folder and renamed into place at the end.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import os
 import platform
@@ -45,13 +46,14 @@ class ExportOptions:
     calib_dir: str | None = None  # ARCH --int8 without --checkpoint: folder of calibration images
     calib_images: int = 1000  # mnist-cnn and fine-tuned: training images used to calibrate int8
     opset: int = ox.DEFAULT_OPSET
-    atol: float = 1e-4  # fp32 onnxruntime vs PyTorch
+    atol: float | None = None  # classifiers: fp32 onnxruntime vs PyTorch (None: DEFAULT_ATOL); detectors have their own
     int8_max_drop_pp: float | None = None  # allowed int8 (and bf16) accuracy loss on labelled held-out images (None: the model's default)
     seed: int = 0
     bf16_check: dict[str, Any] = field(default_factory=dict)  # tests: stand-ins for OpenVINO's CPU capabilities and bf16 engine
 
 
 DEFAULT_MAX_DROP_PP = {"mnist-cnn": 0.1, "fine-tuned": 0.5}
+DEFAULT_ATOL = 1e-4  # fp32 onnxruntime vs PyTorch on random inputs (classifiers)
 
 
 @dataclass
@@ -147,6 +149,8 @@ def export_model(opts: ExportOptions, *, log: Callable[[str], None] = print) -> 
         from ferry.export.detect import export_detector
 
         return export_detector(opts, log=log)
+    if opts.atol is None:
+        opts = dataclasses.replace(opts, atol=DEFAULT_ATOL)
     _check_options(opts)
     out = Path(opts.out)
     loaded, data, max_drop = _load(opts, log)

@@ -230,6 +230,8 @@ def load_coco(images_dir: str | Path, annotations: str | Path, *, categories: Se
         x1, y1 = max(0.0, x), max(0.0, y)
         x2, y2 = min(float(W), x + w), min(float(H), y + h)
         if x2 <= x1 or y2 <= y1:  # within the slack, but wholly past an edge: nothing left after clipping
+            if crowd:  # a region to ignore that covers nothing of the image: nothing to ignore
+                continue
             raise CocoError(f"{where}: {label}: bbox {_show(box)} lies outside its image {image['file_name']} ({W}x{H}): "
                             "nothing of it is inside")
         image["boxes"].append((x1, y1, x2, y2))

@@ -142,7 +142,9 @@ class Detector:
                              f"(batch, {', '.join(map(str, self._input_shape))})")
         boxes, k = self.engine.output_dims(), self.metadata.detection.max_detections
         if len(boxes) != 3 or any(isinstance(g, int) and g != w for g, w in zip(boxes[1:], (k, 4))):
-            raise FerryError(f"{self.path}: the graph's boxes output {boxes} does not match its metadata (batch, {k}, 4)")
+            raise FerryError(f"{self.path}: the graph's boxes output {boxes} does not match its metadata (batch, {k}, 4); "
+                             "export it again with this version of ferry (a detector with fewer (anchor, class) pairs "
+                             "than --max-detections was written so before)")
 
     @property
     def name(self) -> str:

@@ -62,6 +62,10 @@ def test_coco_loader_odd_cases(tmp_path):
     np.testing.assert_allclose(by_id[1].boxes, [[2, 3, 12, 15], [20, 5, 35, 25.5]])  # xywh -> x1y1x2y2
     assert by_id[1].classes.tolist() == [0, 2]  # category 5 is class 2
     assert by_id[3].crowd.tolist() == [True, False]
+    crowd_sliver = json.loads((tmp_path / "instances.json").read_text())  # a crowd region past an edge: dropped
+    crowd_sliver["annotations"].append({"id": 5, "image_id": 1, "category_id": 1, "bbox": [40.2, 3, 0.5, 12], "iscrowd": 1})
+    (tmp_path / "sliver.json").write_text(json.dumps(crowd_sliver))
+    assert len(next(im for im in coco.load_coco(folder, tmp_path / "sliver.json").images if im.id == 1).boxes) == 2
     boxes, classes = by_id[3].targets()  # training leaves crowd regions out
     assert boxes.tolist() == [[30, 10, 45, 25]] and classes.tolist() == [1]
     gt = data.ground_truth()
@@ -404,6 +408,26 @@ def test_drawings_never_go_where_they_could_replace_an_input(detector_export, tm
                      str(tmp_path / "twice"), "--provider", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "twice").iterdir()) == ["x-2.png", "x.png"]
+
+
+def test_a_detector_whose_outputs_do_not_match_its_metadata_is_refused(detector_export, tmp_path):
+    """Its metadata says K detections a row (and so does a Triton config made from it): a graph with
+    another K (files exported before the post-processing padded to max_detections) is refused."""
+    import onnx
+
+    proto = onnx.load(str(detector_export["path"]))
+    for prop in proto.metadata_props:
+        if prop.key == "ferry":
+            meta = json.loads(prop.value)
+            meta["detection"]["max_detections"] = 50
+            for out in meta["outputs"]:
+                out["shape"][1] = 50
+            meta["output"]["shape"][1] = 50
+            prop.value = json.dumps(meta)
+    odd = tmp_path / "odd.onnx"
+    onnx.save(proto, str(odd))
+    assert_clean_error(run_ferry("predict", str(odd), str(detector_export["scenes"] / "val" / "000000.png")),
+                       "the graph's boxes output ['batch', 100, 4] does not match its metadata (batch, 50, 4); export it again")
 
 
 def test_detector_runs_where_torch_cannot_be_imported_and_predict_draws(detector_export, tmp_path):

@@ -157,6 +157,8 @@ def test_cli_bad_inputs_are_clear_errors(tmp_path, tiny_checkpoint, fake_mnist):
         # a detector's gate is fixed (mAP points): the option was ignored silently
         (["export", "fcos_small", "--weights", "none", "--int8-max-drop", "5", "--out", str(out)],
          "--int8-max-drop is for classifiers; a detector's int8 and fp16 files are gated at 0.5 mAP points"),
+        (["export", "fcos_small", "--weights", "none", "--atol", "1", "--out", str(out)],
+         "--atol is for classifiers; a detector's boxes are checked against PyTorch's within 0.5 px"),
     ]
     for args, needle in cases:
         proc = run_ferry(*args)

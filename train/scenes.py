@@ -43,6 +43,7 @@ from ferry.core.fileio import atomic_path, write_json_atomic
 
 CATEGORIES = tuple({"id": d + 1, "name": str(d), "supercategory": "digit"} for d in range(10))
 VAL_DIGITS = 5000  # MNIST training digits held out for the validation scenes: the digit CNN's validation digits
+HELD_OUT = "the digit CNN's validation digits (ferry.train.data.split_indices)"  # recorded in each scene JSON's info
 INK_THRESHOLD = 0.25  # a pixel belongs to a digit's box above this share of its ink strength
 
 
@@ -328,7 +329,7 @@ def write_split(out: str | Path, split: str, digits: np.ndarray, labels: np.ndar
         if progress:
             progress(k + 1)
     doc = {"info": {"description": f"ferry digit scenes, {split} split", "generator": "ferry.train.scenes",
-                    "seed": seed, "config": asdict(cfg)},
+                    "seed": seed, "config": asdict(cfg), "held_out_digits": HELD_OUT},
            "images": images, "annotations": annotations, "categories": list(CATEGORIES)}
     target = out / f"{split}.json"
     write_json_atomic(target, doc)
