@@ -64,6 +64,41 @@ def _write(folder: Path, n: int, value: int, size=(40, 40)) -> None:
         Image.fromarray(arr).save(folder / f"{i:03d}.png")
 
 
+def _two_classes_with_a_damaged_file_and_a_note(root: Path, n: int) -> Path:
+    """`n` dark and `n` light 32x32 PNGs in two class folders, with a truncated PNG (dark/damaged.png)
+    and a text file (light/notes.txt) among them."""
+    _write(root / "dark", n, 40, (32, 32))
+    _write(root / "light", n, 210, (32, 32))
+    good = (root / "dark" / "000.png").read_bytes()
+    (root / "dark" / "damaged.png").write_bytes(good[: len(good) // 2])
+    (root / "light" / "notes.txt").write_text("a note, not an image")
+    return root
+
+
+def _interrupted_in_epoch_2(cfg: FinetuneConfig, monkeypatch) -> FinetuneConfig:
+    """Run `cfg` until its second epoch starts, then as if Ctrl-C: its checkpoint holds epoch 1."""
+    import ferry.train.finetune as ft
+
+    real = ft.train_one_epoch
+
+    def dies_in_epoch_2(*args, epoch, **kwargs):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(*args, epoch=epoch, **kwargs)
+
+    monkeypatch.setattr(ft, "train_one_epoch", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg, progress=False, log=quiet)
+    monkeypatch.setattr(ft, "train_one_epoch", real)
+    return cfg
+
+
+def _same_weights(a: FinetuneConfig, b: FinetuneConfig) -> bool:
+    wa = load_checkpoint(Path(a.out) / CHECKPOINT_NAME)["model"]
+    wb = load_checkpoint(Path(b.out) / CHECKPOINT_NAME)["model"]
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 # --- the folder ----------------------------------------------------------------------------------
 
 def test_scan_splits_stratified_and_skips_bad_files(tmp_path):
@@ -182,12 +217,7 @@ def test_a_folder_with_a_damaged_file_and_a_non_image_trains_and_exports(tmp_pat
     `ferry export` of that checkpoint (re-reading the same folder for its held-out check and int8
     calibration) skips and names them the same way instead of stopping; `ferry predict` on the folder
     reports the same reason for the same file and predicts the rest."""
-    root = tmp_path / "data"
-    _write(root / "dark", 24, 40, (32, 32))
-    _write(root / "light", 24, 210, (32, 32))
-    good = (root / "dark" / "000.png").read_bytes()
-    (root / "dark" / "damaged.png").write_bytes(good[: len(good) // 2])
-    (root / "light" / "notes.txt").write_text("a note, not an image")
+    root = _two_classes_with_a_damaged_file_and_a_note(tmp_path / "data", 24)
     out = tmp_path / "run"
     trained = run_ferry("train", "--arch", "resnet18", "--weights", "none", "--image-size", "32", "--epochs", "1",
                         "--batch-size", "8", "--workers", "0", "--quiet", "--data-dir", str(root), "--out", str(out))
@@ -212,39 +242,19 @@ def test_resume_skips_the_files_the_first_run_skipped(tmp_path, monkeypatch):
     """A resumed run trains on the files the first run trained on: it decodes the folder again and
     skips the same unreadable files (it used to list them for training and stop at the first one),
     and ends with the weights of an uninterrupted run."""
-    root = tmp_path / "data"
-    _write(root / "dark", 20, 40, (32, 32))
-    _write(root / "light", 20, 210, (32, 32))
-    good = (root / "dark" / "000.png").read_bytes()
-    (root / "dark" / "damaged.png").write_bytes(good[: len(good) // 2])
-    (root / "light" / "notes.txt").write_text("a note, not an image")
+    root = _two_classes_with_a_damaged_file_and_a_note(tmp_path / "data", 20)
     straight = tiny(tmp_path, root, out=str(tmp_path / "straight"), batch_size=8)
     said: list[str] = []
     finetune(straight, progress=False, log=said.append)
 
-    import ferry.train.finetune as ft
-
-    real = ft.train_one_epoch
-
-    def dies_in_epoch_2(*args, epoch, **kwargs):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real(*args, epoch=epoch, **kwargs)
-
-    broken = dataclasses.replace(straight, out=str(tmp_path / "broken"))
-    monkeypatch.setattr(ft, "train_one_epoch", dies_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(broken, progress=False, log=quiet)
-    monkeypatch.setattr(ft, "train_one_epoch", real)
+    broken = _interrupted_in_epoch_2(dataclasses.replace(straight, out=str(tmp_path / "broken")), monkeypatch)
     resumed_said: list[str] = []
     finetune(broken, resume=True, progress=False, log=resumed_said.append)
     summary = next(line for line in said if line.startswith("40 images in 2 classes"))
     assert "skipped 2 unreadable file(s)" in summary
     assert summary.split(";")[0].split("(")[1].split(",")[0] in resumed_said[0]  # "36 train": the same count
     assert "skipped 2 unreadable file(s)" in resumed_said[0] and "dark/damaged.png" in resumed_said[0]
-    a = load_checkpoint(Path(straight.out) / CHECKPOINT_NAME)["model"]
-    b = load_checkpoint(Path(broken.out) / CHECKPOINT_NAME)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _same_weights(straight, broken)
 
 
 # --- the whole path on real images --------------------------------------------------------------
@@ -300,24 +310,9 @@ def test_fine_tune_on_fashion_mnist_and_resume(fashion_folder, tmp_path, monkeyp
     metrics = finetune(straight, progress=False, log=quiet)
     assert metrics["top1"] >= 0.5, metrics["top1"]
 
-    import ferry.train.finetune as ft
-
-    real = ft.train_one_epoch
-
-    def dies_in_epoch_2(*args, epoch, **kwargs):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real(*args, epoch=epoch, **kwargs)
-
-    broken = dataclasses.replace(straight, out=str(tmp_path / "broken"))
-    monkeypatch.setattr(ft, "train_one_epoch", dies_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(broken, progress=False, log=quiet)
-    monkeypatch.setattr(ft, "train_one_epoch", real)
+    broken = _interrupted_in_epoch_2(dataclasses.replace(straight, out=str(tmp_path / "broken")), monkeypatch)
     resumed = finetune(broken, resume=True, progress=False, log=quiet)
-    a = load_checkpoint(Path(straight.out) / CHECKPOINT_NAME)["model"]
-    b = load_checkpoint(Path(broken.out) / CHECKPOINT_NAME)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _same_weights(straight, broken)
     assert resumed["top1"] == metrics["top1"]
     with pytest.raises(FerryError, match="different recipe.*lr"):
         finetune(dataclasses.replace(broken, lr=0.5), resume=True, progress=False, log=quiet)
