@@ -911,7 +911,10 @@ def _run_dataset(ray, opts: BatchOptions, items: list[str], job: dict, todo: lis
         _execute(ray, opts, items, job, parts, dest, endpoint, tracker, workers=workers, cpus=cpus, threads=threads,
                  provider=provider, decode=decode)
     finally:
-        ray.kill(tracker)
+        try:
+            ray.kill(tracker)
+        except Exception:  # noqa: BLE001 - the cluster went with the job: the job's own error is the one to tell
+            pass
 
 
 def _execute(ray, opts: BatchOptions, items: list[str], job: dict, parts: list[dict], dest: Destination,
