@@ -161,8 +161,7 @@ class Classifier:
             raise FerryError(f"{self.path}: expected one input and one output, found {n_in} and {n_out}")
         dims = self.engine.input_dims()
         want = list(self._input_shape)
-        got = dims[1:]
-        if len(dims) != 4 or any(isinstance(g, int) and g != w for g, w in zip(got, want)):
+        if not contract.batch_dims_fit(dims, want):
             raise FerryError(f"{self.path}: model input {dims} does not match its metadata (batch, {', '.join(map(str, want))})")
         width = self.engine.output_dims()[-1]
         if isinstance(width, int) and width != len(self.labels):

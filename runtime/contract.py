@@ -30,7 +30,7 @@ import dataclasses
 import io
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -475,6 +475,12 @@ def write(path: str | Path, meta: ModelMetadata) -> None:
 def fp32_sibling(path: str | Path, meta: ModelMetadata) -> Path:
     """Where a variant's fp32 model lives: <model>.onnx beside <model>.<precision>.onnx."""
     return Path(path).with_name(variant_filename(meta.model, "fp32"))
+
+
+def batch_dims_fit(dims: list[Any], want: Sequence[int]) -> bool:
+    """Whether a graph tensor's dimensions (ints, or names/None where dynamic) are (batch, *want):
+    as many, and each fixed one after the batch equal to its `want`."""
+    return len(dims) == len(want) + 1 and all(not isinstance(g, int) or g == w for g, w in zip(dims[1:], want))
 
 
 def check_coherent(path: str | Path, meta: ModelMetadata) -> None:

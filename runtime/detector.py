@@ -137,11 +137,11 @@ class Detector:
             raise FerryError(f"{self.path}: the graph's outputs {names} (and {self.engine.n_inputs} input(s)) do not match "
                              f"its metadata: one input and outputs {want}")
         dims = self.engine.input_dims()
-        if len(dims) != 4 or any(isinstance(g, int) and g != w for g, w in zip(dims[1:], self._input_shape)):
+        if not contract.batch_dims_fit(dims, self._input_shape):
             raise FerryError(f"{self.path}: model input {dims} does not match its metadata "
                              f"(batch, {', '.join(map(str, self._input_shape))})")
         boxes, k = self.engine.output_dims(), self.metadata.detection.max_detections
-        if len(boxes) != 3 or any(isinstance(g, int) and g != w for g, w in zip(boxes[1:], (k, 4))):
+        if not contract.batch_dims_fit(boxes, (k, 4)):
             raise FerryError(f"{self.path}: the graph's boxes output {boxes} does not match its metadata (batch, {k}, 4); "
                              "export it again with this version of ferry (a detector with fewer (anchor, class) pairs "
                              "than --max-detections was written so before)")

@@ -919,9 +919,8 @@ def _run_dataset(ray, opts: BatchOptions, items: list[str], job: dict, todo: lis
 
 def _execute(ray, opts: BatchOptions, items: list[str], job: dict, parts: list[dict], dest: Destination,
              endpoint: str | None, tracker, *, workers: int, cpus: float, threads: int, provider: str, decode: bool) -> None:
+    """The Ray Data pipeline over `parts` (ray.data imported by the caller), its failure made one line."""
     import warnings
-
-    import ray.data
 
     rows = job["part_rows"]
     with warnings.catch_warnings():
